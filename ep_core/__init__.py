@@ -1,0 +1,19 @@
+"""EntropyPrune inside stock HF transformers multimodal models.
+
+Public API (see README): PruneConfig, apply_pruning, token_entropy, matrix_entropy,
+keep_count, keep_count_for_ratio and the FLOPs functions in ``ep_core.flops``.
+"""
+
+from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
+from ep_core.config import METHODS, PruneConfig
+from ep_core.entropy import matrix_entropy, token_entropy
+
+__all__ = [
+    "METHODS",
+    "PruneConfig",
+    "keep_count",
+    "keep_count_for_ratio",
+    "layer_averaged_budget",
+    "matrix_entropy",
+    "token_entropy",
+]

@@ -1,0 +1,41 @@
+"""The ``ep`` console script: one sub-command per job module in ``jobs/``.
+
+Each job module exposes ``add_arguments(parser)`` and ``run(args) -> int``; heavy imports
+happen inside ``run`` so that ``ep --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "flops": ("jobs.flops", "prefill FLOPs and their reduction for a model preset or config"),
+    "bench": ("jobs.bench", "benchmarks that print measured ratios"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ep", description="EntropyPrune: pruned multimodal LLMs at scale")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+        print(f"ep {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

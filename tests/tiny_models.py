@@ -1,0 +1,125 @@
+"""Tiny random LLaVA models built offline from configs (HF_INTEGRATION.md §4).
+
+GQA (4 query heads, 2 KV heads), 4 decoder layers so that K=2 leaves layers on both sides,
+a word-level tokenizer and a real ``LlavaProcessor``; no hub access.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+WORDS = (
+    "a an the of is what in this image describe picture color shape red green blue circle square "
+    "triangle left right top bottom how many there are one two three yes no and with small large"
+).split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+    "{% if c['type']=='image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS + ["USER", ":", "ASSISTANT", "?", ".", ","])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def build_tiny_llava(
+    image_size: int = 8,
+    patch_size: int = 2,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    hidden: int = 32,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random tiny LLaVA-1.5-shaped model and its processor, in eval mode, float32."""
+    tok = build_tokenizer()
+    n_vis = (image_size // patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=image_size,
+            patch_size=patch_size,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            max_position_embeddings=512,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=n_vis,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    model.eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = None  # random weights: never stop early, compare full lengths
+    model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> would be a new "visual" slot
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def random_images(n: int, size: int = 16, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def make_inputs(processor: LlavaProcessor, prompts: list[str], images: list[Image.Image]) -> dict:
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            add_generation_prompt=True,
+        )
+        for p in prompts
+    ]
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
