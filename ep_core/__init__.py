@@ -7,6 +7,16 @@ keep_count, keep_count_for_ratio and the FLOPs functions in ``ep_core.flops``.
 from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
 from ep_core.config import METHODS, PruneConfig
 from ep_core.entropy import matrix_entropy, token_entropy
+from ep_core.flops import (
+    FlopsReport,
+    decode_flops_per_token,
+    flops_report,
+    kv_cache_bytes,
+    paper_layer_flops,
+    paper_prefill_flops,
+    prefill_flops,
+)
+from ep_core.presets import default_visual_tokens, load_model_config
 
 __all__ = [
     "METHODS",
@@ -16,4 +26,13 @@ __all__ = [
     "layer_averaged_budget",
     "matrix_entropy",
     "token_entropy",
+    "FlopsReport",
+    "decode_flops_per_token",
+    "default_visual_tokens",
+    "flops_report",
+    "kv_cache_bytes",
+    "load_model_config",
+    "paper_layer_flops",
+    "paper_prefill_flops",
+    "prefill_flops",
 ]

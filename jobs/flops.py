@@ -1,0 +1,124 @@
+"""``ep flops``: prefill FLOPs, their reduction and KV-cache bytes for a model and a budget.
+
+    ep flops --model llava-1.5-7b --budget 128 --text-tokens 57
+    ep flops --model /path/to/model_dir --keep-ratio 0.25 --text-tokens 40 --prune-layer 1 --json
+
+``--model`` is a preset (see ``ep_core.presets``), a local directory with a config.json, or
+a hub id (needs network). Three conventions are printed (see ``ep_core.flops``): the
+paper's formula, an exact LM count, and the exact count with the vision tower, projector
+and LM head (the calflops convention behind the paper's 68.2 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="preset (llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, qwen2.5-vl-7b), "
+                             "a model directory with config.json, or a hub id")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="layer-averaged visual tokens B (the papers' 192/128/64); "
+                             "kept k = floor((L*B - K*N) / (L - K))")
+    parser.add_argument("--keep-ratio", type=float, default=None,
+                        help="share of visual tokens kept from the prune layer on, in [0, 1]")
+    parser.add_argument("--text-tokens", type=int, default=None,
+                        help="non-visual prompt tokens (system prompt, template, question), e.g. 57")
+    parser.add_argument("--prune-layer", type=int, default=2, help="K: first decoder layer that sees the pruned sequence (default 2)")
+    parser.add_argument("--visual-tokens", type=int, default=None,
+                        help="visual tokens N in the prompt (default: the model's per-image default)")
+    parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per KV-cache element (default 2: fp16/bf16)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def compute(args: argparse.Namespace) -> dict:
+    """The result dict of ``ep flops`` (also usable from Python with a Namespace)."""
+    from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
+    from ep_core.flops import flops_report
+    from ep_core.presets import default_visual_tokens, load_model_config
+
+    if args.budget is not None and args.keep_ratio is not None:
+        raise ValueError("give either --budget (layer-averaged visual tokens) or --keep-ratio, not both")
+    if args.budget is None and args.keep_ratio is None:
+        raise ValueError("give --budget B (e.g. 128) or --keep-ratio R (e.g. 0.25)")
+    if args.text_tokens is None:
+        raise ValueError("--text-tokens is required: the non-visual prompt tokens (e.g. 57 for an MME-style prompt)")
+    if args.text_tokens < 0:
+        raise ValueError(f"--text-tokens must be >= 0, got {args.text_tokens}")
+    if args.dtype_bytes < 1:
+        raise ValueError(f"--dtype-bytes must be >= 1, got {args.dtype_bytes}")
+
+    config = load_model_config(args.model)
+    num_layers = int(config.get_text_config().num_hidden_layers)
+    if not 1 <= args.prune_layer < num_layers:
+        raise ValueError(f"--prune-layer must be in [1, {num_layers - 1}] for this {num_layers}-layer model, "
+                         f"got {args.prune_layer}")
+    if args.visual_tokens is None:
+        visual = default_visual_tokens(config)
+    else:
+        visual = args.visual_tokens
+    if visual < 1:
+        raise ValueError(f"--visual-tokens must be >= 1, got {visual}")
+
+    if args.budget is not None:
+        if not args.budget >= 0:
+            raise ValueError(f"--budget must be >= 0 visual tokens per layer, got {args.budget}")
+        kept = keep_count(args.budget, visual, num_layers, args.prune_layer)
+    else:
+        kept = keep_count_for_ratio(args.keep_ratio, visual)
+
+    report = flops_report(config, visual, kept, args.text_tokens, args.prune_layer, dtype_bytes=args.dtype_bytes)
+    result = {
+        "model": str(args.model),
+        "budget": args.budget,
+        "keep_ratio": kept / visual,
+        "layer_averaged_budget": layer_averaged_budget(kept, visual, num_layers, args.prune_layer),
+    }
+    result.update(report.to_dict())
+    return result
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: int | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def format_table(r: dict) -> str:
+    k, lay = r["prune_layer"], r["num_layers"]
+    budget = f"budget {r['budget']:g}; " if r["budget"] is not None else ""
+    lines = [
+        f"model           {r['model']}  ({lay} decoder layers, prune at layer {k})",
+        f"visual tokens   {r['visual_tokens']} -> {r['visual_tokens_kept']} kept "
+        f"({budget}keep ratio {100 * r['keep_ratio']:.1f}%, layer-averaged {r['layer_averaged_budget']:.1f})",
+        f"prompt tokens   {r['text_tokens']} text + {r['visual_tokens']} visual = {r['tokens']} "
+        f"-> {r['tokens_pruned']} from layer {k} on",
+        "",
+        f"{'prefill':<36}{'full':>12}{'pruned':>12}{'reduction':>11}",
+        f"{'paper F(n), n = text+visual (MACs)':<36}{_num(r['paper_flops_full']):>12}{_num(r['paper_flops']):>12}"
+        f"{_pct(r['flops_reduction_paper']):>11}",
+        f"{'paper F(n), n = visual only':<36}{'':>12}{'':>12}{_pct(r['flops_reduction_paper_image_only']):>11}",
+        f"{'exact LM, causal GQA SwiGLU (FLOPs)':<36}{_num(r['prefill_flops_full']):>12}{_num(r['prefill_flops']):>12}"
+        f"{_pct(r['flops_reduction']):>11}",
+        f"{'+ vision, projector, LM head (FLOPs)':<36}{_num(r['prefill_flops_with_vision_full']):>12}"
+        f"{_num(r['prefill_flops_with_vision']):>12}{_pct(r['flops_reduction_with_vision']):>11}",
+        f"{'KV cache after prefill (bytes)':<36}{_num(r['kv_cache_bytes_full']):>12}{_num(r['kv_cache_bytes']):>12}"
+        f"{_pct(r['kv_cache_reduction']):>11}",
+        f"{'decode, 1st new token (FLOPs)':<36}{_num(r['decode_flops_per_token_full']):>12}"
+        f"{_num(r['decode_flops_per_token']):>12}"
+        f"{_pct(1 - r['decode_flops_per_token'] / r['decode_flops_per_token_full']):>11}",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = compute(args)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(format_table(result))
+    return 0
