@@ -17,10 +17,13 @@ from ep_core.flops import (
     prefill_flops,
 )
 from ep_core.presets import default_visual_tokens, load_model_config
+from ep_core.hooks import PruningHandle, apply_pruning
 
 __all__ = [
     "METHODS",
     "PruneConfig",
+    "PruningHandle",
+    "apply_pruning",
     "keep_count",
     "keep_count_for_ratio",
     "layer_averaged_budget",

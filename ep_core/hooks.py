@@ -1,0 +1,395 @@
+"""The single integration point with transformers: hooks that prune visual tokens at layer K.
+
+``apply_pruning(model, config)`` registers, on an unmodified model:
+
+1. a forward pre-hook on the multimodal model (``model.model``) that reads ``input_ids`` and
+   the 2-D attention mask, finds the visual tokens, tells prefill from decode, and refuses
+   what cannot work (StaticCache, torch.compile, a restart from a filled cache) before any
+   compute;
+2. forward hooks on layer K−1's ``q_proj`` / ``k_proj`` when the rule reads queries or keys
+   (their outputs are computed anyway: nothing is recomputed);
+3. a forward pre-hook on every decoder layer i ≥ K:
+   - prefill, layer K: select the kept tokens of every row, then gather the hidden states,
+     the rotary tables, the position ids and the mask (rows *and* columns) by ``keep``;
+   - prefill, layers > K: hand them the gathered tables and mask (the decoder loop keeps
+     passing the full-length ones);
+   - decode: the layer's cache holds only the kept tokens, so cut the mask's key columns to
+     ``keep`` plus the generated positions. Positions need nothing: ``generate`` numbers new
+     tokens from the full prompt length, and layer 0's cache (which ``generate`` reads) is full.
+
+Kept tokens keep their original positions. Text tokens (padding included) are always kept, so
+each row keeps ``T − N + k`` tokens and the batch stays rectangular.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
+from ep_core.config import PruneConfig
+from ep_core.families import Family, family_of
+from ep_core.methods import RULES, Row
+
+UNSUPPORTED_ATTENTION = {"flex_attention": "its BlockMask cannot be cut to the kept tokens"}
+
+
+@dataclass
+class _Prefill:
+    """What the hooks know about the current forward pass."""
+
+    phase: str  # "prefill" (select), "continue" (use_cache=False step: reuse keep), "decode"
+    prompt_ids: torch.Tensor | None = None  # [B, T] the prompt that was selected on
+    is_visual: torch.Tensor | None = None  # [B, T] bool, candidate visual tokens
+    valid: torch.Tensor | None = None  # [B, T] bool, not padding
+    row_seeds: list[int] = field(default_factory=list)
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)  # q_proj / k_proj outputs
+    full_len: int = 0
+    keep: torch.Tensor | None = None  # [B, P] sorted positions reaching layer K; None = no pruning
+    layer_kwargs: dict = field(default_factory=dict)  # gathered cos/sin, mask, position ids
+
+
+class PruningHandle:
+    """Hooks of one :func:`apply_pruning` call. ``stats`` describes the last prefill."""
+
+    def __init__(self, model: nn.Module, config: PruneConfig):
+        self.model = model
+        self.config = config
+        self.family: Family = family_of(model)
+        self.text_config = model.config.get_text_config()
+        language_model = self.family.language_model(model)
+        self.layers = language_model.layers
+        self.final_norm = language_model.norm
+        self.num_layers = len(self.layers)
+        self.visual_ids = torch.tensor(self.family.visual_token_ids(model))
+        self.rule = RULES.get(config.method)
+        self.stats: list[dict] = []
+        self._state: _Prefill | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        _refuse_unsupported(model, self.text_config, config, self.num_layers)
+
+        k = config.prune_layer
+        self._hooks.append(
+            self.family.multimodal_model(model).register_forward_pre_hook(self._on_model_input, with_kwargs=True)
+        )
+        if self.rule is not None:
+            attention = self.layers[k - 1].self_attn
+            for need, module in (("queries", attention.q_proj), ("keys", attention.k_proj)):
+                if need in self.rule.NEEDS:
+                    self._hooks.append(module.register_forward_hook(self._capture(need)))
+            for index in range(k, self.num_layers):
+                self._hooks.append(
+                    self.layers[index].register_forward_pre_hook(self._layer_pre_hook(index), with_kwargs=True)
+                )
+
+    # ------------------------------------------------------------------ public
+    def remove(self) -> None:
+        """Remove every hook: the model behaves exactly as before :func:`apply_pruning`."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._state = None
+
+    def __enter__(self) -> "PruningHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------ hook 1: model input
+    def _on_model_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("EntropyPrune hooks do not support torch.compile; run the model uncompiled")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and type(cache).__name__ != "DynamicCache":
+            raise RuntimeError(
+                f"pruned models need a DynamicCache (per-layer cache lengths differ after pruning), got "
+                f"{type(cache).__name__}; leave cache_implementation unset"
+            )
+        past = cache.get_seq_length() if cache is not None else 0
+        if past > 0:
+            tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            if tokens is not None and tokens.shape[1] > 1:
+                raise RuntimeError(
+                    "pruning supports one prefill followed by one-token decode steps; continuing from a filled "
+                    "cache (assisted decoding, chunked prefill, multi-turn reuse) is not supported"
+                )
+            if self._state is not None:
+                self._state.phase = "decode"
+            return
+        if input_ids is None:
+            raise ValueError("pruning needs input_ids (to find the visual tokens); inputs_embeds alone are not supported")
+        self._start_prefill(input_ids, kwargs.get("attention_mask"), kwargs.get("pixel_values"), no_cache=cache is None)
+
+    def _start_prefill(self, input_ids, attention_mask, pixel_values, no_cache: bool) -> None:
+        batch, length = input_ids.shape
+        previous = self._state
+        if (
+            no_cache
+            and previous is not None
+            and previous.prompt_ids is not None
+            and previous.prompt_ids.shape[0] == batch
+            and previous.full_len < length
+            and torch.equal(input_ids[:, : previous.full_len], previous.prompt_ids)
+            and not torch.isin(input_ids[:, previous.full_len :], self.visual_ids.to(input_ids.device)).any()
+        ):
+            # generate(use_cache=False): the same prompt plus generated tokens. Keep the first
+            # step's selection and every new position, so the result equals the cached run.
+            previous.phase = "continue"
+            return
+        is_visual = torch.isin(input_ids, self.visual_ids.to(input_ids.device))
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask.bool()
+        else:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        is_visual[:, -1] = False  # the last prompt token produces the next-token logits: never drop it
+        self._state = _Prefill(
+            phase="prefill",
+            prompt_ids=input_ids,
+            is_visual=is_visual,
+            valid=valid,
+            full_len=length,
+            row_seeds=self._row_seeds(input_ids, valid, pixel_values) if self.config.method == "random" else [],
+        )
+        if self.rule is None:
+            self.stats = [self._row_stats(b, None) for b in range(batch)]
+
+    def _row_seeds(self, input_ids, valid, pixel_values) -> list[int]:
+        """Per-sample seeds: config seed + the sample's tokens (+ its image when one per row)."""
+        seeds = []
+        one_image_per_row = isinstance(pixel_values, torch.Tensor) and pixel_values.shape[0] == input_ids.shape[0]
+        for b in range(input_ids.shape[0]):
+            digest = hashlib.blake2b(str(self.config.seed).encode(), digest_size=8)
+            digest.update(input_ids[b][valid[b]].cpu().numpy().tobytes())
+            if one_image_per_row:
+                digest.update(pixel_values[b].detach().float().cpu().numpy().tobytes())
+            seeds.append(int.from_bytes(digest.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF)
+        return seeds
+
+    # ------------------------------------------------------------------ hook 2: q/k capture
+    def _capture(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            state = self._state
+            if state is not None and state.phase == "prefill" and output.shape[1] > 1:
+                state.captured[name] = output
+
+        return hook
+
+    # ------------------------------------------------------------------ hook 3: layers >= K
+    def _layer_pre_hook(self, index: int):
+        is_prune_layer = index == self.config.prune_layer
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            state = self._state
+            if state is None:
+                return None
+            if state.phase in ("prefill", "continue"):
+                if is_prune_layer:
+                    return self._prune(state, args, kwargs)
+                if state.keep is None:
+                    return None
+                kwargs.update(state.layer_kwargs)
+                return args, kwargs
+            if state.phase == "decode" and state.keep is not None:
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor):
+                    kwargs["attention_mask"] = _cut_key_columns(mask, state.keep, state.full_len)
+                    return args, kwargs
+            return None
+
+        return hook
+
+    def _prune(self, state: _Prefill, args: tuple, kwargs: dict):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batch, length = hidden.shape[:2]
+        if state.phase == "continue":
+            extra = torch.arange(state.full_len, length, device=hidden.device).expand(batch, -1)
+            keep = torch.cat([state.keep, extra], dim=1) if state.keep is not None else None
+        else:
+            keep = self._select(state, hidden, kwargs)
+            state.captured.clear()
+            state.keep = keep
+        if keep is None:
+            return None
+
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (_gather_tokens(cos, keep), _gather_tokens(sin, keep))
+        if _uses_flash_masks(self.text_config._attn_implementation):
+            kwargs["position_ids"] = None  # gapped ids would be taken for packed sequences
+        elif isinstance(kwargs.get("position_ids"), torch.Tensor):
+            kwargs["position_ids"] = _gather_positions(kwargs["position_ids"], keep)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise RuntimeError(f"cannot prune with a {type(mask).__name__} attention mask (flex attention?)")
+            kwargs["attention_mask"] = _cut_mask(mask, keep)
+        state.layer_kwargs = {k: kwargs[k] for k in ("position_embeddings", "position_ids", "attention_mask") if k in kwargs}
+        hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+        args = (hidden, *args[1:]) if args else args
+        if not args:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _select(self, state: _Prefill, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """Keep positions ``[B, P]`` (sorted), or None when no row drops anything."""
+        batch, length = hidden.shape[:2]
+        text_cfg = self.text_config
+        head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+        captured = state.captured
+        cos, sin = kwargs["position_embeddings"]
+        needs = self.rule.NEEDS
+        normed = self.final_norm(hidden) if "hidden" in needs else None
+
+        keeps, drops = [], []
+        self.stats = []
+        for b in range(batch):
+            visual_pos = state.is_visual[b].nonzero()[:, 0]
+            k = self._keep_count(len(visual_pos))
+            kept_visual = visual_pos
+            if k < len(visual_pos):
+                row = Row(
+                    visual_pos=visual_pos,
+                    valid=state.valid[b],
+                    seed=state.row_seeds[b] if state.row_seeds else 0,
+                    queries=captured["queries"][b].view(length, -1, head_dim) if "queries" in needs else None,
+                    keys=captured["keys"][b].view(length, -1, head_dim) if "keys" in needs else None,
+                    cos=cos[min(b, cos.shape[0] - 1)],
+                    sin=sin[min(b, sin.shape[0] - 1)],
+                    hidden=normed[b] if normed is not None else None,
+                )
+                chosen = self.rule.select(row, k)
+                kept_visual = visual_pos[chosen]
+            keep_row = ~state.is_visual[b]
+            keep_row[kept_visual] = True
+            keeps.append(keep_row.nonzero()[:, 0])
+            drops.append(len(visual_pos) - k)
+            self.stats.append(self._row_stats(b, keeps[-1]))
+        if len(set(drops)) > 1:
+            counts = [int(state.is_visual[b].sum()) for b in range(batch)]
+            raise ValueError(
+                f"rows of this batch have different visual-token counts {counts}, so they would keep different "
+                "numbers of tokens; batch samples with equal visual-token counts together (the pipeline does) "
+                "or use batch size 1"
+            )
+        if drops[0] == 0:
+            return None
+        return torch.stack(keeps)
+
+    def _keep_count(self, num_visual: int) -> int:
+        if self.config.budget is not None:
+            return keep_count(self.config.budget, num_visual, self.num_layers, self.config.prune_layer)
+        if self.config.keep_ratio is not None:
+            return keep_count_for_ratio(self.config.keep_ratio, num_visual)
+        return num_visual
+
+    def _row_stats(self, b: int, keep_row: torch.Tensor | None) -> dict:
+        state = self._state
+        valid = state.valid[b]
+        num_visual = int(state.is_visual[b].sum())
+        unpadded_index = valid.long().cumsum(0) - 1
+        if keep_row is None:
+            kept_positions = unpadded_index[valid]
+            kept = num_visual
+        else:
+            kept_positions = unpadded_index[keep_row][valid[keep_row]]
+            kept = int(state.is_visual[b][keep_row].sum())
+        k_layer = self.config.prune_layer
+        return {
+            "method": self.config.method,
+            "visual_tokens": num_visual,
+            "visual_tokens_kept": kept,
+            "text_tokens": int(valid.sum()) - num_visual,
+            "keep_ratio": kept / num_visual if num_visual else 1.0,
+            "budget": layer_averaged_budget(kept, num_visual, self.num_layers, k_layer),
+            "prune_layer": k_layer,
+            "num_layers": self.num_layers,
+            "kept_positions": kept_positions.tolist(),
+        }
+
+
+def apply_pruning(model: nn.Module, config: PruneConfig) -> PruningHandle:
+    """Prune visual tokens of ``model`` at layer ``config.prune_layer`` on every prefill.
+
+    Returns a :class:`PruningHandle`; ``handle.stats`` holds one dict per sample of the last
+    prefill, ``handle.remove()`` restores the unpruned model. Works with ``generate`` (greedy,
+    sampling, beam search), batches with left padding, ``use_cache`` on or off, and the eager,
+    sdpa and flash-attention backends. Raises ValueError for what cannot work.
+    """
+    if hasattr(model, "_orig_mod"):
+        raise ValueError("apply_pruning got a torch.compile'd model; pruning hooks need the uncompiled model")
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
+    return PruningHandle(model, config)
+
+
+# ---------------------------------------------------------------------- refusals
+def _refuse_unsupported(model: nn.Module, text_config, config: PruneConfig, num_layers: int) -> None:
+    if not 1 <= config.prune_layer < num_layers:
+        raise ValueError(
+            f"prune_layer must be between 1 and {num_layers - 1} for this {num_layers}-layer decoder, "
+            f"got {config.prune_layer}"
+        )
+    implementation = text_config._attn_implementation or "eager"
+    if implementation in UNSUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention backend {implementation!r} is not supported: {UNSUPPORTED_ATTENTION[implementation]}; "
+            "use sdpa, eager or flash_attention_2"
+        )
+    layer_types = getattr(text_config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError("sliding-window attention layers are not supported: a window over pruned caches is ill-defined")
+    cache_implementation = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+    if cache_implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"generation_config.cache_implementation={cache_implementation!r} is not supported: pruned layers hold "
+            "shorter caches, which only DynamicCache allows; set it to None"
+        )
+
+
+def _uses_flash_masks(implementation: str | None) -> bool:
+    """True for flash-attention backends (2-D padding masks; gapped position ids mean packing)."""
+    if implementation is None:
+        return False
+    mask_function = AttentionMaskInterface._global_mapping.get(implementation)
+    return "flash" in implementation or mask_function is flash_attention_mask
+
+
+# ---------------------------------------------------------------------- tensor surgery
+def _gather_tokens(table: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``table [B|1, T, D]`` → ``[B, P, D]`` at the kept positions of each row."""
+    table = table.expand(keep.shape[0], -1, -1)
+    return table.gather(1, keep[..., None].expand(-1, -1, table.shape[-1]))
+
+
+def _gather_positions(position_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``position_ids [B|1, T]`` → ``[B, P]``."""
+    return position_ids.expand(keep.shape[0], -1).gather(1, keep)
+
+
+def _cut_mask(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Cut a prefill mask to the kept tokens: 4-D ``[B|1, h, T, T]`` on rows and columns,
+    2-D ``[B, T]`` (flash attention) on columns. Cutting a causal+padding mask to a sorted
+    subset gives exactly the causal+padding mask of that subset."""
+    batch, kept = keep.shape
+    if mask.dim() == 2:
+        return mask.gather(1, keep)
+    mask = mask.expand(batch, -1, -1, -1)
+    heads, kv = mask.shape[1], mask.shape[3]
+    rows = mask.gather(2, keep[:, None, :, None].expand(batch, heads, kept, kv))
+    return rows.gather(3, keep[:, None, None, :].expand(batch, heads, kept, kept))
+
+
+def _cut_key_columns(mask: torch.Tensor, keep: torch.Tensor, full_len: int) -> torch.Tensor:
+    """Decode-step mask ``[B|1, h, q, kv_full]`` (or 2-D ``[B, kv_full]``) → the key columns
+    the pruned cache holds: ``keep`` plus every position generated after the prompt."""
+    generated = torch.arange(full_len, mask.shape[-1], device=mask.device).expand(keep.shape[0], -1)
+    columns = torch.cat([keep, generated], dim=1)
+    if mask.dim() == 2:
+        return mask.gather(1, columns)
+    mask = mask.expand(keep.shape[0], -1, -1, -1)
+    return mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))

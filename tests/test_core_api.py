@@ -1,0 +1,206 @@
+"""What each selection rule keeps (against independent references), and the clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+from ep_core import PruneConfig, apply_pruning
+from tests.oracles import numpy_token_entropy
+from tests.tiny_models import build_tiny_llava, make_inputs, random_images
+
+PROMPTS = ["what color is the circle", "how many red square are there in the picture ?"]
+K = 2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    return make_inputs(tiny[1], PROMPTS, random_images(2, seed=3))
+
+
+def _kept_visual(stats_row, input_ids, valid, image_token_id) -> set[int]:
+    unpadded = input_ids[valid]
+    return {p for p in stats_row["kept_positions"] if unpadded[p] == image_token_id}
+
+
+def _visual_positions(input_ids, valid, image_token_id) -> np.ndarray:
+    return (input_ids[valid] == image_token_id).nonzero()[:, 0].numpy()
+
+
+def _prune_stats(model, batch, method, **kw):
+    with apply_pruning(model, PruneConfig(method, prune_layer=K, **kw)) as handle:
+        with torch.no_grad():
+            model(**batch)
+        return handle.stats
+
+
+def test_entropyprune_keeps_the_highest_entropy_queries(tiny, batch):
+    model, _ = tiny
+    captured = {}
+    hook = model.model.language_model.layers[K - 1].self_attn.q_proj.register_forward_hook(
+        lambda m, a, out: captured.setdefault("q", out.detach())
+    )
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    stats = _prune_stats(model, batch, "entropyprune", keep_ratio=0.25)
+    heads = model.config.text_config.num_attention_heads
+    for b, valid in enumerate(batch["attention_mask"].bool()):
+        q = captured["q"][b][valid].view(int(valid.sum()), heads, -1).numpy()
+        visual = _visual_positions(batch["input_ids"][b], valid, model.config.image_token_id)
+        scores = numpy_token_entropy(q[visual])
+        k = stats[b]["visual_tokens_kept"]
+        expected = set(visual[np.argsort(-scores)[:k]].tolist())
+        assert _kept_visual(stats[b], batch["input_ids"][b], valid, model.config.image_token_id) == expected
+
+
+def test_fastv_equals_eager_last_token_attention_under_sdpa(tiny, batch):
+    model, _ = tiny
+    model.set_attn_implementation({"text_config": "eager"})
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+    model.set_attn_implementation({"text_config": "sdpa"})
+    stats = _prune_stats(model, batch, "fastv", keep_ratio=0.25)  # pruned under sdpa: no attention maps
+    for b, valid in enumerate(batch["attention_mask"].bool()):
+        received = attentions[K - 1][b, :, -1, :].mean(0)[valid].numpy()  # last token, mean over heads
+        visual = _visual_positions(batch["input_ids"][b], valid, model.config.image_token_id)
+        k = stats[b]["visual_tokens_kept"]
+        expected = set(visual[np.argsort(-received[visual])[:k]].tolist())
+        assert _kept_visual(stats[b], batch["input_ids"][b], valid, model.config.image_token_id) == expected
+
+
+def test_dart_keeps_k_tokens_including_the_largest_key_norm_pivots(tiny, batch):
+    model, _ = tiny
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True).past_key_values
+    keys = cache.layers[K - 1].keys  # post-RoPE, [B, Hkv, T, hd]
+    stats = _prune_stats(model, batch, "dart", keep_ratio=0.5)
+    for b, valid in enumerate(batch["attention_mask"].bool()):
+        norms = keys[b].abs().sum((0, 2))[valid].numpy()
+        visual = _visual_positions(batch["input_ids"][b], valid, model.config.image_token_id)
+        kept = _kept_visual(stats[b], batch["input_ids"][b], valid, model.config.image_token_id)
+        assert len(kept) == stats[b]["visual_tokens_kept"] == round(0.5 * len(visual))
+        assert set(visual[np.argsort(-norms[visual])[:4]].tolist()) <= kept
+
+
+def test_random_is_seeded_per_sample(tiny):
+    model, processor = tiny
+    images = random_images(2, seed=4)
+    same_prompt = make_inputs(processor, [PROMPTS[0]] * 2, images)
+    first = _prune_stats(model, same_prompt, "random", keep_ratio=0.25, seed=0)
+    again = _prune_stats(model, same_prompt, "random", keep_ratio=0.25, seed=0)
+    other_seed = _prune_stats(model, same_prompt, "random", keep_ratio=0.25, seed=1)
+    assert first == again
+    assert first[0]["kept_positions"] != other_seed[0]["kept_positions"]
+    assert first[0]["kept_positions"] != first[1]["kept_positions"], "two images with one prompt: two draws"
+
+
+def test_zero_kept_tokens_still_generates(tiny, batch):
+    model, _ = tiny
+    with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.0)) as handle:
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    assert all(s["visual_tokens_kept"] == 0 for s in handle.stats)
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="magic", budget=64), "unknown pruning method 'magic'; choose one of: none, entropyprune"),
+        (dict(method="entropyprune"), "needs a budget"),
+        (dict(method="random", budget=64, keep_ratio=0.5), "either budget"),
+        (dict(method="fastv", budget=-3), "budget must be"),
+        (dict(method="dart", keep_ratio=1.5), "keep_ratio must be between 0 and 1"),
+        (dict(method="entropyprune", budget=64, prune_layer=0), "prune_layer must be an integer >= 1"),
+        (dict(method="entropyprune", budget=64, prune_layer=1.5), "prune_layer must be an integer >= 1"),
+    ],
+)
+def test_prune_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PruneConfig(**kwargs)
+
+
+def test_prune_layer_beyond_the_decoder(tiny):
+    with pytest.raises(ValueError, match="prune_layer must be between 1 and 3 for this 4-layer decoder"):
+        apply_pruning(tiny[0], PruneConfig("entropyprune", budget=8, prune_layer=4))
+
+
+def test_unsupported_family():
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="model family 'llama' .* is not supported yet; supported: llava"):
+        apply_pruning(llama, PruneConfig("entropyprune", budget=8))
+
+
+def test_flex_attention_is_refused(tiny):
+    model, _ = tiny
+    model.config.get_text_config()._attn_implementation = "flex_attention"
+    try:
+        with pytest.raises(ValueError, match="'flex_attention' is not supported"):
+            apply_pruning(model, PruneConfig("entropyprune", budget=8))
+    finally:
+        model.config.get_text_config()._attn_implementation = "sdpa"
+
+
+def test_compiled_model_is_refused(tiny):
+    with pytest.raises(ValueError, match="torch.compile"):
+        apply_pruning(torch.compile(tiny[0]), PruneConfig("entropyprune", budget=8))
+
+
+def test_static_cache_config_is_refused(tiny):
+    model, _ = tiny
+    model.generation_config.cache_implementation = "static"
+    try:
+        with pytest.raises(ValueError, match="only DynamicCache"):
+            apply_pruning(model, PruneConfig("entropyprune", budget=8))
+    finally:
+        model.generation_config.cache_implementation = None
+
+
+class _CountCalls:
+    def __init__(self, module):
+        self.calls = 0
+        self.hook = module.register_forward_hook(self)
+
+    def __call__(self, *args):
+        self.calls += 1
+
+
+def test_static_cache_at_run_time_is_refused_before_any_compute(tiny, batch):
+    model, _ = tiny
+    counter = _CountCalls(model.model.vision_tower)
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=64)
+    try:
+        with apply_pruning(model, PruneConfig("entropyprune", budget=8)):
+            with pytest.raises(RuntimeError, match="need a DynamicCache"):
+                model(**batch, past_key_values=cache, use_cache=True)
+    finally:
+        counter.hook.remove()
+    assert counter.calls == 0
+
+
+def test_rows_with_different_visual_counts_are_refused(tiny):
+    model, processor = tiny
+    images = random_images(3, seed=5)
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "describe"}]}],
+            add_generation_prompt=True,
+        ),
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}],
+            add_generation_prompt=True,
+        ),
+    ]
+    mixed = processor(images=[images[:2], images[2:]], text=texts, return_tensors="pt", padding=True)
+    with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.5)):
+        with pytest.raises(ValueError, match=r"different visual-token counts \[32, 16\].*equal visual-token counts"):
+            model.generate(**mixed, max_new_tokens=2)

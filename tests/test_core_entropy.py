@@ -1,0 +1,130 @@
+"""Score fidelity (DESIGN.md §4.5) and budget conversions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ep_core import keep_count, keep_count_for_ratio, layer_averaged_budget, matrix_entropy, token_entropy
+from tests.oracles import numpy_token_entropy
+
+
+@pytest.mark.parametrize("shape", [(7, 4, 8), (3, 5, 32, 16), (576, 32, 128)])
+def test_token_entropy_matches_numpy_float64(shape):
+    torch.manual_seed(0)
+    q = torch.randn(*shape, dtype=torch.float64) * torch.rand(*shape[:-2], 1, 1, dtype=torch.float64) * 3
+    ours = token_entropy(q).numpy().reshape(-1)
+    theirs = numpy_token_entropy(q.reshape(-1, *shape[-2:]).numpy())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert token_entropy(q).shape == shape[:-2]
+
+
+def test_token_entropy_centres_in_the_input_dtype_like_the_official_code():
+    """fp32 queries are centred in fp32 then upcast: equal to the fp64 score up to fp32 rounding."""
+    torch.manual_seed(0)
+    q = torch.randn(64, 32, 128)
+    np.testing.assert_allclose(token_entropy(q).numpy(), numpy_token_entropy(q.numpy()), rtol=1e-5, atol=1e-5)
+    assert token_entropy(q).dtype == torch.float64
+
+
+def test_token_entropy_is_not_trace_normalised():
+    """score(cA) = c·score(A) − c·ln c·tr(A)/ln H (ALGORITHM.md §4.1): scaling Q by √c."""
+    torch.manual_seed(1)
+    q = torch.randn(10, 8, 16, dtype=torch.float64)
+    c = 4.0
+    z = q - q.mean(-2, keepdim=True)
+    trace = (z * z).sum((-1, -2)) / 8
+    expected = c * token_entropy(q) - c * math.log(c) * trace / math.log(8)
+    torch.testing.assert_close(token_entropy(q * math.sqrt(c)), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_dual_and_primal_spectra_agree():
+    """The H×H dual Gram and the d×d primal covariance share their non-zero eigenvalues."""
+    torch.manual_seed(2)
+    q = torch.randn(32, 128, dtype=torch.float64)
+    z = q - q.mean(0, keepdim=True)
+    dual = torch.linalg.eigvalsh(z @ z.T / 32)
+    primal = torch.linalg.eigvalsh(z.T @ z / 32)
+    top = 31  # rank <= H - 1 after centring
+    torch.testing.assert_close(dual[-top:], primal[-top:], rtol=1e-9, atol=1e-9)
+    assert primal[:-top].abs().max() < 1e-9
+    # and the score computed from the primal spectrum is the same
+    eig = primal.clamp_min(1e-10)
+    primal_score = -(eig * eig.log()).sum() / math.log(32)
+    dual_eig = dual.clamp_min(1e-10)
+    extra_zeros = (128 - 32) * (-1e-10 * math.log(1e-10)) / math.log(32)  # clamped zeros of the larger form
+    torch.testing.assert_close(token_entropy(q[None])[0], primal_score - extra_zeros, rtol=1e-9, atol=1e-9)
+    assert torch.isclose(token_entropy(q[None])[0], -(dual_eig * dual_eig.log()).sum() / math.log(32))
+
+
+def test_token_entropy_head_grouping_for_wide_heads():
+    """head_dim 256 is reduced to 128 dims by averaging consecutive pairs (official dim_scale)."""
+    torch.manual_seed(3)
+    q = torch.randn(5, 4, 256)
+    grouped = q.view(5, 4, 128, 2).mean(-1)
+    torch.testing.assert_close(token_entropy(q), token_entropy(grouped))
+
+
+def test_token_entropy_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[\.\.\., N, H, d\]"):
+        token_entropy(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="at least 2 attention heads"):
+        token_entropy(torch.randn(4, 1, 8))
+
+
+def _numpy_matrix_entropy(x: np.ndarray) -> float:
+    z = x - x.mean(0, keepdims=True)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    eig = np.linalg.eigvalsh(z @ z.T / len(z))
+    eig = eig[eig > 1e-12]
+    return float(-(eig * np.log(eig)).sum())
+
+
+@pytest.mark.parametrize("shape", [(20, 64), (64, 20)])  # N < D (N×N Gram) and N > D (D×D)
+def test_matrix_entropy_matches_numpy_and_is_bounded(shape):
+    torch.manual_seed(4)
+    x = torch.randn(*shape)
+    ours = float(matrix_entropy(x))
+    assert ours == pytest.approx(_numpy_matrix_entropy(x.double().numpy()), rel=1e-9)
+    assert 0 < ours <= math.log(min(shape)) + 1e-9
+
+
+def test_matrix_entropy_collapses_for_aligned_tokens():
+    torch.manual_seed(5)
+    direction = torch.randn(1, 32)
+    collapsed = direction * torch.randn(50, 1) + 1e-3 * torch.randn(50, 32)
+    spread = torch.randn(50, 32)
+    assert matrix_entropy(collapsed) < 0.5 * matrix_entropy(spread)
+
+
+@pytest.mark.parametrize("budget,kept", [(192, 166), (128, 98), (64, 29)])
+def test_paper_budgets_for_llava_1_5_7b(budget, kept):
+    assert keep_count(budget, 576, 32, 2) == kept
+
+
+def test_budget_clamps_and_round_trips():
+    assert keep_count(10, 576, 32, 2) == 0  # (320 - 1152) / 30 < 0
+    assert keep_count(10_000, 576, 32, 2) == 576
+    assert keep_count_for_ratio(0.25, 576) == 144
+    assert keep_count_for_ratio(1.0, 576) == 576
+    assert keep_count_for_ratio(0.0, 576) == 0
+    for b in (64, 128, 192):
+        k = keep_count(b, 576, 32, 2)
+        assert layer_averaged_budget(k, 576, 32, 2) <= b < layer_averaged_budget(k + 1, 576, 32, 2)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: keep_count(-1, 576, 32, 2), "budget must be >= 0"),
+        (lambda: keep_count(128, 576, 32, 0), "prune_layer must be in"),
+        (lambda: keep_count(128, 576, 32, 32), "prune_layer must be in"),
+        (lambda: keep_count_for_ratio(1.5, 576), r"keep_ratio must be in \[0, 1\]"),
+    ],
+)
+def test_budget_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,0 +1,152 @@
+"""The correctness oracles of DESIGN.md §4 for every pruning method, on a tiny GQA LLaVA.
+
+1. keep-all identity, 2. masked reference, 3. batch invariance, 4. cache invariance
+(5. score fidelity lives in test_core_entropy.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ep_core import PruneConfig, apply_pruning
+from tests.oracles import FLASH_LIKE, install_masked_reference, padded_kept_mask
+from tests.tiny_models import build_tiny_llava, make_inputs, random_images
+
+PRUNING_METHODS = ["entropyprune", "random", "fastv", "dart"]
+BACKENDS = ["sdpa", "eager", FLASH_LIKE]
+PROMPTS = ["what color is the circle", "describe this image", "how many red square are there in the picture ?"]
+NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    _, processor = tiny
+    return make_inputs(processor, PROMPTS, random_images(len(PROMPTS), seed=1))
+
+
+def _generate(model, inputs, **kwargs):
+    return model.generate(
+        **inputs,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def model(request, tiny):
+    model, _ = tiny
+    model.set_attn_implementation({"text_config": request.param, "vision_config": "sdpa"})
+    yield model
+    model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("method", ["none", *PRUNING_METHODS])
+@pytest.mark.parametrize("keep", [dict(keep_ratio=1.0), dict(budget=10_000)])
+def test_keep_all_is_bit_identical(model, batch, method, keep):
+    reference = _generate(model, batch)
+    config = PruneConfig(method, **keep) if method != "none" else PruneConfig("none")
+    with apply_pruning(model, config) as handle:
+        pruned = _generate(model, batch)
+        assert [s["visual_tokens_kept"] for s in handle.stats] == [s["visual_tokens"] for s in handle.stats]
+    assert torch.equal(pruned.sequences, reference.sequences)
+    for a, b in zip(pruned.scores, reference.scores):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_remove_restores_the_unpruned_model(tiny, batch, method):
+    model, _ = tiny
+    reference = _generate(model, batch)
+    handle = apply_pruning(model, PruneConfig(method, keep_ratio=0.25))
+    pruned = _generate(model, batch)
+    handle.remove()
+    restored = _generate(model, batch)
+    assert torch.equal(restored.sequences, reference.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(restored.scores, reference.scores))
+    # and pruning did change the computation (otherwise this test proves nothing)
+    assert any(not torch.allclose(a, b) for a, b in zip(pruned.scores, reference.scores))
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+@pytest.mark.parametrize("keep", [dict(keep_ratio=0.25), dict(budget=6)])
+def test_masked_reference(model, batch, method, keep):
+    """Pruned generate == unpruned model whose layers >= K cannot see the dropped tokens."""
+    config = PruneConfig(method, prune_layer=2, **keep)
+    with apply_pruning(model, config) as handle:
+        pruned = _generate(model, batch)
+        stats = handle.stats
+    assert all(s["visual_tokens_kept"] < s["visual_tokens"] for s in stats)
+    kept = padded_kept_mask(stats, batch["attention_mask"])
+    backend = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})  # reference: eager attention, explicit mask
+    hooks = install_masked_reference(model, 2, kept, batch["attention_mask"].bool(), float_mask=True)
+    try:
+        reference = _generate(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.set_attn_implementation({"text_config": backend})
+    assert torch.equal(pruned.sequences, reference.sequences)
+    for a, b in zip(pruned.scores, reference.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_batch_invariance_with_left_padding(tiny, method):
+    model, processor = tiny
+    images = random_images(len(PROMPTS), seed=2)
+    batch = make_inputs(processor, PROMPTS, images)
+    assert (batch["attention_mask"] == 0).any(), "the batch must contain left padding"
+    with apply_pruning(model, PruneConfig(method, keep_ratio=0.3)) as handle:
+        together = _generate(model, batch)
+        batch_stats = handle.stats
+        for i, (prompt, image) in enumerate(zip(PROMPTS, images)):
+            alone = _generate(model, make_inputs(processor, [prompt], [image]))
+            assert handle.stats[0]["kept_positions"] == batch_stats[i]["kept_positions"]
+            assert torch.equal(alone.sequences[0, -NEW_TOKENS:], together.sequences[i, -NEW_TOKENS:])
+            for a, b in zip(alone.scores, together.scores):
+                torch.testing.assert_close(a[0], b[i], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_cache_invariance(model, batch, method):
+    with apply_pruning(model, PruneConfig(method, keep_ratio=0.3)) as handle:
+        cached = _generate(model, batch)
+        cached_stats = handle.stats
+        uncached = _generate(model, batch, use_cache=False)
+        assert handle.stats == cached_stats
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_per_layer_cache_lengths_and_stats(tiny, batch):
+    model, _ = tiny
+    num_layers = model.config.text_config.num_hidden_layers
+    with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.25, prune_layer=2)) as handle:
+        out = _generate(model, batch)
+        stats = handle.stats
+    prompt_len = batch["input_ids"].shape[1]
+    n_vis = int((batch["input_ids"][0] == model.config.image_token_id).sum())
+    kept_vis = round(0.25 * n_vis)
+    cache_lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    expected_full = prompt_len + NEW_TOKENS - 1
+    assert cache_lengths == [expected_full] * 2 + [expected_full - (n_vis - kept_vis)] * (num_layers - 2)
+    for s, ids, valid in zip(stats, batch["input_ids"], batch["attention_mask"].bool()):
+        assert s["visual_tokens"] == n_vis and s["visual_tokens_kept"] == kept_vis and s["prune_layer"] == 2
+        unpadded = ids[valid]
+        text_positions = (unpadded != model.config.image_token_id).nonzero()[:, 0].tolist()
+        assert set(text_positions) <= set(s["kept_positions"])
+        assert s["kept_positions"] == sorted(s["kept_positions"])
+        assert len(s["kept_positions"]) == len(text_positions) + kept_vis
+        assert s["text_tokens"] == len(text_positions)
