@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("jobs.flops", "prefill FLOPs and their reduction for a model preset or config"),
     "bench": ("jobs.bench", "benchmarks that print measured ratios"),
+    "caption": ("jobs.caption", "caption images and videos to Parquet with a (pruned) model on Ray Data"),
 }
 
 

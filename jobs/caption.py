@@ -1,0 +1,121 @@
+"""``ep caption``: caption / answer questions about a folder or manifest of images and videos.
+
+    ep caption --model PATH_OR_ID --input DIR_OR_MANIFEST --output DIR [--method M]
+               [--budget B | --keep-ratio R] [--prune-layer K] [--prompt TEXT]
+               [--max-new-tokens N] [--frames N] [--batch-size N] [--workers N]
+               [--address RAY_ADDRESS]
+    python -m jobs.caption --config jobs/configs/NAME.yaml [flags that override it]
+
+The YAML file holds the same settings as the flags (``keep_ratio`` or ``keep-ratio``); an
+unknown key is an error. Output: Parquet rows (one per input, exactly once) under --output;
+rerunning the same command resumes. Exit status 0 when every row is written, error rows
+included; 1 when the job stopped early (rerun to finish); 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# flag → (type, help); every flag is also a YAML key. Defaults live in CaptionConfig.
+_FLAGS: dict[str, tuple[type, str]] = {
+    "model": (str, "local model directory or hub id (LLaVA / Qwen-VL families)"),
+    "input": (str, "a directory (walked recursively) or a .jsonl/.csv/.parquet manifest with a 'path' column"),
+    "output": (str, "output directory for the Parquet part files (rerun to resume)"),
+    "method": (str, "pruning method: none, entropyprune, random, fastv, dart (default none)"),
+    "budget": (float, "layer-averaged visual-token budget B (the papers' 192/128/64)"),
+    "keep_ratio": (float, "share of visual tokens kept after the prune layer, 0..1"),
+    "prune_layer": (int, "decoder layer K where pruning happens (default 2)"),
+    "seed": (int, "seed of the random method (default 0)"),
+    "prompt": (str, "prompt for rows without one (default: a captioning prompt)"),
+    "max_new_tokens": (int, "tokens to generate per input (default 32)"),
+    "frames": (int, "uniformly spaced frames per video (default 8)"),
+    "batch_size": (int, "rows per model batch (default 8)"),
+    "workers": (int, "model actors, one GPU each on a GPU cluster (default 1)"),
+    "address": (str, "Ray cluster address (default: RAY_ADDRESS, else start Ray locally)"),
+    "num_gpus": (float, "GPUs per model actor (default: 1 if the cluster has GPUs, else 0)"),
+    "cpus_per_worker": (float, "CPUs per model actor (default 1)"),
+    "dtype": (str, "auto, float32, float16 or bfloat16 (default auto)"),
+    "max_side": (int, "downscale decoded images/frames to this longer side (default 1024)"),
+    "max_pixels": (int, "refuse images with more pixels (decompression bombs; default 100000000)"),
+    "decode_timeout": (float, "seconds allowed to decode one video (default 60)"),
+    "flush_rows": (int, "rows per output file (default 256)"),
+    "flush_seconds": (float, "write buffered rows at least this often (default 30)"),
+    "num_cpus": (int, "CPUs of a locally started Ray (default: all)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with the same settings as the flags (flags override it)")
+    for name, (kind, help_text) in _FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
+
+
+def load_yaml_config(path: str) -> dict:
+    """The settings of a YAML job file, keys normalised to ``snake_case``; unknown keys refused."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping of settings, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in _FLAGS:
+            raise ValueError(f"unknown key {key!r} in {path}; known keys: {', '.join(_FLAGS)}")
+        kind = _FLAGS[name][0]
+        if value is not None:
+            try:
+                if kind is int and (isinstance(value, bool) or float(value) != int(value)):
+                    raise ValueError
+                value = kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} in {path} must be {kind.__name__}, got {value!r}") from None
+        out[name] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace):
+    from pipelines.run import CaptionConfig
+
+    settings = load_yaml_config(args.config) if getattr(args, "config", None) else {}
+    for name in _FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = value
+    missing = [n for n in ("model", "input", "output") if not settings.get(n)]
+    if missing:
+        raise ValueError(f"missing required setting(s): {', '.join('--' + m for m in missing)}")
+    return CaptionConfig(**{k: v for k, v in settings.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.run import run_caption
+
+    cfg = config_from_args(args)
+    summary = run_caption(cfg)
+    print(summary.line(), flush=True)
+    return 0 if summary.complete else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"caption: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

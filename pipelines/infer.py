@@ -1,0 +1,240 @@
+"""The model stage: a callable class that Ray Data runs as an actor pool (one per GPU).
+
+``CaptionPredictor`` loads the model once, applies pruning once (``ep_core.apply_pruning``),
+and for each batch of decoded rows:
+
+1. builds each row's chat prompt: an image row is one image + the prompt; a video row is its
+   N frames given as N images in one prompt (LLaVA's multi-image input — image-only model
+   families see a video this way; video-native families come later);
+2. groups the rows by visual-token count, so every ``generate`` call sees a batch whose
+   samples share it (left-padded text, concatenated pixel tensors);
+3. runs greedy ``generate`` and returns one output row per input row, in the output schema.
+
+Rows that arrive with ``error`` (unreadable input) pass through with a null output. A batch
+whose ``generate`` raises is retried row by row; a row that still fails gets ``error`` — one
+row lost, never the job. The same class runs without Ray (the bench's bare loop does that).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+import pyarrow as pa
+
+from pipelines.media import frames_of
+from pipelines.sink import to_table
+
+# tensors that run along the text sequence (left-padded when collated); others concatenate.
+_SEQUENCE_KEYS = {"input_ids": "pad", "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
+
+
+class CaptionPredictor:
+    def __init__(
+        self,
+        *,
+        model: str,
+        method: str = "none",
+        budget: float | None = None,
+        keep_ratio: float | None = None,
+        prune_layer: int = 2,
+        seed: int = 0,
+        max_new_tokens: int = 32,
+        dtype: str = "auto",
+        device: str = "auto",
+        torch_threads: int | None = None,
+        run_id: str | None = None,
+        fault: str | None = None,
+        loaded=None,
+    ):
+        import torch
+
+        from ep_core.config import PruneConfig
+
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.prune = PruneConfig(method=method, budget=budget, keep_ratio=keep_ratio, prune_layer=prune_layer, seed=seed)
+        if loaded is not None:
+            self.model, self.processor = loaded
+        else:
+            from ep_core.loading import load_model
+
+            self.model, self.processor = load_model(model, dtype=dtype, device=device)
+        self.model_name = model
+        self.max_new_tokens = max_new_tokens
+        self.run_id = run_id
+        self.device = next(self.model.parameters()).device
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.image_token_id = getattr(self.processor, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(self.model.config, "image_token_id", None) or getattr(
+                self.model.config, "image_token_index", None
+            )
+        self.handle = None
+        if self.prune.method != "none":
+            from ep_core import apply_pruning  # noqa: PLC0415 - lands with ep_core.hooks
+
+            self.handle = apply_pruning(self.model, self.prune)
+        self._fault = _Fault(fault)
+        self._flops_warned = False
+
+    # ------------------------------------------------------------------ row plumbing
+
+    def _base(self, row: dict) -> dict:
+        pruned = self.prune.method != "none"
+        return {
+            "sample_id": row["sample_id"],
+            "source": row.get("source"),
+            "media_type": row.get("media_type"),
+            "frames": row.get("frames") if row.get("media_type") == "video" else None,
+            "prompt": row.get("prompt"),
+            "reference": row.get("reference"),
+            "model": self.model_name,
+            "method": self.prune.method,
+            "budget": self.prune.budget,
+            "keep_ratio": self.prune.keep_ratio,
+            "prune_layer": self.prune.prune_layer if pruned else None,
+            "error": row.get("error"),
+            "run_id": self.run_id,
+        }
+
+    def _encode(self, row: dict) -> dict:
+        images = frames_of(row)
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": row["prompt"]}]
+        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return dict(self.processor(images=images, text=[text], return_tensors="pt"))
+
+    def _collate(self, encs: list[dict]) -> dict:
+        import torch
+
+        out = {}
+        length = max(e["input_ids"].shape[1] for e in encs)
+        for key in encs[0]:
+            values = [e[key] for e in encs]
+            if key in _SEQUENCE_KEYS:
+                fill = self.pad_id if _SEQUENCE_KEYS[key] == "pad" else 0
+                out[key] = torch.stack(
+                    [torch.nn.functional.pad(v[0], (length - v.shape[1], 0), value=fill) for v in values]
+                )
+            elif isinstance(values[0], torch.Tensor):
+                out[key] = torch.cat(values, dim=0)
+            else:
+                out[key] = values[0]
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in out.items()}
+
+    def _generate(self, encs: list[dict]) -> tuple[list[str], list[dict], float]:
+        import torch
+
+        inputs = self._collate(encs)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        new = out[:, inputs["input_ids"].shape[1] :]
+        texts = [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+        stats = list(self.handle.stats) if self.handle is not None else []
+        per_row = []
+        for i in range(len(encs)):
+            ids, mask = inputs["input_ids"][i], inputs["attention_mask"][i]
+            visual = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else None
+            total = int(mask.sum())
+            info = {"visual_tokens": visual, "visual_tokens_kept": visual, "text_tokens": total - (visual or 0)}
+            if self.handle is not None:
+                s = stats[i] if len(stats) == len(encs) else {}
+                info["visual_tokens"] = s.get("visual_tokens", visual)
+                info["visual_tokens_kept"] = s.get("visual_tokens_kept")
+            per_row.append(info)
+        return texts, per_row, latency_ms
+
+    def _flops(self, info: dict) -> tuple[float | None, float | None]:
+        if info.get("visual_tokens") is None or info.get("visual_tokens_kept") is None:
+            return None, None
+        try:
+            from ep_core.flops import flops_report
+        except ImportError:
+            return None, None
+        try:
+            report = flops_report(
+                self.model.config,
+                visual_tokens=info["visual_tokens"],
+                visual_tokens_kept=info["visual_tokens_kept"],
+                text_tokens=info["text_tokens"],
+                prune_layer=self.prune.prune_layer,
+            ).to_dict()
+            return report.get("prefill_flops"), report.get("flops_reduction")
+        except Exception as exc:  # noqa: BLE001 - FLOPs are a report column, not a reason to fail
+            if not self._flops_warned:
+                self._flops_warned = True
+                print(f"[caption] FLOPs unavailable for this model ({type(exc).__name__}: {exc})", flush=True)
+            return None, None
+
+    # ------------------------------------------------------------------ the batch
+
+    def predict_rows(self, rows: list[dict]) -> list[dict]:
+        self._fault.tick()
+        results = [self._base(r) for r in rows]
+        groups: dict[int, list[tuple[int, dict]]] = {}
+        for i, row in enumerate(rows):
+            if row.get("error"):
+                continue
+            try:
+                enc = self._encode(row)
+            except Exception as exc:  # noqa: BLE001 - a processor failure costs this row only
+                results[i]["error"] = f"preprocessing failed ({type(exc).__name__}: {exc}): {row.get('source')}"
+                continue
+            n_visual = int((enc["input_ids"] == self.image_token_id).sum()) if self.image_token_id is not None else -1
+            groups.setdefault(n_visual, []).append((i, enc))
+        for members in groups.values():
+            self._run_group(members, rows, results)
+        return results
+
+    def _run_group(self, members, rows, results) -> None:
+        try:
+            texts, infos, latency = self._generate([enc for _, enc in members])
+        except Exception:  # noqa: BLE001
+            if len(members) > 1:  # find the row that fails; the others still get answers
+                for member in members:
+                    self._run_group([member], rows, results)
+                return
+            i = members[0][0]
+            last = traceback.format_exc().strip().splitlines()[-1]
+            results[i]["error"] = f"generation failed ({last}): {rows[i].get('source')}"
+            return
+        for (i, _), text, info in zip(members, texts, infos):
+            prefill_flops, reduction = self._flops(info)
+            results[i].update(
+                output=text,
+                visual_tokens=info["visual_tokens"],
+                visual_tokens_kept=info["visual_tokens_kept"],
+                prefill_flops=prefill_flops,
+                flops_reduction=reduction,
+                latency_ms=latency,
+            )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return to_table(self.predict_rows(batch.to_pylist()))
+
+
+class _Fault:
+    """Test-only fault switch: ``exit_after:N:MARKER`` ends the worker process hard on its
+    N-th batch, once (MARKER, a file path, records that it happened)."""
+
+    def __init__(self, spec: str | None):
+        self.calls = 0
+        self.after, self.marker = None, None
+        if spec:
+            kind, after, marker = spec.split(":", 2)
+            if kind != "exit_after":
+                raise ValueError(f"unknown fault {spec!r}")
+            self.after, self.marker = int(after), marker
+
+    def tick(self) -> None:
+        self.calls += 1
+        if self.after is not None and self.calls >= self.after and not os.path.exists(self.marker):
+            with open(self.marker, "w") as fh:
+                fh.write(str(os.getpid()))
+            os._exit(1)

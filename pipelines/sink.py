@@ -1,0 +1,149 @@
+"""The Parquet output: one schema, atomic part files, exactly-once resume.
+
+An output directory holds ``part-<run_id>-<seq>.parquet`` files, each written whole to a
+hidden temporary name and renamed into place, so a reader (and a rerun) only ever sees
+complete files; a crash leaves at most a hidden ``.tmp`` file, which the next run removes.
+A rerun reads the ``sample_id`` column of the existing parts and processes only the rest;
+the writer also drops any id it has already written, so no row is ever written twice.
+``_job.json`` records what the rows were computed with, so that a rerun with a different
+model or pruning setting into the same directory is refused instead of mixing results.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("media_type", pa.string()),
+        pa.field("frames", pa.int32()),
+        pa.field("prompt", pa.string()),
+        pa.field("output", pa.string()),
+        pa.field("reference", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("method", pa.string()),
+        pa.field("budget", pa.float64()),
+        pa.field("keep_ratio", pa.float64()),
+        pa.field("prune_layer", pa.int32()),
+        pa.field("visual_tokens", pa.int32()),
+        pa.field("visual_tokens_kept", pa.int32()),
+        pa.field("prefill_flops", pa.float64()),
+        pa.field("flops_reduction", pa.float64()),
+        pa.field("latency_ms", pa.float64()),
+        pa.field("error", pa.string()),
+        pa.field("run_id", pa.string()),
+    ]
+)
+OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
+JOB_FILE = "_job.json"
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    """Rows (dicts) → a table with exactly the output schema; missing keys become nulls."""
+    return pa.Table.from_pylist([{c: r.get(c) for c in OUTPUT_COLUMNS} for r in rows], schema=OUTPUT_SCHEMA)
+
+
+def part_files(output_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(glob.escape(output_dir), "part-*.parquet")))
+
+
+def done_ids(output_dir: str) -> set[str]:
+    """The sample ids already written to ``output_dir`` (empty if it does not exist)."""
+    ids: set[str] = set()
+    for path in part_files(output_dir):
+        ids.update(pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist())
+    return ids
+
+
+def read_output(output_dir: str) -> pa.Table:
+    """All rows of an output directory, one per ``sample_id`` (the first written wins)."""
+    files = part_files(output_dir)
+    if not files:
+        return OUTPUT_SCHEMA.empty_table()
+    table = pa.concat_tables([pq.read_table(f, schema=OUTPUT_SCHEMA) for f in files])
+    ids = table.column("sample_id").to_pylist()
+    seen: set[str] = set()
+    keep = []
+    for i, sid in enumerate(ids):
+        if sid not in seen:
+            seen.add(sid)
+            keep.append(i)
+    return table if len(keep) == len(ids) else table.take(keep)
+
+
+def check_job(output_dir: str, job: dict) -> None:
+    """Record ``job`` in ``output_dir``, or refuse when the directory holds another job's rows."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, JOB_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        diff = [k for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)]
+        if diff and part_files(output_dir):
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {job.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"output directory {output_dir} holds rows of a different job ({shown}); "
+                "use another --output, or delete that directory to start over"
+            )
+    _atomic_write_bytes(path, json.dumps(job, indent=2, sort_keys=True).encode())
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ParquetSink:
+    """Writes row batches to ``output_dir`` atomically, each ``sample_id`` at most once."""
+
+    def __init__(self, output_dir: str, run_id: str, already_done: set[str] | None = None):
+        self.output_dir = output_dir
+        self.run_id = run_id
+        os.makedirs(output_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(output_dir), ".part-*.tmp")):
+            os.remove(stale)  # a crashed run's unfinished file: its rows were never committed
+        self._written: set[str] = set(already_done if already_done is not None else done_ids(output_dir))
+        self._seq = 0
+        self.rows_written = 0
+        self.errors_written = 0
+        self.duplicates_dropped = 0
+
+    def write(self, table: pa.Table) -> str | None:
+        """Commit the rows of ``table`` not written before; returns the new file (or None)."""
+        table = table.select(list(OUTPUT_COLUMNS)).cast(OUTPUT_SCHEMA)
+        ids = table.column("sample_id").to_pylist()
+        keep, batch_ids = [], set()
+        for i, sid in enumerate(ids):
+            if sid in self._written or sid in batch_ids:
+                self.duplicates_dropped += 1
+            else:
+                batch_ids.add(sid)
+                keep.append(i)
+        if not keep:
+            return None
+        if len(keep) != len(ids):
+            table = table.take(keep)
+        name = f"part-{self.run_id}-{self._seq:06d}.parquet"
+        self._seq += 1
+        final = os.path.join(self.output_dir, name)
+        tmp = os.path.join(self.output_dir, f".{name}.tmp")
+        pq.write_table(table, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        self._written |= batch_ids
+        self.rows_written += len(keep)
+        self.errors_written += len(keep) - table.column("error").null_count
+        return final

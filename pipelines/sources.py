@@ -1,0 +1,177 @@
+"""Inputs → rows: a directory walked recursively, or a manifest (.jsonl, .csv, .parquet).
+
+Every row gets a stable ``sample_id`` that every later stage carries unchanged and that the
+sink uses for exactly-once resume:
+
+* manifest rows with an ``id`` keep it verbatim (it must then be unique in the manifest);
+* otherwise ``sample_id`` is a hash of the source path as the user wrote it, the frame spec
+  (``image`` or ``video:N``) and the prompt, so the same command run again, from any working
+  directory or cluster node, gives the same ids.
+
+A manifest row whose file does not exist, or whose extension is not a known image or video
+type, still becomes a row: it carries ``error`` and is written as an error row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+VIDEO_EXTS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi"})
+MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")
+
+DEFAULT_IMAGE_PROMPT = "Describe this image."
+DEFAULT_VIDEO_PROMPT = "Describe this video."
+
+# The columns of a source row (what the decode stage receives).
+SOURCE_COLUMNS = ("sample_id", "source", "path", "media_type", "frames", "prompt", "reference", "error")
+
+
+def media_type_of(path: str) -> str | None:
+    ext = os.path.splitext(path)[1].lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in VIDEO_EXTS:
+        return "video"
+    return None
+
+
+def make_sample_id(source: str, frame_spec: str, prompt: str) -> str:
+    key = json.dumps([source, frame_spec, prompt], ensure_ascii=False)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+
+
+@dataclass
+class SourceScan:
+    """The rows of an input plus what was left out while scanning it."""
+
+    rows: list[dict] = field(default_factory=list)
+    skipped_files: int = 0  # files in a directory that are neither images nor videos
+    duplicates: int = 0  # identical (path, frames, prompt) rows in a manifest, kept once
+
+
+def scan(input_path: str, *, prompt: str | None = None, frames: int = 8) -> SourceScan:
+    """The rows of a directory or manifest, sorted so that equal media types sit together.
+
+    ``prompt`` overrides the default captioning prompt for rows that have none; ``frames`` is
+    the number of uniformly spaced frames decoded per video.
+    """
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    if not os.path.exists(input_path):
+        raise FileNotFoundError(f"input not found: {input_path}")
+    if os.path.isdir(input_path):
+        found = _walk(input_path)
+        entries = [e for e in found if media_type_of(e["source"])]
+        skipped = len(found) - len(entries)
+        base = None
+    elif input_path.lower().endswith(MANIFEST_EXTS):
+        entries, skipped = _read_manifest(input_path), 0
+        base = os.path.dirname(os.path.abspath(input_path))
+    else:
+        raise ValueError(
+            f"input must be a directory or a manifest ({', '.join(MANIFEST_EXTS)}), got {input_path}"
+        )
+
+    result = SourceScan(skipped_files=skipped)
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        row = _make_row(entry, base, prompt, frames)
+        sid = row["sample_id"]
+        if sid in seen:
+            if "id" in entry:
+                raise ValueError(f"manifest {input_path}: id {sid!r} appears more than once (rows {seen[sid] + 1} and {i + 1})")
+            result.duplicates += 1
+            continue
+        seen[sid] = i
+        result.rows.append(row)
+    result.rows.sort(key=lambda r: (r["media_type"] or "~", r["frames"] or 0, r["source"]))
+    return result
+
+
+def _walk(root: str) -> list[dict]:
+    root = os.path.normpath(root)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            out.append({"source": os.path.join(dirpath, name)})
+    return out
+
+
+def _read_manifest(path: str) -> list[dict]:
+    lower = path.lower()
+    try:
+        if lower.endswith(".jsonl"):
+            rows = []
+            with open(path, encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise ValueError(f"manifest {path}: line {n} is not valid JSON ({exc.msg})") from None
+        elif lower.endswith(".csv"):
+            with open(path, encoding="utf-8", newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        else:
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+    except UnicodeDecodeError:
+        raise ValueError(f"manifest {path} is not UTF-8 text") from None
+    if rows and not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"manifest {path}: every line must be a JSON object with a 'path' key")
+    if not rows:
+        return []
+    if any("path" not in r for r in rows):
+        raise ValueError(f"manifest {path} needs a 'path' column (optional: prompt, reference, id)")
+    out = []
+    for r in rows:
+        entry = {"source": str(r["path"]) if r["path"] is not None else ""}
+        for key in ("prompt", "reference", "id"):
+            value = r.get(key)
+            if value is not None and value != "":
+                entry[key] = value
+        out.append(entry)
+    return out
+
+
+def _make_row(entry: dict, base: str | None, prompt: str | None, frames: int) -> dict:
+    source = entry["source"]
+    media_type = media_type_of(source)
+    path = source if base is None or os.path.isabs(source) else os.path.join(base, source)
+    path = os.path.abspath(path)
+    n_frames = frames if media_type == "video" else None
+    row_prompt = entry.get("prompt")
+    if row_prompt is None:
+        row_prompt = prompt or (DEFAULT_VIDEO_PROMPT if media_type == "video" else DEFAULT_IMAGE_PROMPT)
+    row_prompt = str(row_prompt)
+    reference = entry.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        reference = json.dumps(reference, ensure_ascii=False)
+    error = None
+    if not source:
+        error = "manifest row has an empty path"
+    elif media_type is None:
+        error = f"unsupported file type {os.path.splitext(source)[1] or '(no extension)'!r}: {source}"
+    elif not os.path.isfile(path):
+        error = f"file not found: {path}"
+    frame_spec = f"video:{frames}" if media_type == "video" else "image"
+    sample_id = str(entry["id"]) if "id" in entry else make_sample_id(source, frame_spec, row_prompt)
+    return {
+        "sample_id": sample_id,
+        "source": source,
+        "path": path,
+        "media_type": media_type,
+        "frames": n_frames,
+        "prompt": row_prompt,
+        "reference": reference,
+        "error": error,
+    }

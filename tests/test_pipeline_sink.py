@@ -1,0 +1,108 @@
+"""pipelines.sink and the job config: the output contract, atomic parts, exactly-once, YAML."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.sink import OUTPUT_SCHEMA, ParquetSink, check_job, done_ids, read_output, to_table
+
+DESIGN_COLUMNS = (
+    "sample_id, source, media_type, frames, prompt, output, reference, model, method, budget, "
+    "keep_ratio, prune_layer, visual_tokens, visual_tokens_kept, prefill_flops, flops_reduction, "
+    "latency_ms, error, run_id"
+).split(", ")
+
+
+def test_schema_is_the_design_contract():
+    assert OUTPUT_SCHEMA.names == DESIGN_COLUMNS
+    table = to_table([{"sample_id": "a", "output": "x", "unrelated": 1}])
+    assert table.schema == OUTPUT_SCHEMA and table.column("error").to_pylist() == [None]
+
+
+def test_sink_writes_each_id_once_and_atomically(tmp_path):
+    out = str(tmp_path / "out")
+    sink = ParquetSink(out, "r1")
+    first = sink.write(to_table([{"sample_id": i} for i in "abc"]))
+    assert os.path.basename(first).startswith("part-r1-") and first.endswith(".parquet")
+    assert sink.write(to_table([{"sample_id": i} for i in "cde"])) is not None
+    assert sink.write(to_table([{"sample_id": "a"}])) is None
+    assert sink.rows_written == 5 and sink.duplicates_dropped == 2
+    assert done_ids(out) == set("abcde")
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    # a crashed writer's temporary file is ignored and cleaned up by the next run
+    (tmp_path / "out" / ".part-dead-000000.parquet.tmp").write_bytes(b"partial")
+    sink2 = ParquetSink(out, "r2")
+    assert not os.path.exists(tmp_path / "out" / ".part-dead-000000.parquet.tmp")
+    assert sink2.write(to_table([{"sample_id": "e", "error": "x"}, {"sample_id": "f", "error": "bad: /p"}]))
+    assert sink2.rows_written == 1 and sink2.errors_written == 1
+    assert sorted(read_output(out).column("sample_id").to_pylist()) == list("abcdef")
+
+
+def test_read_output_dedupes_defensively(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(to_table([{"sample_id": "a", "output": "first"}]), out / "part-x-000000.parquet")
+    pq.write_table(to_table([{"sample_id": "a", "output": "second"}]), out / "part-y-000000.parquet")
+    table = read_output(str(out))
+    assert table.num_rows == 1 and table.column("output").to_pylist() == ["first"]
+
+
+def test_output_dir_of_another_job_is_refused(tmp_path):
+    out = str(tmp_path / "out")
+    check_job(out, {"method": "none"})
+    check_job(out, {"method": "random"})  # no rows yet: the new job takes the directory
+    ParquetSink(out, "r").write(to_table([{"sample_id": "a"}]))
+    check_job(out, {"method": "random"})
+    with pytest.raises(ValueError, match="holds rows of a different job"):
+        check_job(out, {"method": "entropyprune"})
+
+
+def test_yaml_config_mirrors_flags_and_rejects_unknown_keys(tmp_path):
+    import argparse
+
+    from jobs.caption import add_arguments, config_from_args, load_yaml_config
+
+    good = tmp_path / "good.yaml"
+    good.write_text("model: m\ninput: in\noutput: out\nkeep-ratio: 0.25\nmethod: random\nbatch_size: 4\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--config", str(good), "--batch-size", "2"]))
+    assert (cfg.model, cfg.keep_ratio, cfg.method, cfg.batch_size) == ("m", 0.25, "random", 2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\nbatchsize: 4\n")
+    with pytest.raises(ValueError, match="unknown key 'batchsize'"):
+        load_yaml_config(str(bad))
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("frames: eight\n")
+    with pytest.raises(ValueError, match="frames .* must be int"):
+        load_yaml_config(str(typed))
+    with pytest.raises(ValueError, match="missing required setting"):
+        config_from_args(parser.parse_args(["--model", "m"]))
+
+
+def test_shipped_yaml_configs_are_valid():
+    import glob
+
+    from jobs.caption import load_yaml_config
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "configs")
+    files = glob.glob(os.path.join(root, "caption*.yaml"))
+    assert files
+    for path in files:
+        load_yaml_config(path)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from jobs.caption import main
+
+    (tmp_path / "in").mkdir()
+    assert main(["--model", str(tmp_path / "nomodel"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("caption: error: cannot load model") and "\n" not in err
+    assert main(["--model", "m", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
+    assert "input not found" in capsys.readouterr().err
+    assert main(["--model", "m", "--input", str(tmp_path / "in"), "--output", "o", "--method", "random"]) == 2
+    assert "needs a budget" in capsys.readouterr().err

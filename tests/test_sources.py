@@ -1,0 +1,109 @@
+"""pipelines.sources: directory walk, manifests, stable sample ids, clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from PIL import Image
+
+from pipelines.sources import DEFAULT_IMAGE_PROMPT, DEFAULT_VIDEO_PROMPT, scan
+from pipelines.testing import write_manifest
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    for rel in ["a.jpg", "sub/b.PNG", "sub/deeper/c.webp", "v/clip.mp4", "v/clip2.MKV", ".hidden.jpg", "notes.txt", "x.tif"]:
+        path = tmp_path / "data" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    return tmp_path / "data"
+
+
+def test_directory_walk_finds_media_recursively_and_skips_the_rest(tree):
+    result = scan(str(tree), frames=4)
+    names = sorted(os.path.relpath(r["source"], tree) for r in result.rows)
+    assert names == sorted(["a.jpg", "sub/b.PNG", "sub/deeper/c.webp", "v/clip.mp4", "v/clip2.MKV", "x.tif"])
+    assert result.skipped_files == 1  # notes.txt; hidden files are not counted
+    by_name = {os.path.basename(r["source"]): r for r in result.rows}
+    assert by_name["clip.mp4"]["media_type"] == "video" and by_name["clip.mp4"]["frames"] == 4
+    assert by_name["clip.mp4"]["prompt"] == DEFAULT_VIDEO_PROMPT
+    assert by_name["a.jpg"]["media_type"] == "image" and by_name["a.jpg"]["frames"] is None
+    assert by_name["a.jpg"]["prompt"] == DEFAULT_IMAGE_PROMPT
+    assert all(r["error"] is None for r in result.rows)
+    # images first, then videos: batches mostly share their visual-token count
+    kinds = [r["media_type"] for r in result.rows]
+    assert kinds == sorted(kinds)
+
+
+def test_sample_ids_are_stable_and_depend_on_path_frames_and_prompt(tree, monkeypatch, tmp_path):
+    first = {r["source"]: r["sample_id"] for r in scan(str(tree), frames=4).rows}
+    again = {r["source"]: r["sample_id"] for r in scan(str(tree), frames=4).rows}
+    assert first == again and len(set(first.values())) == len(first)
+    # the id does not depend on where the tree lives when the input is given the same way
+    # (a `ray job submit --working-dir .` job unpacks the tree somewhere new every time)
+    monkeypatch.chdir(tree.parent)
+    here = sorted(r["sample_id"] for r in scan("data", frames=4).rows)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    os.rename(tree, moved / "data")
+    monkeypatch.chdir(moved)
+    assert sorted(r["sample_id"] for r in scan("data", frames=4).rows) == here
+    os.rename(moved / "data", tree)
+    more_frames = {os.path.basename(r["source"]): r["sample_id"] for r in scan(str(tree), frames=8).rows}
+    named = {os.path.basename(s): v for s, v in first.items()}
+    assert more_frames["a.jpg"] == named["a.jpg"]  # frames only matter for videos
+    assert more_frames["clip.mp4"] != named["clip.mp4"]
+    other_prompt = {os.path.basename(r["source"]): r["sample_id"] for r in scan(str(tree), prompt="What color?").rows}
+    assert other_prompt["a.jpg"] != named["a.jpg"]
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".csv", ".parquet"])
+def test_manifests(tmp_path, ext):
+    Image.new("RGB", (4, 4)).save(tmp_path / "img.png")
+    (tmp_path / "abs.jpg").write_bytes(b"")
+    manifest = write_manifest(
+        str(tmp_path / f"m{ext}"),
+        [
+            {"path": "img.png", "prompt": "What is it?", "reference": "a square", "id": ""},
+            {"path": str(tmp_path / "abs.jpg"), "prompt": "", "reference": "", "id": ""},
+            {"path": "missing/nothere.png", "prompt": "", "reference": "", "id": ""},
+            {"path": "doc.pdf", "prompt": "", "reference": "", "id": ""},
+        ],
+    )
+    rows = {r["source"]: r for r in scan(manifest, prompt="Caption it.").rows}
+    assert len(rows) == 4
+    assert rows["img.png"]["path"] == str(tmp_path / "img.png")
+    assert rows["img.png"]["prompt"] == "What is it?" and rows["img.png"]["reference"] == "a square"
+    assert rows["img.png"]["error"] is None
+    assert rows[str(tmp_path / "abs.jpg")]["prompt"] == "Caption it."
+    assert rows["missing/nothere.png"]["error"].startswith("file not found: ")
+    assert "missing/nothere.png" in rows["missing/nothere.png"]["error"]
+    assert "unsupported file type" in rows["doc.pdf"]["error"]
+
+
+def test_manifest_ids_are_kept_and_must_be_unique(tmp_path):
+    manifest = write_manifest(str(tmp_path / "m.jsonl"), [{"path": "a.png", "id": "row-1"}, {"path": "b.png", "id": 7}])
+    assert sorted(r["sample_id"] for r in scan(manifest).rows) == ["7", "row-1"]
+    dup = write_manifest(str(tmp_path / "d.jsonl"), [{"path": "a.png", "id": "x"}, {"path": "b.png", "id": "x"}])
+    with pytest.raises(ValueError, match="appears more than once"):
+        scan(dup)
+    same = write_manifest(str(tmp_path / "s.jsonl"), [{"path": "a.png"}, {"path": "a.png"}])
+    result = scan(same)
+    assert len(result.rows) == 1 and result.duplicates == 1
+
+
+def test_clear_errors_for_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        scan(str(tmp_path / "nope"))
+    (tmp_path / "list.txt").write_text("a.png\n")
+    with pytest.raises(ValueError, match="directory or a manifest"):
+        scan(str(tmp_path / "list.txt"))
+    bad = write_manifest(str(tmp_path / "m.jsonl"), [{"file": "a.png"}])
+    with pytest.raises(ValueError, match="needs a 'path' column"):
+        scan(bad)
+    (tmp_path / "broken.jsonl").write_text('{"path": "a.png"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        scan(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        scan(str(tmp_path), frames=0)
