@@ -33,6 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
 from ep_core.config import PruneConfig
 from ep_core.families import Family, family_of
+from ep_core.flops import flops_report
 from ep_core.methods import RULES, Row
 
 UNSUPPORTED_ATTENTION = {"flex_attention": "its BlockMask cannot be cut to the kept tokens"}
@@ -66,6 +67,7 @@ class PruningHandle:
         self.final_norm = language_model.norm
         self.num_layers = len(self.layers)
         self.visual_ids = torch.tensor(self.family.visual_token_ids(model))
+        self._dtype_bytes = next(model.parameters()).element_size()
         self.rule = RULES.get(config.method)
         self.stats: list[dict] = []
         self._state: _Prefill | None = None
@@ -299,16 +301,24 @@ class PruningHandle:
             kept_positions = unpadded_index[keep_row][valid[keep_row]]
             kept = int(state.is_visual[b][keep_row].sum())
         k_layer = self.config.prune_layer
+        text_tokens = int(valid.sum()) - num_visual
+        flops = flops_report(self.model.config, num_visual, kept, text_tokens, k_layer, dtype_bytes=self._dtype_bytes)
         return {
             "method": self.config.method,
             "visual_tokens": num_visual,
             "visual_tokens_kept": kept,
-            "text_tokens": int(valid.sum()) - num_visual,
+            "text_tokens": text_tokens,
             "keep_ratio": kept / num_visual if num_visual else 1.0,
             "budget": layer_averaged_budget(kept, num_visual, self.num_layers, k_layer),
             "prune_layer": k_layer,
             "num_layers": self.num_layers,
             "kept_positions": kept_positions.tolist(),
+            "prefill_flops": flops.prefill_flops,
+            "prefill_flops_full": flops.prefill_flops_full,
+            "flops_reduction": flops.flops_reduction,
+            "flops_reduction_paper": flops.flops_reduction_paper,
+            "flops_reduction_with_vision": flops.flops_reduction_with_vision,
+            "kv_cache_bytes": flops.kv_cache_bytes,
         }
 
 

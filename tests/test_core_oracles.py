@@ -58,6 +58,7 @@ def test_keep_all_is_bit_identical(model, batch, method, keep):
     with apply_pruning(model, config) as handle:
         pruned = _generate(model, batch)
         assert [s["visual_tokens_kept"] for s in handle.stats] == [s["visual_tokens"] for s in handle.stats]
+        assert all(s["flops_reduction"] == 0 and s["prefill_flops"] == s["prefill_flops_full"] for s in handle.stats)
     assert torch.equal(pruned.sequences, reference.sequences)
     for a, b in zip(pruned.scores, reference.scores):
         assert torch.equal(a, b)
@@ -142,7 +143,17 @@ def test_per_layer_cache_lengths_and_stats(tiny, batch):
     cache_lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     expected_full = prompt_len + NEW_TOKENS - 1
     assert cache_lengths == [expected_full] * 2 + [expected_full - (n_vis - kept_vis)] * (num_layers - 2)
+    with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.25, prune_layer=2)) as handle:
+        with torch.no_grad():
+            prefill_cache = model(**batch, use_cache=True).past_key_values
+    rows = batch["input_ids"].shape[0]
+    cache_bytes = sum(l.keys.numel() + l.values.numel() for l in prefill_cache.layers) * 4 // rows
+    padding = (batch["attention_mask"] == 0).sum(1)  # padded slots are cached too; the stats count real tokens
+    per_pad_bytes = 2 * sum(l.keys.shape[1] * l.keys.shape[3] for l in prefill_cache.layers) * 4
+    for s, pad in zip(handle.stats, padding):
+        assert s["kv_cache_bytes"] == cache_bytes - int(pad) * per_pad_bytes
     for s, ids, valid in zip(stats, batch["input_ids"], batch["attention_mask"].bool()):
+        assert 0 < s["flops_reduction"] < 1 and s["prefill_flops"] < s["prefill_flops_full"]
         assert s["visual_tokens"] == n_vis and s["visual_tokens_kept"] == kept_vis and s["prune_layer"] == 2
         unpadded = ids[valid]
         text_positions = (unpadded != model.config.image_token_id).nonzero()[:, 0].tolist()
