@@ -147,6 +147,7 @@ class CaptionPredictor:
                 s = stats[i] if len(stats) == len(encs) else {}
                 info["visual_tokens"] = s.get("visual_tokens", visual)
                 info["visual_tokens_kept"] = s.get("visual_tokens_kept")
+                info["text_tokens"] = s.get("text_tokens", info["text_tokens"])
             per_row.append(info)
         return texts, per_row, latency_ms
 
@@ -164,6 +165,7 @@ class CaptionPredictor:
                 visual_tokens_kept=info["visual_tokens_kept"],
                 text_tokens=info["text_tokens"],
                 prune_layer=self.prune.prune_layer,
+                dtype_bytes=self.model.dtype.itemsize,
             ).to_dict()
             return report.get("prefill_flops"), report.get("flops_reduction")
         except Exception as exc:  # noqa: BLE001 - FLOPs are a report column, not a reason to fail

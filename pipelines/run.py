@@ -125,7 +125,9 @@ class Summary:
         return text
 
 
-_DECODE_RETRIES = 5
+def _decode_memory(cfg: CaptionConfig) -> int:
+    pixels = cfg.batch_size * max(1, cfg.frames) * cfg.max_side * cfg.max_side * 3
+    return int(max(256 << 20, 2 * pixels))
 
 
 def _decode_batch(batch: pa.Table, *, max_pixels: int, max_side: int, timeout_s: float, faults: bool) -> pa.Table:
@@ -230,11 +232,10 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
             "faults": decoder_faults,
         },
         num_cpus=1,
-        # Decoding raises for no input (bad files become error rows), so a retry only ever
-        # follows a lost worker or node. Remote args that differ from the model stage's also
-        # keep Ray Data from fusing decoding into the model actors: decode tasks run on
-        # their own CPUs while the actors generate.
-        max_retries=_DECODE_RETRIES,
+        # What one decode task holds (the decoded pixels of a block). Resource requests that
+        # differ from the model stage's also keep Ray Data from fusing decoding into the
+        # model actors: decode tasks run on their own CPUs while the actors generate.
+        memory=_decode_memory(cfg),
     )
     ds = ds.map_batches(
         CaptionPredictor,

@@ -1,0 +1,175 @@
+"""The caption job on a local Ray (2 CPUs) with the tiny LLaVA: one row per input, exactly once,
+errors exactly where the input is bad, resume after a dying worker or a killed driver.
+
+One Ray session serves the whole module (Ray startup is slow on 2 cores)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.sink import OUTPUT_SCHEMA, part_files, read_output
+from pipelines.testing import make_corpus, save_tiny_llava, write_manifest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return save_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")))
+
+
+def caption(args: list[str], monkeypatch=None, faults: str = "") -> int:
+    from jobs.caption import main
+
+    if monkeypatch is not None:
+        monkeypatch.setenv("EP_TEST_FAULTS", faults)
+    return main(args)
+
+
+def rows_by_source(output: str) -> dict:
+    table = read_output(output)
+    assert table.schema == OUTPUT_SCHEMA
+    return {r["source"]: r for r in table.to_pylist()}
+
+
+def assert_exactly_once(output: str, expected_ids: set[str]) -> None:
+    ids = []
+    for path in part_files(output):
+        import pyarrow.parquet as pq
+
+        ids += pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
+    dupes = [i for i, n in collections.Counter(ids).items() if n > 1]
+    assert not dupes, f"rows written twice: {dupes}"
+    assert set(ids) == expected_ids
+
+
+def image_dir(root: str, n: int) -> str:
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(os.path.join(root, f"img{i:03d}.png"))
+    return root
+
+
+def test_bad_and_odd_corpus_end_to_end_then_resume(ray_session, tiny_model, tmp_path, monkeypatch, capsys):
+    root = str(tmp_path / "corpus")
+    expect = make_corpus(root)
+    entries = [{"path": rel} for rel in sorted(expect)]
+    entries[0]["prompt"] = "What color is this?"
+    entries[0]["reference"] = "red"
+    entries.append({"path": "does/not/exist.png"})
+    manifest = write_manifest(os.path.join(root, "manifest.jsonl"), entries)
+    out = str(tmp_path / "out")
+    args = ["--model", tiny_model, "--input", manifest, "--output", out, "--method", "random", "--keep-ratio", "0.5",
+            "--frames", "3", "--batch-size", "4", "--max-new-tokens", "3", "--decode-timeout", "3", "--flush-rows", "8"]
+
+    assert caption(args, monkeypatch, faults="decoder") == 0
+    printed = capsys.readouterr().out
+    summary = printed.strip().splitlines()[-1]
+    n_bad = sum(expect.values()) + 1
+    assert summary.startswith(f"ep caption done: {len(entries)}/{len(entries)} rows")
+    assert f"{n_bad} errors" in summary and "items/s" in summary
+    assert "rows written" in printed  # progress while running
+
+    rows = rows_by_source(out)
+    assert len(rows) == len(entries) == len(read_output(out))
+    for entry in entries:
+        row = rows[entry["path"]]
+        bad = expect.get(entry["path"], True)
+        if bad:
+            assert row["error"] and row["output"] is None, entry["path"]
+            assert row["error"].rstrip().endswith(os.path.basename(entry["path"])), row["error"]
+        else:
+            assert row["error"] is None and isinstance(row["output"], str), (entry["path"], row["error"])
+            assert row["visual_tokens"] > 0 and row["visual_tokens_kept"] < row["visual_tokens"]
+            assert row["latency_ms"] > 0 and row["prune_layer"] == 2 and row["keep_ratio"] == 0.5
+        assert row["method"] == "random" and row["model"] == tiny_model and row["run_id"]
+    first = rows[entries[0]["path"]]
+    assert first["prompt"] == "What color is this?" and first["reference"] == "red"
+    video = rows["video/moving.avi"]
+    assert video["media_type"] == "video" and video["frames"] == 3
+    assert video["visual_tokens"] == 3 * rows["ok/plain.png"]["visual_tokens"]  # N frames as N images
+    assert rows["ok/plain.png"]["frames"] is None
+
+    # the same command again: nothing to do, nothing written
+    files = part_files(out)
+    assert caption(args, monkeypatch) == 0
+    assert "0 to process" in capsys.readouterr().out
+    assert part_files(out) == files
+
+    # lose one part file (as if its rows were never committed): only those rows are redone
+    lost = set(read_output(out).column("sample_id").to_pylist())
+    os.remove(files[0])
+    missing = lost - set(read_output(out).column("sample_id").to_pylist())
+    assert missing
+    assert caption(args, monkeypatch, faults="decoder") == 0
+    assert f"{len(missing)} to process" in capsys.readouterr().out
+    assert_exactly_once(out, lost)
+
+
+def test_worker_dying_mid_run_loses_and_duplicates_nothing(ray_session, tiny_model, tmp_path, monkeypatch):
+    inputs = image_dir(str(tmp_path / "imgs"), 16)
+    out = str(tmp_path / "out")
+    marker = str(tmp_path / "worker-died")
+    args = ["--model", tiny_model, "--input", inputs, "--output", out, "--batch-size", "2", "--max-new-tokens", "2",
+            "--flush-rows", "2"]
+    rc = caption(args, monkeypatch, faults=f"exit_after:3:{marker}")
+    assert os.path.exists(marker), "the fault switch did not fire"
+    if rc != 0:  # Ray restarts the actor and retries its batch; if it did not, a rerun finishes
+        assert caption(args, monkeypatch) == 0
+    from pipelines.sources import scan
+
+    assert_exactly_once(out, {r["sample_id"] for r in scan(inputs).rows})
+
+
+def test_driver_killed_hard_then_rerun_completes_exactly_once(ray_session, tiny_model, tmp_path, monkeypatch):
+    inputs = image_dir(str(tmp_path / "imgs"), 40)
+    out = str(tmp_path / "out")
+    args = ["--model", tiny_model, "--input", inputs, "--output", out, "--batch-size", "2", "--max-new-tokens", "8",
+            "--flush-rows", "2"]
+    address = ray_session.get_runtime_context().gcs_address
+    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", EP_TEST_FAULTS="")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.caption", *args, "--address", address],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not part_files(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert part_files(out), f"no output file appeared (driver exit status {proc.poll()})"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver's own process group, started above
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    written = len(read_output(out))
+    from pipelines.sources import scan
+
+    all_ids = {r["sample_id"] for r in scan(inputs).rows}
+    assert 0 < written < len(all_ids), "the driver was not killed mid-run"
+    assert caption(args, monkeypatch) == 0
+    assert_exactly_once(out, all_ids)
+    assert json.load(open(os.path.join(out, "_job.json")))["model"] == tiny_model
