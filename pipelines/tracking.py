@@ -1,0 +1,201 @@
+"""MLflow tracking, from the driver only: workers return figures, they never open a run.
+
+- Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<output>/mlflow.db`` (the
+  file store is deprecated in MLflow 3).
+- One experiment per job name; ``ep caption`` records one run, ``ep sweep`` one parent run
+  with one child run per (method, keep ratio or budget).
+- Tracking never costs work: if the store or server cannot be reached, or a call fails half
+  way, :class:`Tracker` prints one clear line, switches itself off and the job goes on writing
+  its Parquet output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+PARAM_KEYS = (
+    "model", "method", "budget", "keep_ratio", "prune_layer", "batch_size", "dataset", "n", "seed", "max_new_tokens",
+)
+METRIC_KEYS = (
+    "items_per_s", "prefill_ms_per_item", "visual_tokens_kept_mean", "flops_reduction", "flops_reduction_paper",
+    "kv_cache_bytes_mean", "errors", "quality", "vqa_accuracy", "caption_object_f1", "video_accuracy", "accuracy",
+    "caption_token_f1", "agreement_with_full", "first_token_kl",
+)
+
+
+def tracking_uri(output_dir: str | os.PathLike) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store beside the job's outputs."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def _server_reachable(uri: str, timeout_s: float = 5.0) -> str | None:
+    """None if an http(s) tracking server answers ``/health``, else why not."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+def _clean(values: dict, keys: tuple[str, ...]) -> dict:
+    """Known keys with a usable value (numbers finite); None and NaN are left out."""
+    out = {}
+    for key in keys:
+        value = values.get(key)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            continue
+        out[key] = value
+    return out
+
+
+class Tracker:
+    """Failure-tolerant MLflow logging for one job. Use ``enabled=False`` to switch it off."""
+
+    def __init__(self, output_dir: str | os.PathLike, experiment: str, *, enabled: bool = True, log=None):
+        self.uri = tracking_uri(output_dir)
+        self.experiment = experiment
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.failure: str | None = None
+        self.run_ids: list[str] = []
+        self._mlflow = None
+        if not enabled:
+            self.failure = "disabled"
+            return
+        # fail fast when a tracking server goes down mid-job instead of retrying for minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        problem = _server_reachable(self.uri)
+        if problem is not None:
+            self._fail(f"tracking server {self.uri} is unreachable ({problem})")
+            return
+        try:
+            import mlflow
+
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(experiment)
+            self._mlflow = mlflow
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop the job
+            self._fail(f"could not open MLflow store {self.uri}: {exc}")
+
+    @property
+    def active(self) -> bool:
+        return self._mlflow is not None and self.failure is None
+
+    def _fail(self, why: str) -> None:
+        self.failure = why
+        self._mlflow = None
+        self.log(f"MLflow tracking failed: {why}. Outputs are still written; nothing else is lost.")
+
+    @contextmanager
+    def run(self, name: str, params: dict | None = None, *, nested: bool = False) -> Iterator["Tracker"]:
+        """A run (child of the active one when ``nested``); yields this tracker."""
+        if not self.active:
+            yield self
+            return
+        try:
+            active = self._mlflow.start_run(run_name=name, nested=nested)
+            self.run_ids.append(active.info.run_id)
+            if params:
+                self._mlflow.log_params({k: v for k, v in params.items() if v is not None})
+        except Exception as exc:  # noqa: BLE001
+            self._fail(f"could not start run {name!r}: {exc}")
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            try:
+                if self._mlflow is not None:
+                    self._mlflow.end_run()
+            except Exception as exc:  # noqa: BLE001
+                self._fail(f"could not end run {name!r}: {exc}")
+
+    def params(self, values: dict) -> None:
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            self._call("log_params", values)
+
+    def metrics(self, values: dict, step: int | None = None) -> None:
+        """Log the known metrics of ``values`` (see ``METRIC_KEYS``) plus any extra numbers."""
+        numbers = {
+            k: float(v)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        }
+        if numbers:
+            self._call("log_metrics", numbers, step=step)
+
+    def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", str(path), artifact_path)
+
+    def _call(self, name: str, *args, **kwargs) -> None:
+        if not self.active:
+            return
+        try:
+            getattr(self._mlflow, name)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(f"{name} failed: {exc}")
+
+
+def run_params(values: dict) -> dict:
+    """The documented params of one configuration (DESIGN.md §3), None left out."""
+    return _clean(values, PARAM_KEYS)
+
+
+def run_metrics(values: dict) -> dict:
+    """The documented metrics of one configuration, None/NaN left out."""
+    return _clean(values, METRIC_KEYS)
+
+
+def cost_quality_plot(summary: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Quality against FLOPs reduction and against items/s, one line per method.
+
+    ``summary`` holds one dict per configuration with ``method``, ``quality``,
+    ``flops_reduction`` and ``items_per_s``; the unpruned configuration (method ``none`` or
+    keep ratio 1) is drawn as a star on both panels.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = sorted({row["method"] for row in summary if row["method"] != "none"})
+    unpruned = [row for row in summary if row["method"] == "none" or row.get("keep_ratio") == 1.0]
+    for ax, x_key, x_label in (
+        (axes[0], "flops_reduction", "prefill FLOPs reduction (exact LM count)"),
+        (axes[1], "items_per_s", "throughput (items/s)"),
+    ):
+        for method in methods:
+            rows = [r for r in summary if r["method"] == method and r.get("quality") is not None and r.get(x_key) is not None]
+            rows.sort(key=lambda r: r[x_key])
+            if rows:
+                ax.plot([r[x_key] for r in rows], [r["quality"] for r in rows], marker="o", label=method)
+        base = [r for r in unpruned if r.get("quality") is not None and r.get(x_key) is not None]
+        if base:
+            ax.scatter([base[0][x_key]], [base[0]["quality"]], marker="*", s=220, color="black", zorder=5, label="unpruned")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("quality")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,119 @@
+"""MLflow tracking: the SQLite default, a real tracking server, and a server that is down."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking import Tracker, cost_quality_plot, run_metrics, run_params, tracking_uri
+
+SUMMARY = [
+    {"method": "none", "keep_ratio": 1.0, "quality": 0.9, "flops_reduction": 0.0, "items_per_s": 2.0},
+    {"method": "entropyprune", "keep_ratio": 0.33, "quality": 0.8, "flops_reduction": 0.5, "items_per_s": 3.0},
+    {"method": "entropyprune", "keep_ratio": 0.11, "quality": 0.6, "flops_reduction": 0.7, "items_per_s": 3.5},
+    {"method": "random", "keep_ratio": 0.33, "quality": 0.7, "flops_reduction": 0.5, "items_per_s": 3.0},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _record_sweep(tracker: Tracker, out: Path) -> None:
+    plot = cost_quality_plot(SUMMARY, out / "cost_quality.png", title="test sweep")
+    with tracker.run("sweep", {"model": "tiny", "dataset": "unit", "n": 4}):
+        for row in SUMMARY:
+            with tracker.run(f"{row['method']}@{row['keep_ratio']}", run_params({**row, "model": "tiny"}), nested=True):
+                tracker.metrics(run_metrics(row))
+        tracker.artifact(plot)
+
+
+def _check_runs(client: MlflowClient, experiment: str) -> None:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == len(SUMMARY)
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert parent.data.params["model"] == "tiny"
+    by_name = {c.info.run_name: c for c in children}
+    child = by_name["entropyprune@0.11"]
+    assert child.data.params["method"] == "entropyprune" and child.data.params["keep_ratio"] == "0.11"
+    assert child.data.metrics["quality"] == pytest.approx(0.6)
+    assert child.data.metrics["flops_reduction"] == pytest.approx(0.7)
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["cost_quality.png"]
+
+
+def test_default_store_is_sqlite_beside_the_outputs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    tracker = Tracker(tmp_path, "unit-sweep")
+    _record_sweep(tracker, tmp_path)
+    assert tracker.failure is None
+    assert (tmp_path / "mlflow.db").exists()
+    _check_runs(MlflowClient(tracking_uri(tmp_path)), "unit-sweep")
+
+
+def test_plot_is_a_png(tmp_path):
+    path = cost_quality_plot(SUMMARY, tmp_path / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not start within 90 s")
+    try:
+        yield uri
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_real_tracking_server_over_http(tmp_path, monkeypatch, mlflow_server):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    tracker = Tracker(tmp_path / "out", "server-sweep")
+    _record_sweep(tracker, tmp_path)
+    assert tracker.failure is None
+    assert not (tmp_path / "out" / "mlflow.db").exists()
+    _check_runs(MlflowClient(mlflow_server), "server-sweep")
+
+
+def test_server_down_is_one_clear_line_and_no_exception(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    lines: list[str] = []
+    tracker = Tracker(tmp_path, "down", log=lines.append)
+    _record_sweep(tracker, tmp_path)  # must not raise
+    assert not tracker.active
+    assert len(lines) == 1 and "MLflow tracking failed" in lines[0] and "unreachable" in lines[0]
+    assert "Outputs are still written" in lines[0]
