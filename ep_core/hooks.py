@@ -52,6 +52,7 @@ class _Prefill:
     full_len: int = 0
     keep: torch.Tensor | None = None  # [B, P] sorted positions reaching layer K; None = no pruning
     layer_kwargs: dict = field(default_factory=dict)  # gathered cos/sin, mask, position ids
+    decode_mask: tuple = (None, None)  # (the decode step's full mask, its cut) shared by layers >= K
 
 
 class PruningHandle:
@@ -200,7 +201,9 @@ class PruningHandle:
             if state.phase == "decode" and state.keep is not None:
                 mask = kwargs.get("attention_mask")
                 if isinstance(mask, torch.Tensor):
-                    kwargs["attention_mask"] = _cut_key_columns(mask, state.keep, state.full_len)
+                    if state.decode_mask[0] is not mask:  # cut once per step, not once per layer
+                        state.decode_mask = (mask, _cut_key_columns(mask, state.keep, state.full_len))
+                    kwargs["attention_mask"] = state.decode_mask[1]
                     return args, kwargs
             return None
 

@@ -161,3 +161,37 @@ def test_per_layer_cache_lengths_and_stats(tiny, batch):
         assert s["kept_positions"] == sorted(s["kept_positions"])
         assert len(s["kept_positions"]) == len(text_positions) + kept_vis
         assert s["text_tokens"] == len(text_positions)
+
+
+# ---------------------------------------------------------------------------- LLaVA-NeXT (anyres)
+@pytest.fixture(scope="module")
+def tiny_next():
+    from tests.tiny_models import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next()
+    batch = make_inputs(processor, PROMPTS[:2], random_images(2, size=20, seed=6))  # equal image sizes
+    return model, batch
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_llava_next_masked_reference_and_cache_invariance(tiny_next, method):
+    model, batch = tiny_next
+    with apply_pruning(model, PruneConfig(method, keep_ratio=0.3)) as handle:
+        pruned = _generate(model, batch)
+        uncached = _generate(model, batch, use_cache=False)
+        stats = handle.stats
+    n_vis = int((batch["input_ids"][0] == model.config.image_token_id).sum())  # newline slots included
+    assert all(s["visual_tokens"] == n_vis and s["visual_tokens_kept"] == round(0.3 * n_vis) for s in stats)
+    assert torch.equal(pruned.sequences, uncached.sequences)
+    kept = padded_kept_mask(stats, batch["attention_mask"])
+    model.set_attn_implementation({"text_config": "eager"})
+    hooks = install_masked_reference(model, 2, kept, batch["attention_mask"].bool(), float_mask=True)
+    try:
+        reference = _generate(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.set_attn_implementation({"text_config": "sdpa"})
+    assert torch.equal(pruned.sequences, reference.sequences)
+    for a, b in zip(pruned.scores, reference.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)

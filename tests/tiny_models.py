@@ -123,3 +123,42 @@ def make_inputs(processor: LlavaProcessor, prompts: list[str], images: list[Imag
         for p in prompts
     ]
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa"):
+    """A random tiny LLaVA-NeXT (anyres, image_newline tokens) and its processor."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    tok = build_tokenizer()
+    pinpoints = [[8, 16], [16, 8], [16, 16]]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=8, patch_size=2, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=tok.pad_token_id, max_position_embeddings=512,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    model.eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = None
+    model.generation_config.suppress_tokens = [config.image_token_id]
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, image_grid_pinpoints=pinpoints
+        ),
+        tokenizer=tok,
+        patch_size=2,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
