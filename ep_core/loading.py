@@ -51,6 +51,10 @@ def resolve_dtype(dtype: str, device: str):
 def model_type_of(name_or_path: str, *, trust_remote_code: bool = False) -> str:
     from transformers import AutoConfig
 
+    from ep_core.demo import resolve_model_name
+
+    name_or_path = resolve_model_name(name_or_path)  # "demo" → the shipped demo model
+
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -73,6 +77,9 @@ def load_model(
     """``(model, processor)`` for a supported image-text model, in eval mode on ``device``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from ep_core.demo import resolve_model_name
+
+    name_or_path = resolve_model_name(name_or_path)  # "demo" → the shipped demo model
     model_type = model_type_of(name_or_path, trust_remote_code=trust_remote_code)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
