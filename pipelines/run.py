@@ -156,6 +156,7 @@ def _ensure_ray(cfg: CaptionConfig, log) -> bool:
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     kwargs = {"address": address, "log_to_driver": True, "logging_level": "WARNING"}
     if address is None:
+        kwargs["address"] = "local"  # a new local instance, never a stale one found on disk
         kwargs["num_cpus"] = cfg.num_cpus
         log("[caption] starting a local Ray instance (use --address or RAY_ADDRESS to join a cluster)")
     else:

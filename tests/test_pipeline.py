@@ -28,7 +28,7 @@ def ray_session():
     import ray
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
 

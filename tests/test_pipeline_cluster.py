@@ -6,10 +6,12 @@ from __future__ import annotations
 import collections
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -103,6 +105,9 @@ def test_ray_job_submit_against_a_local_head(tiny_model, tmp_path):
     inputs = image_dir(str(tmp_path / "imgs"), 12)
     out = str(tmp_path / "out")
     gcs_port, dash_port = free_port(), free_port()
+    # its own temp dir: the head's session files (and its "current cluster" address file)
+    # never land in the machine-wide /tmp/ray that other Ray users read
+    ray_tmp = tempfile.mkdtemp(prefix="eprt", dir="/tmp")
     # This head's own token, given to the head and to the CLI alike (Ray enables token
     # authentication by default).
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
@@ -110,7 +115,7 @@ def test_ray_job_submit_against_a_local_head(tiny_model, tmp_path):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
-         "--num-cpus=2", "--disable-usage-stats"],
+         "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     started: set[int] = set()
@@ -147,6 +152,7 @@ def test_ray_job_submit_against_a_local_head(tiny_model, tmp_path):
                 head.wait()
         for pid in started:  # Ray daemons that left the group: end them by their own pids
             _end(pid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert_exactly_once(out, inputs)
 
 

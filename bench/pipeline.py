@@ -1,0 +1,93 @@
+"""``ep bench pipeline``: items/s of the Ray Data caption pipeline against a bare Python loop.
+
+Both sides caption the same generated images with the same small random LLaVA (saved and
+loaded through ``ep_core.loading``), the same batch size and one torch thread for the model:
+
+* bare: ``load model`` then ``for batch: decode each image; CaptionPredictor.predict_rows``
+  in one process;
+* pipeline: ``run_caption`` on a local Ray with 2 CPUs (decode tasks + one model actor),
+  writing Parquet; Ray's own start (``ray.init``) is not counted, the actor's start and
+  model load are, as the bare loop's model load is.
+
+Goal on CPU: ``ratio = pipeline_items_per_s / bare_items_per_s >= 0.8``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--items", type=int, default=192, help="images to caption (default 192)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per model batch (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per image (default 16)")
+    parser.add_argument("--hidden", type=int, default=256, help="decoder width of the random LLaVA (default 256)")
+
+
+def _make_inputs(root: str, n: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(root, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(os.path.join(root, f"{i:05d}.jpg"))
+    return root
+
+
+def run(args: argparse.Namespace) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    items = getattr(args, "items", 192)
+    batch_size = getattr(args, "batch_size", 8)
+    max_new_tokens = getattr(args, "max_new_tokens", 16)
+    hidden = getattr(args, "hidden", 256)
+
+    import ray
+    import torch
+
+    from pipelines.infer import CaptionPredictor
+    from pipelines.media import decode_row
+    from pipelines.run import CaptionConfig, run_caption
+    from pipelines.sources import scan
+    from pipelines.testing import save_tiny_llava
+
+    with tempfile.TemporaryDirectory(prefix="ep-bench-pipeline-") as tmp:
+        model = save_tiny_llava(os.path.join(tmp, "model"), image_size=32, patch_size=4, hidden=hidden)
+        inputs = _make_inputs(os.path.join(tmp, "images"), items)
+
+        # bare loop: one process, one torch thread, the same decode and predict code
+        torch.set_num_threads(1)
+        start = time.perf_counter()
+        predictor = CaptionPredictor(model=model, max_new_tokens=max_new_tokens, device="cpu", torch_threads=1)
+        rows = scan(inputs).rows
+        outputs = 0
+        for i in range(0, len(rows), batch_size):
+            decoded = [decode_row(r) for r in rows[i : i + batch_size]]
+            outputs += sum(r.get("output") is not None for r in predictor.predict_rows(decoded))
+        bare_s = time.perf_counter() - start
+        del predictor
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
+        try:
+            cfg = CaptionConfig(model=model, input=inputs, output=os.path.join(tmp, "out"), batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, workers=1, flush_rows=64)
+            summary = run_caption(cfg, log=lambda m: None)
+        finally:
+            ray.shutdown()
+
+    bare = outputs / bare_s
+    return {
+        "items": items,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "bare_seconds": round(bare_s, 3),
+        "pipeline_seconds": round(summary.seconds, 3),
+        "bare_items_per_s": bare,
+        "pipeline_items_per_s": summary.items_per_s,
+        "ratio": summary.items_per_s / bare if bare else 0.0,
+        "pipeline_complete": summary.complete,
+    }
