@@ -1,0 +1,167 @@
+"""Quality of generated outputs against references: pure functions, no model, no I/O.
+
+Shapes-world references (``pipelines.datasets.shapes.build_set``) are JSON objects:
+
+* ``{"task": "vqa", "answer": "red"}``: scored by :func:`exact_match`;
+* ``{"task": "caption", "objects": [[size, colour, kind, row, col], ...]}``: the output is
+  parsed back into objects (:func:`parse_caption`) and scored by :func:`object_f1`;
+* ``{"task": "video", "answer": "left"}``: :func:`exact_match` as well.
+
+The headline shapes score (:func:`score_rows` → ``quality``) is the mean of VQA exact-match
+accuracy and caption object-F1; video accuracy is reported on its own. Any other reference
+(a plain string from a user's manifest) is scored by exact match when it is one word and by
+caption token-F1 (:func:`token_f1`) otherwise; ``quality`` is then the mean of those two
+where present. A row without an output (an error row) scores 0 and is counted in ``errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+SIZES = ("small", "large")
+COLORS = ("red", "green", "blue", "yellow", "purple", "white")
+KINDS = ("circle", "square", "triangle", "cross")
+
+
+def normalize(text: str | None) -> str:
+    """Lower case, punctuation dropped, whitespace collapsed (``None`` → ``""``)."""
+    if text is None:
+        return ""
+    return " ".join(_PUNCT.sub(" ", str(text).lower()).split())
+
+
+def exact_match(output: str | None, answer: str) -> float:
+    """1.0 when the normalised output equals the normalised answer, else 0.0."""
+    return float(normalize(output) == normalize(answer) and normalize(answer) != "")
+
+
+def parse_caption(text: str | None) -> list[tuple[str, str, str, int, int]]:
+    """The objects a shapes caption names, as ``(size, colour, kind, row, col)`` with 0-based
+    row and column, in the order written.
+
+    An object is five consecutive words ``SIZE COLOUR KIND rR cC``; everything else
+    (separators, stray or malformed words) is skipped, so a caption cut short still yields
+    the objects it completed.
+    """
+    words = normalize(text).split()
+    out = []
+    i = 0
+    while i + 5 <= len(words):
+        s, c, k, r, col = words[i : i + 5]
+        if (
+            s in SIZES
+            and c in COLORS
+            and k in KINDS
+            and re.fullmatch(r"r[1-9]", r)
+            and re.fullmatch(r"c[1-9]", col)
+        ):
+            out.append((s, c, k, int(r[1:]) - 1, int(col[1:]) - 1))
+            i += 5
+        else:
+            i += 1
+    return out
+
+
+def object_f1(predicted, reference) -> float:
+    """F1 of two multisets of objects, matched exactly on every field.
+
+    Both empty → 1.0; one empty → 0.0.
+    """
+    pred = Counter(tuple(p) for p in predicted)
+    ref = Counter(tuple(r) for r in reference)
+    if not pred and not ref:
+        return 1.0
+    matched = sum((pred & ref).values())
+    if matched == 0:
+        return 0.0
+    precision = matched / sum(pred.values())
+    recall = matched / sum(ref.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(output: str | None, reference: str) -> float:
+    """Bag-of-words F1 between normalised output and reference (both empty → 1.0)."""
+    pred = Counter(normalize(output).split())
+    ref = Counter(normalize(reference).split())
+    if not pred and not ref:
+        return 1.0
+    matched = sum((pred & ref).values())
+    if matched == 0:
+        return 0.0
+    precision, recall = matched / sum(pred.values()), matched / sum(ref.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def parse_reference(reference) -> dict | None:
+    """A reference as a dict: shapes JSON as is, a plain string as ``{"task": "text", ...}``."""
+    if reference is None:
+        return None
+    if isinstance(reference, dict):
+        return reference
+    text = str(reference)
+    if text.strip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and "task" in data:
+            return data
+    if not normalize(text):
+        return None
+    return {"task": "text", "answer": text}
+
+
+def score_row(output: str | None, reference) -> tuple[str, float] | None:
+    """``(metric, score)`` for one output, or ``None`` when the row has no usable reference.
+
+    Metrics: ``vqa_accuracy``, ``caption_object_f1``, ``video_accuracy`` (shapes),
+    ``accuracy`` (one-word plain references), ``caption_token_f1`` (longer plain references).
+    """
+    ref = parse_reference(reference)
+    if ref is None:
+        return None
+    task = ref.get("task")
+    if task == "vqa":
+        return "vqa_accuracy", exact_match(output, ref["answer"])
+    if task == "caption":
+        return "caption_object_f1", object_f1(parse_caption(output), [tuple(o) for o in ref["objects"]])
+    if task == "video":
+        return "video_accuracy", exact_match(output, ref["answer"])
+    answer = str(ref.get("answer", ""))
+    if len(normalize(answer).split()) == 1:
+        return "accuracy", exact_match(output, answer)
+    return "caption_token_f1", token_f1(output, answer)
+
+
+def score_rows(rows: list[dict]) -> dict:
+    """Mean score per metric over rows with ``output``, ``reference`` and ``error`` keys, their
+    counts (``n_<metric>``), ``errors``, and the headline ``quality``.
+
+    ``quality`` is the mean of ``vqa_accuracy`` and ``caption_object_f1`` when the rows hold
+    shapes references, else the mean of ``accuracy`` and ``caption_token_f1`` where present,
+    else ``None``.
+    """
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    errors = 0
+    for row in rows:
+        if row.get("error"):
+            errors += 1
+        scored = score_row(None if row.get("error") else row.get("output"), row.get("reference"))
+        if scored is None:
+            continue
+        metric, value = scored
+        sums[metric] = sums.get(metric, 0.0) + value
+        counts[metric] = counts.get(metric, 0) + 1
+    out: dict = {m: sums[m] / counts[m] for m in sums}
+    out.update({f"n_{m}": n for m, n in counts.items()})
+    out["errors"] = errors
+    shapes = [m for m in ("vqa_accuracy", "caption_object_f1") if m in out]
+    plain = [m for m in ("accuracy", "caption_token_f1") if m in out]
+    headline = shapes or plain
+    out["quality"] = sum(out[m] for m in headline) / len(headline) if headline else None
+    return out

@@ -1,0 +1,90 @@
+"""Quality metrics against hand-computed oracles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.datasets import shapes as S
+from pipelines.quality import exact_match, normalize, object_f1, parse_caption, score_row, score_rows, token_f1
+
+
+def test_exact_match_normalises_case_punctuation_and_space():
+    assert exact_match("Red.", "red") == 1.0
+    assert exact_match("  red ", "RED") == 1.0
+    assert exact_match("red circle", "red") == 0.0
+    assert exact_match(None, "red") == 0.0
+    assert exact_match("", "") == 0.0  # an empty answer never matches
+    assert normalize("small red circle r1 c2 , large .") == "small red circle r1 c2 large"
+
+
+def test_parse_caption_reads_objects_and_skips_junk():
+    text = "small red circle r1 c2 , large blue cross r3 c4 ."
+    assert parse_caption(text) == [("small", "red", "circle", 0, 1), ("large", "blue", "cross", 2, 3)]
+    # junk between objects, an incomplete object at the end (a caption cut short)
+    text = "the small red circle r1 c2 , , green large blue cross r3 c4 , small white"
+    assert parse_caption(text) == [("small", "red", "circle", 0, 1), ("large", "blue", "cross", 2, 3)]
+    # wrong field order is not an object
+    assert parse_caption("red small circle r1 c2") == []
+    assert parse_caption(None) == []
+
+
+def test_object_f1_hand_computed():
+    a, b, c, d = (("small", "red", "circle", 0, 0), ("large", "blue", "square", 1, 1),
+                  ("small", "green", "cross", 2, 2), ("small", "green", "cross", 3, 3))
+    assert object_f1([a, b, c], [a, b, c]) == 1.0
+    assert object_f1([], []) == 1.0
+    assert object_f1([a], []) == 0.0
+    # 2 of 3 references found among 4 predictions: P = 1/2, R = 2/3, F1 = 4/7
+    assert object_f1([a, b, d, ("large", "red", "circle", 0, 0)], [a, b, c]) == pytest.approx(4 / 7)
+    # multiset: a predicted twice matches once
+    assert object_f1([a, a], [a]) == pytest.approx(2 * 0.5 * 1 / 1.5)
+    # one wrong field (position) is a miss
+    assert object_f1([("small", "red", "circle", 0, 1)], [a]) == 0.0
+
+
+def test_token_f1_hand_computed():
+    assert token_f1("a red circle", "a red circle") == 1.0
+    # pred {a, blue, circle}, ref {a, red, circle}: 2 matched, P = R = 2/3
+    assert token_f1("a blue circle", "a red circle") == pytest.approx(2 / 3)
+    assert token_f1("", "") == 1.0 and token_f1("x", "y") == 0.0
+
+
+def test_scene_caption_scores_one_against_itself_and_less_when_an_object_is_dropped():
+    rng = S.rng_for("test", 0, 0)
+    scene = S.make_scene(rng, n_objects=4)
+    ref = json.dumps({"task": "caption", "objects": [list(o.key) for o in scene.objects]})
+    assert score_row(S.caption(scene), ref) == ("caption_object_f1", 1.0)
+    fewer = " , ".join(o.words for o in scene.objects[:3]) + " ."
+    # 3 of 4 found, no false positive: P = 1, R = 3/4, F1 = 6/7
+    assert score_row(fewer, ref) == ("caption_object_f1", pytest.approx(6 / 7))
+
+
+def test_score_rows_metrics_errors_and_headline():
+    rows = [
+        {"output": "red", "reference": json.dumps({"task": "vqa", "answer": "red"}), "error": None},
+        {"output": "blue", "reference": json.dumps({"task": "vqa", "answer": "red"}), "error": None},
+        {"output": None, "reference": json.dumps({"task": "vqa", "answer": "red"}), "error": "decode failed"},
+        {"output": "small red circle r1 c1 .", "reference": json.dumps({"task": "caption", "objects": [["small", "red", "circle", 0, 0]]}), "error": None},
+        {"output": "left", "reference": json.dumps({"task": "video", "answer": "left"}), "error": None},
+        {"output": "whatever", "reference": None, "error": None},
+    ]
+    out = score_rows(rows)
+    assert out["vqa_accuracy"] == pytest.approx(1 / 3) and out["n_vqa_accuracy"] == 3
+    assert out["caption_object_f1"] == 1.0 and out["video_accuracy"] == 1.0
+    assert out["errors"] == 1
+    assert out["quality"] == pytest.approx((1 / 3 + 1.0) / 2)
+
+
+def test_plain_references_from_a_user_manifest():
+    rows = [
+        {"output": "Yes.", "reference": "yes", "error": None},
+        {"output": "a dog on a red sofa", "reference": "a dog sits on a red sofa", "error": None},
+    ]
+    out = score_rows(rows)
+    assert out["accuracy"] == 1.0
+    # pred {a×2, dog, on, red, sofa} (6) vs ref {a×2, dog, sits, on, red, sofa} (7): 6 matched
+    assert out["caption_token_f1"] == pytest.approx(2 * 1 * (6 / 7) / (1 + 6 / 7))
+    assert out["quality"] == pytest.approx((1.0 + out["caption_token_f1"]) / 2)
+    assert score_rows([{"output": "x", "reference": None}])["quality"] is None
