@@ -26,6 +26,12 @@ import pyarrow as pa
 from pipelines.media import frames_of
 from pipelines.sink import to_table
 
+FIRST_TOKEN_TOPK = 32  # first-token log-probabilities kept per row, for first_token_kl
+# per-sample figures taken from the pruning handle's stats
+_STATS_COLUMNS = (
+    "visual_tokens", "visual_tokens_kept", "prefill_flops", "flops_reduction", "flops_reduction_paper", "kv_cache_bytes",
+)
+_ROW_COLUMNS = (*_STATS_COLUMNS, "prefill_ms", "first_token_ids", "first_token_logprobs")
 # tensors that run along the text sequence (left-padded when collated); others concatenate.
 _SEQUENCE_KEYS = {"input_ids": "pad", "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
 
@@ -73,10 +79,13 @@ class CaptionPredictor:
                 self.model.config, "image_token_index", None
             )
         self.handle = None
-        if self.prune.method != "none":
-            from ep_core import apply_pruning  # noqa: PLC0415 - lands with ep_core.hooks
+        from ep_core import apply_pruning
+        from ep_core.families import FAMILIES
 
+        if self.prune.method != "none" or getattr(self.model.config, "model_type", None) in FAMILIES:
+            # method "none" too: the handle's per-sample stats carry token counts and FLOPs
             self.handle = apply_pruning(self.model, self.prune)
+        self._prefill = _PrefillTimer(self.model)
         self._fault = _Fault(fault)
         self._flops_warned = False
 
@@ -131,33 +140,40 @@ class CaptionPredictor:
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         start = time.perf_counter()
+        self._prefill.arm()
+        first_token = _FirstTokenTopK()
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            out = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, logits_processor=[first_token]
+            )
         latency_ms = (time.perf_counter() - start) * 1000.0
+        prefill_ms_per_item = self._prefill.ms / len(encs) if self._prefill.ms is not None else None
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+        first = first_token.top
         stats = list(self.handle.stats) if self.handle is not None else []
         per_row = []
         for i in range(len(encs)):
             ids, mask = inputs["input_ids"][i], inputs["attention_mask"][i]
             visual = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else None
-            total = int(mask.sum())
-            info = {"visual_tokens": visual, "visual_tokens_kept": visual, "text_tokens": total - (visual or 0)}
-            if self.handle is not None:
-                s = stats[i] if len(stats) == len(encs) else {}
-                info["visual_tokens"] = s.get("visual_tokens", visual)
-                info["visual_tokens_kept"] = s.get("visual_tokens_kept")
-                info["text_tokens"] = s.get("text_tokens", info["text_tokens"])
+            info = {"visual_tokens": visual, "visual_tokens_kept": visual, "text_tokens": int(mask.sum()) - (visual or 0)}
+            if len(stats) == len(encs):
+                info.update({k: stats[i].get(k) for k in _STATS_COLUMNS})
+                info["text_tokens"] = stats[i]["text_tokens"]
+            else:
+                info.update(self._flops(info))
+            info["prefill_ms"] = prefill_ms_per_item
+            info["first_token_ids"] = first.indices[i].tolist()
+            info["first_token_logprobs"] = first.values[i].tolist()
             per_row.append(info)
         return texts, per_row, latency_ms
 
-    def _flops(self, info: dict) -> tuple[float | None, float | None]:
-        if info.get("visual_tokens") is None or info.get("visual_tokens_kept") is None:
-            return None, None
-        try:
-            from ep_core.flops import flops_report
-        except ImportError:
-            return None, None
+    def _flops(self, info: dict) -> dict:
+        """FLOPs columns from the config, for models the pruning hooks do not cover."""
+        if info.get("visual_tokens") is None:
+            return {}
+        from ep_core.flops import flops_report
+
         try:
             report = flops_report(
                 self.model.config,
@@ -167,12 +183,12 @@ class CaptionPredictor:
                 prune_layer=self.prune.prune_layer,
                 dtype_bytes=self.model.dtype.itemsize,
             ).to_dict()
-            return report.get("prefill_flops"), report.get("flops_reduction")
         except Exception as exc:  # noqa: BLE001 - FLOPs are a report column, not a reason to fail
             if not self._flops_warned:
                 self._flops_warned = True
                 print(f"[caption] FLOPs unavailable for this model ({type(exc).__name__}: {exc})", flush=True)
-            return None, None
+            return {}
+        return {k: report.get(k) for k in _STATS_COLUMNS if k in report}
 
     # ------------------------------------------------------------------ the batch
 
@@ -207,18 +223,53 @@ class CaptionPredictor:
             results[i]["error"] = f"generation failed ({last}): {rows[i].get('source')}"
             return
         for (i, _), text, info in zip(members, texts, infos):
-            prefill_flops, reduction = self._flops(info)
-            results[i].update(
-                output=text,
-                visual_tokens=info["visual_tokens"],
-                visual_tokens_kept=info["visual_tokens_kept"],
-                prefill_flops=prefill_flops,
-                flops_reduction=reduction,
-                latency_ms=latency,
-            )
+            results[i].update(output=text, latency_ms=latency, **{k: info.get(k) for k in _ROW_COLUMNS})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return to_table(self.predict_rows(batch.to_pylist()))
+
+
+class _FirstTokenTopK:
+    """A logits processor that keeps the top-k log-probabilities of the first generated token."""
+
+    def __init__(self):
+        self.top = None
+
+    def __call__(self, input_ids, scores):
+        if self.top is None:
+            import torch
+
+            logprobs = torch.log_softmax(scores.float(), dim=-1)
+            self.top = logprobs.topk(min(FIRST_TOKEN_TOPK, logprobs.shape[-1]), dim=-1)
+        return scores
+
+
+class _PrefillTimer:
+    """Wall time of the first forward of each ``generate`` call (the prefill), via hooks."""
+
+    def __init__(self, model):
+        import torch
+
+        self._sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+        self._armed = False
+        self._start = 0.0
+        self.ms: float | None = None
+        model.register_forward_pre_hook(self._before)
+        model.register_forward_hook(self._after)
+
+    def arm(self) -> None:
+        self._armed, self.ms = True, None
+
+    def _before(self, module, args) -> None:
+        if self._armed:
+            self._sync()
+            self._start = time.perf_counter()
+
+    def _after(self, module, args, output) -> None:
+        if self._armed:
+            self._sync()
+            self.ms = (time.perf_counter() - self._start) * 1000.0
+            self._armed = False
 
 
 class _Fault:

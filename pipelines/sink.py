@@ -40,6 +40,12 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("latency_ms", pa.float64()),
         pa.field("error", pa.string()),
         pa.field("run_id", pa.string()),
+        # beyond the DESIGN.md §3 contract: what tracking needs
+        pa.field("flops_reduction_paper", pa.float64()),
+        pa.field("kv_cache_bytes", pa.int64()),
+        pa.field("prefill_ms", pa.float64()),
+        pa.field("first_token_ids", pa.list_(pa.int32())),
+        pa.field("first_token_logprobs", pa.list_(pa.float32())),
     ]
 )
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)

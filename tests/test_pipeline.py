@@ -104,6 +104,10 @@ def test_bad_and_odd_corpus_end_to_end_then_resume(ray_session, tiny_model, tmp_
             assert row["error"] is None and isinstance(row["output"], str), (entry["path"], row["error"])
             assert row["visual_tokens"] > 0 and row["visual_tokens_kept"] < row["visual_tokens"]
             assert row["latency_ms"] > 0 and row["prune_layer"] == 2 and row["keep_ratio"] == 0.5
+            assert 0 < row["flops_reduction"] < 1 and 0 < row["flops_reduction_paper"] < 1
+            assert row["prefill_flops"] > 0 and row["kv_cache_bytes"] > 0 and 0 < row["prefill_ms"] <= row["latency_ms"]
+            assert len(row["first_token_ids"]) == len(row["first_token_logprobs"]) > 0
+            assert all(a >= b for a, b in zip(row["first_token_logprobs"], row["first_token_logprobs"][1:]))
         assert row["method"] == "random" and row["model"] == tiny_model and row["run_id"]
     first = rows[entries[0]["path"]]
     assert first["prompt"] == "What color is this?" and first["reference"] == "red"
