@@ -47,6 +47,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the same settings as the flags (flags override it)")
+    parser.add_argument("--experiment", default="caption", help="MLflow experiment name (default caption)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not record the run in MLflow")
     for name, (kind, help_text) in _FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
 
@@ -101,9 +103,44 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.run import run_caption
 
     cfg = config_from_args(args)
-    summary = run_caption(cfg)
+    tracker = _tracker(cfg, args)
+    params = {
+        "model": cfg.model, "method": cfg.method, "budget": cfg.budget, "keep_ratio": cfg.keep_ratio,
+        "prune_layer": cfg.prune_layer, "batch_size": cfg.batch_size, "dataset": cfg.input,
+        "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
+    }
+    with tracker.run(f"caption-{cfg.method}", params):
+        cfg.run_id = cfg.run_id or tracker.current_run_id  # output rows point at their MLflow run
+        summary = run_caption(
+            cfg, progress=lambda rows, seconds: tracker.metrics({"items_per_s": rows / seconds}, step=rows)
+        )
+        _record(tracker, cfg, summary)
     print(summary.line(), flush=True)
+    if tracker.active:
+        print(f"MLflow: run recorded in {tracker.uri} (experiment {tracker.experiment!r})", flush=True)
     return 0 if summary.complete else 1
+
+
+def _tracker(cfg, args):
+    from pipelines.tracking import Tracker
+
+    return Tracker(cfg.output, getattr(args, "experiment", None) or "caption", enabled=not getattr(args, "no_tracking", False))
+
+
+def _record(tracker, cfg, summary) -> None:
+    """Metrics of this run's rows (not of rows an earlier run wrote) and its summary line."""
+    if not tracker.active:
+        return
+    import pyarrow.compute as pc
+
+    from pipelines.sink import read_output
+    from pipelines.tracking import output_metrics
+
+    table = read_output(cfg.output)
+    mine = table.filter(pc.equal(table.column("run_id"), summary.run_id)) if table.num_rows else table
+    metrics = output_metrics(mine)
+    metrics.update(items_per_s=summary.items_per_s, rows_total=summary.rows_total, rows_new=summary.rows_new)
+    tracker.metrics(metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

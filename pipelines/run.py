@@ -165,8 +165,11 @@ def _ensure_ray(cfg: CaptionConfig, log) -> bool:
     return True
 
 
-def run_caption(cfg: CaptionConfig, *, log=None) -> Summary:
-    """Run (or resume) a captioning job; returns its summary. Bad inputs become error rows."""
+def run_caption(cfg: CaptionConfig, *, log=None, progress=None) -> Summary:
+    """Run (or resume) a captioning job; returns its summary. Bad inputs become error rows.
+
+    ``progress(rows_written, seconds)``, if given, is called on the driver whenever progress
+    is printed (the caption job logs it to MLflow as stepped throughput)."""
     log = log or (lambda msg: print(msg, flush=True))
     cfg.validate()
     scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames)
@@ -197,7 +200,7 @@ def run_caption(cfg: CaptionConfig, *, log=None) -> Summary:
 
     started_ray = _ensure_ray(cfg, log)
     try:
-        _stream(cfg, todo, before, run_id, summary, log)
+        _stream(cfg, todo, before, run_id, summary, log, progress)
     finally:
         if started_ray:
             import ray
@@ -206,7 +209,7 @@ def run_caption(cfg: CaptionConfig, *, log=None) -> Summary:
     return summary
 
 
-def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str, summary: Summary, log) -> None:
+def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str, summary: Summary, log, progress) -> None:
     import ray
 
     decoder_faults, actor_fault = _test_faults()
@@ -290,6 +293,8 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
                     f"[caption] {summary.rows_before + sink.rows_written}/{summary.rows_total} rows written, "
                     f"{sink.errors_written} errors, {rate:.2f} items/s"
                 )
+                if progress is not None:
+                    progress(sink.rows_written, now - start)
         flush()
     except Exception as exc:  # noqa: BLE001 - keep what is done, say how to resume
         flush()

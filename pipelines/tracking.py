@@ -91,6 +91,11 @@ class Tracker:
             self._fail(f"could not open MLflow store {self.uri}: {exc}")
 
     @property
+    def current_run_id(self) -> str | None:
+        """The id of the run most recently started, while tracking works."""
+        return self.run_ids[-1] if self.active and self.run_ids else None
+
+    @property
     def active(self) -> bool:
         return self._mlflow is not None and self.failure is None
 
@@ -158,6 +163,32 @@ def run_params(values: dict) -> dict:
 def run_metrics(values: dict) -> dict:
     """The documented metrics of one configuration, None/NaN left out."""
     return _clean(values, METRIC_KEYS)
+
+
+def output_metrics(table) -> dict:
+    """Cost metrics of one configuration from its output rows (a pyarrow table).
+
+    ``prefill_ms_per_item``, ``visual_tokens_kept_mean``, ``flops_reduction`` (exact LM count),
+    ``flops_reduction_paper`` and ``kv_cache_bytes_mean`` are means over the rows that produced
+    an output; ``errors`` counts the rows with an error.
+    """
+    rows = table.to_pylist()
+    ok = [r for r in rows if r.get("error") is None]
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {
+        "rows": len(rows),
+        "errors": len(rows) - len(ok),
+        "prefill_ms_per_item": mean("prefill_ms"),
+        "visual_tokens_mean": mean("visual_tokens"),
+        "visual_tokens_kept_mean": mean("visual_tokens_kept"),
+        "flops_reduction": mean("flops_reduction"),
+        "flops_reduction_paper": mean("flops_reduction_paper"),
+        "kv_cache_bytes_mean": mean("kv_cache_bytes"),
+    }
 
 
 def cost_quality_plot(summary: list[dict], path: str | os.PathLike, title: str = "") -> Path:

@@ -9,6 +9,7 @@ import collections
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -177,3 +178,40 @@ def test_driver_killed_hard_then_rerun_completes_exactly_once(ray_session, tiny_
     assert caption(args, monkeypatch) == 0
     assert_exactly_once(out, all_ids)
     assert json.load(open(os.path.join(out, "_job.json")))["model"] == tiny_model
+
+
+def test_caption_run_is_tracked_and_a_down_server_costs_no_work(ray_session, tiny_model, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    images = image_dir(str(tmp_path / "imgs"), 6)
+    base = ["--model", tiny_model, "--input", images, "--method", "entropyprune", "--keep-ratio", "0.25",
+            "--batch-size", "3", "--max-new-tokens", "2"]
+
+    # a tracking server that is down: the Parquet output is complete, the failure is said once
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    down = str(tmp_path / "down")
+    assert caption(base + ["--output", down], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert err.count("MLflow tracking failed") == 1 and dead in err
+    assert len(read_output(down)) == 6 and read_output(down).column("error").null_count == 6
+
+    # the default store: sqlite:///<output>/mlflow.db, one run with params and metrics
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    out = str(tmp_path / "tracked")
+    assert caption(base + ["--output", out, "--experiment", "unit-caption"], monkeypatch) == 0
+    assert "MLflow: run recorded" in capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{os.path.abspath(out)}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("unit-caption").experiment_id])
+    assert run.data.params["method"] == "entropyprune" and run.data.params["keep_ratio"] == "0.25"
+    assert run.data.params["model"] == tiny_model and run.data.params["prune_layer"] == "2"
+    metrics = run.data.metrics
+    assert metrics["errors"] == 0 and metrics["rows_new"] == 6 and metrics["items_per_s"] > 0
+    rows = read_output(out).to_pylist()
+    assert metrics["visual_tokens_kept_mean"] == pytest.approx(np.mean([r["visual_tokens_kept"] for r in rows]))
+    assert metrics["flops_reduction"] == pytest.approx(np.mean([r["flops_reduction"] for r in rows]))
+    for key in ("prefill_ms_per_item", "flops_reduction_paper", "kv_cache_bytes_mean"):
+        assert metrics[key] > 0
+    assert {r["run_id"] for r in rows} == {run.info.run_id}  # rows point at their MLflow run
