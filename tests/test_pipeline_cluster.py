@@ -116,7 +116,8 @@ def test_ray_job_submit_against_a_local_head(tiny_model, tmp_path):
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
          "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(ray_tmp, "head.err"), "w"),
+        start_new_session=True,
     )
     started: set[int] = set()
     try:
@@ -127,7 +128,9 @@ def test_ray_job_submit_against_a_local_head(tiny_model, tmp_path):
                 socket.create_connection(("127.0.0.1", dash_port), timeout=1).close()
                 break
             except OSError:
-                assert head.poll() is None, "ray start --head exited"
+                if head.poll() is not None:
+                    with open(os.path.join(ray_tmp, "head.err")) as fh:
+                        raise AssertionError(f"ray start --head exited: {fh.read()[-2000:]}")
                 time.sleep(0.5)
         started = _descendants(head.pid)
         submit = subprocess.run(
