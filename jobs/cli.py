@@ -15,6 +15,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("jobs.flops", "prefill FLOPs and their reduction for a model preset or config"),
     "bench": ("jobs.bench", "benchmarks that print measured ratios"),
     "caption": ("jobs.caption", "caption images and videos to Parquet with a (pruned) model on Ray Data"),
+    "sweep": ("jobs.sweep", "quality, FLOPs and speed per pruning method and keep ratio on the same inputs"),
+    "demo": ("jobs.demo", "the main job offline on the shipped demo model: Parquet, MLflow, plot, table"),
+    "train-demo": ("jobs.train_demo", "train the shipped demo LLaVA on CPU on the shapes world"),
 }
 
 

@@ -1,0 +1,361 @@
+"""``ep sweep``: quality, cost and speed per pruning method and keep ratio, on the same inputs.
+
+    ep sweep --model demo --dataset shapes --n 100 --seed 1 \\
+             --methods none,entropyprune,random,fastv,dart --keep-ratios 1.0,0.33,0.11 \\
+             --output outputs/sweep
+
+``--dataset shapes`` draws a fresh test set of the shapes world from ``--seed`` (``--n``
+images, each with its caption prompt and one question, plus ``--videos`` clips with one
+question each) under ``OUTPUT/data``; any other value is a manifest (``.jsonl``/``.csv``/
+``.parquet`` with ``path``, ``prompt``, ``reference``) or a directory. Every configuration
+runs through the captioning pipeline (``pipelines.run.run_caption``) on one shared local Ray
+instance, writes its Parquet rows under ``OUTPUT/runs/<method>_<keep ratio>`` and is scored by
+``pipelines.quality``. ``OUTPUT/summary.json`` holds one object per configuration (method,
+keep_ratio, budget, quality and its parts, items_per_s, flops_reduction,
+visual_tokens_kept_mean, errors); the table is printed, and each configuration is logged to
+MLflow as a child run of one sweep run (``MLFLOW_TRACKING_URI``, else SQLite in OUTPUT).
+
+``none`` runs once (everything kept) whatever the keep ratios; the other methods run at
+every keep ratio. Exit status 0 when every configuration finished, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="demo", help="model path or hub id; 'demo' = the shipped demo model (default)")
+    parser.add_argument("--dataset", default="shapes", help="'shapes' (drawn from --seed) or a manifest / directory")
+    parser.add_argument("--n", type=int, default=60, help="shapes: images to draw (each: caption + one question; default 60)")
+    parser.add_argument("--videos", type=int, default=None, help="shapes: clips to draw (default n/2)")
+    parser.add_argument("--seed", type=int, default=1, help="shapes: seed of the test split (default 1; training never sees the test split)")
+    parser.add_argument("--methods", default="none,entropyprune,random,fastv,dart", help="comma-separated methods")
+    parser.add_argument("--keep-ratios", default="1.0,0.33,0.11", help="comma-separated keep ratios after the prune layer")
+    parser.add_argument("--prune-layer", type=int, default=2, help="decoder layer K where pruning happens (default 2)")
+    parser.add_argument("--output", required=True, help="output directory (data, runs/, summary.json, mlflow.db)")
+    parser.add_argument("--frames", type=int, default=4, help="frames decoded per video (default 4, as the demo model was trained)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per input (default 64: a full dense caption)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per model batch (default 8)")
+    parser.add_argument("--workers", type=int, default=1, help="model actors (default 1)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    parser.add_argument("--random-seed", type=int, default=0, help="seed of the random method (default 0)")
+
+
+def parse_list(text: str, kind=str) -> list:
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"empty list: {text!r}")
+    try:
+        return [kind(x) for x in items]
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a list of {kind.__name__}") from None
+
+
+def configurations(methods: list[str], keep_ratios: list[float]) -> list[tuple[str, float | None]]:
+    """``(method, keep_ratio)`` pairs to run: ``none`` once (ratio ``None``), others at every ratio."""
+    from ep_core.config import METHODS
+
+    out = []
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        for r in keep_ratios:
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"keep ratios must lie in [0, 1], got {r}")
+        if m == "none":
+            out.append(("none", None))
+        else:
+            out.extend((m, r) for r in keep_ratios)
+    return list(dict.fromkeys(out))
+
+
+def prepare_dataset(args, data_dir: str) -> str:
+    if args.dataset == "shapes":
+        from pipelines.datasets.shapes import build_set
+
+        if args.n < 1:
+            raise ValueError(f"--n must be >= 1, got {args.n}")
+        videos = args.n // 2 if args.videos is None else args.videos
+        return build_set(data_dir, n_images=args.n, n_videos=videos, seed=args.seed, split="test")
+    if not os.path.exists(args.dataset):
+        raise FileNotFoundError(f"dataset not found: {args.dataset} (use 'shapes' or a manifest / directory)")
+    return args.dataset
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _generate_items_per_s(rows: list[dict]) -> float | None:
+    """Rows per second of model time: rows with an output over the summed latency of the
+    distinct ``generate`` calls (rows of one batch share its latency value)."""
+    done = [r for r in rows if r.get("output") is not None and r.get("latency_ms")]
+    calls = {(r.get("run_id"), r["latency_ms"]) for r in done}
+    total_s = sum(lat for _, lat in calls) / 1000.0
+    return len(done) / total_s if total_s > 0 else None
+
+
+def summarize(method: str, keep_ratio: float | None, rows: list[dict], seconds: float, num_layers: int, prune_layer: int) -> dict:
+    """One summary object for a configuration's output rows."""
+    from ep_core.budget import layer_averaged_budget
+    from pipelines.quality import score_rows
+
+    scores = score_rows(rows)
+    ok = [r for r in rows if r.get("output") is not None]
+    budgets = [
+        layer_averaged_budget(r["visual_tokens_kept"], r["visual_tokens"], num_layers, prune_layer)
+        for r in ok
+        if r.get("visual_tokens") and r.get("visual_tokens_kept") is not None
+    ]
+    kept = _mean([r.get("visual_tokens_kept") for r in ok])
+    total = _mean([r.get("visual_tokens") for r in ok])
+    out = {
+        "method": method,
+        "keep_ratio": 1.0 if keep_ratio is None else keep_ratio,
+        "budget": _mean(budgets),
+        "prune_layer": prune_layer if method != "none" else None,
+        "quality": scores.get("quality"),
+        "items": len(rows),
+        "items_per_s": len(rows) / seconds if seconds > 0 else None,
+        "generate_items_per_s": _generate_items_per_s(rows),
+        "flops_reduction": _mean([r.get("flops_reduction") for r in ok]) if method != "none" else 0.0,
+        "visual_tokens_mean": total,
+        "visual_tokens_kept_mean": kept,
+        "errors": scores.get("errors", 0),
+    }
+    for key in ("vqa_accuracy", "caption_object_f1", "video_accuracy", "accuracy", "caption_token_f1"):
+        if key in scores:
+            out[key] = scores[key]
+            out[f"n_{key}"] = scores[f"n_{key}"]
+    return out
+
+
+COLUMNS = [
+    ("method", "{}"),
+    ("keep_ratio", "{:.2f}"),
+    ("budget", "{:.1f}"),
+    ("quality", "{:.3f}"),
+    ("vqa_accuracy", "{:.3f}"),
+    ("caption_object_f1", "{:.3f}"),
+    ("video_accuracy", "{:.3f}"),
+    ("flops_reduction", "{:.1%}"),
+    ("visual_tokens_kept_mean", "{:.1f}"),
+    ("items_per_s", "{:.2f}"),
+    ("errors", "{}"),
+]
+
+
+def format_table(summary: list[dict]) -> str:
+    """A fixed-width text table of the summary (missing values shown as ``-``)."""
+    header = [name for name, _ in COLUMNS]
+    body = []
+    for row in summary:
+        cells = []
+        for name, fmt in COLUMNS:
+            value = row.get(name)
+            cells.append("-" if value is None else fmt.format(value))
+        body.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def format_markdown(summary: list[dict]) -> str:
+    header = [name for name, _ in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary:
+        cells = ["-" if row.get(n) is None else fmt.format(row.get(n)) for n, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def log_mlflow(output: str, params: dict, summary: list[dict], artifacts: list[str], experiment: str = "sweep") -> str | None:
+    """One parent run for the sweep, one child run per configuration; never raises."""
+    try:
+        import mlflow
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(os.path.join(output, 'mlflow.db'))}"
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}") as parent:
+            mlflow.log_params(params)
+            for row in summary:
+                name = f"{row['method']}@{row['keep_ratio']:.2f}"
+                with mlflow.start_run(run_name=name, nested=True):
+                    mlflow.log_params({k: row.get(k) for k in ("method", "keep_ratio", "budget", "prune_layer")} | {"model": params.get("model")})
+                    mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("keep_ratio", "budget", "prune_layer")})
+            for path in artifacts:
+                if os.path.exists(path):
+                    mlflow.log_artifact(path)
+        return uri
+    except Exception as exc:  # noqa: BLE001 - tracking is a report, not a reason to fail the sweep
+        print(f"[sweep] MLflow logging failed ({type(exc).__name__}: {exc}); results are in {output}", flush=True)
+        return None
+
+
+def plot(summary: list[dict], path: str, title: str = "quality vs prefill FLOPs") -> str | None:
+    """Quality against the share of prefill FLOPs kept, one line per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_method: dict[str, list] = {}
+        for row in summary:
+            if row.get("quality") is None:
+                continue
+            by_method.setdefault(row["method"], []).append((1.0 - (row.get("flops_reduction") or 0.0), row["quality"]))
+        for method, pts in sorted(by_method.items()):
+            pts.sort()
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", linestyle="-" if len(pts) > 1 else "none", label=method)
+        ax.set_xlabel("prefill FLOPs kept (share of unpruned)")
+        ax.set_ylabel("quality")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+    except Exception as exc:  # noqa: BLE001
+        print(f"[sweep] plot failed ({type(exc).__name__}: {exc})", flush=True)
+        return None
+
+
+def run_sweep(
+    *,
+    model: str,
+    manifest: str,
+    output: str,
+    configs: list[tuple[str, float | None]],
+    prune_layer: int = 2,
+    frames: int = 4,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    workers: int = 1,
+    num_cpus: int | None = None,
+    address: str | None = None,
+    seed: int = 0,
+    log=None,
+) -> list[dict]:
+    """Run every configuration through the pipeline on one Ray instance; the summary list."""
+    import ray
+    from transformers import AutoConfig
+
+    from ep_core.demo import resolve_model_name
+    from pipelines.run import CaptionConfig, run_caption
+    from pipelines.sink import read_output
+
+    log = log or (lambda msg: print(msg, flush=True))
+    cfg_model = AutoConfig.from_pretrained(resolve_model_name(model))
+    num_layers = getattr(cfg_model, "text_config", cfg_model).num_hidden_layers
+    started = False
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        kwargs = {"address": address, "logging_level": "WARNING", "include_dashboard": False}
+        if address is None:
+            kwargs["num_cpus"] = num_cpus
+            kwargs["runtime_env"] = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "OMP_NUM_THREADS": "1"}}
+        ray.init(**kwargs)
+        started = True
+    summary = []
+    try:
+        for method, ratio in configs:
+            tag = f"{method}_{'all' if ratio is None else f'{ratio:g}'}"
+            run_dir = os.path.join(output, "runs", tag)
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: items/s must measure this run
+            cfg = CaptionConfig(
+                model=model,
+                input=manifest,
+                output=run_dir,
+                method=method,
+                keep_ratio=ratio,
+                prune_layer=prune_layer,
+                seed=seed,
+                max_new_tokens=max_new_tokens,
+                frames=frames,
+                batch_size=batch_size,
+                workers=workers,
+                run_id=tag,
+            )
+            log(f"[sweep] {tag}: running")
+            result = run_caption(cfg, log=lambda m: None)
+            rows = read_output(run_dir).to_pylist()
+            entry = summarize(method, ratio, rows, result.seconds, num_layers, prune_layer)
+            entry["complete"] = result.complete
+            entry["output"] = run_dir
+            summary.append(entry)
+            q = entry.get("quality")
+            log(
+                f"[sweep] {tag}: quality {'-' if q is None else f'{q:.3f}'}, "
+                f"{entry['items_per_s'] or 0:.2f} items/s, {entry['errors']} errors"
+                + ("" if result.complete else f", INCOMPLETE ({result.failure or 'rows missing'})")
+            )
+    finally:
+        if started:
+            ray.shutdown()
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    methods = parse_list(args.methods)
+    ratios = parse_list(args.keep_ratios, float)
+    configs = configurations(methods, ratios)
+    os.makedirs(args.output, exist_ok=True)
+    manifest = prepare_dataset(args, os.path.join(args.output, "data"))
+    from ep_core.loading import model_type_of
+
+    model_type_of(args.model)  # a wrong model fails here, in one line
+    start = time.monotonic()
+    summary = run_sweep(
+        model=args.model,
+        manifest=manifest,
+        output=args.output,
+        configs=configs,
+        prune_layer=args.prune_layer,
+        frames=args.frames,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        num_cpus=args.num_cpus,
+        address=args.address,
+        seed=args.random_seed,
+    )
+    path = os.path.join(args.output, "summary.json")
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+    plot_path = plot(summary, os.path.join(args.output, "quality_vs_flops.png"))
+    params = {"model": args.model, "dataset": args.dataset, "n": args.n, "seed": args.seed, "prune_layer": args.prune_layer,
+              "frames": args.frames, "batch_size": args.batch_size, "methods": args.methods, "keep_ratios": args.keep_ratios}
+    log_mlflow(args.output, params, summary, [path] + ([plot_path] if plot_path else []))
+    print(format_table(summary), flush=True)
+    print(f"[sweep] {len(summary)} configurations in {time.monotonic() - start:.0f}s; summary: {path}", flush=True)
+    return 0 if all(r.get("complete") for r in summary) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
