@@ -42,6 +42,20 @@ def _generate(model, inputs, **kwargs):
     )
 
 
+def _masked_reference_generate(model, batch, stats):
+    """Unpruned generate, eager attention, layers >= K unable to see the tokens ``stats`` dropped."""
+    kept = padded_kept_mask(stats, batch["attention_mask"])
+    backend = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})
+    hooks = install_masked_reference(model, 2, kept, batch["attention_mask"].bool(), float_mask=True)
+    try:
+        return _generate(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.set_attn_implementation({"text_config": backend})
+
+
 @pytest.fixture(params=BACKENDS)
 def model(request, tiny):
     model, _ = tiny
@@ -87,16 +101,7 @@ def test_masked_reference(model, batch, method, keep):
         pruned = _generate(model, batch)
         stats = handle.stats
     assert all(s["visual_tokens_kept"] < s["visual_tokens"] for s in stats)
-    kept = padded_kept_mask(stats, batch["attention_mask"])
-    backend = model.config.get_text_config()._attn_implementation
-    model.set_attn_implementation({"text_config": "eager"})  # reference: eager attention, explicit mask
-    hooks = install_masked_reference(model, 2, kept, batch["attention_mask"].bool(), float_mask=True)
-    try:
-        reference = _generate(model, batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.set_attn_implementation({"text_config": backend})
+    reference = _masked_reference_generate(model, batch, stats)
     assert torch.equal(pruned.sequences, reference.sequences)
     for a, b in zip(pruned.scores, reference.scores):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
@@ -183,15 +188,7 @@ def test_llava_next_masked_reference_and_cache_invariance(tiny_next, method):
     n_vis = int((batch["input_ids"][0] == model.config.image_token_id).sum())  # newline slots included
     assert all(s["visual_tokens"] == n_vis and s["visual_tokens_kept"] == round(0.3 * n_vis) for s in stats)
     assert torch.equal(pruned.sequences, uncached.sequences)
-    kept = padded_kept_mask(stats, batch["attention_mask"])
-    model.set_attn_implementation({"text_config": "eager"})
-    hooks = install_masked_reference(model, 2, kept, batch["attention_mask"].bool(), float_mask=True)
-    try:
-        reference = _generate(model, batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.set_attn_implementation({"text_config": "sdpa"})
+    reference = _masked_reference_generate(model, batch, stats)
     assert torch.equal(pruned.sequences, reference.sequences)
     for a, b in zip(pruned.scores, reference.scores):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
