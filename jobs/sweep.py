@@ -12,8 +12,11 @@ runs through the captioning pipeline (``pipelines.run.run_caption``) on one shar
 instance, writes its Parquet rows under ``OUTPUT/runs/<method>_<keep ratio>`` and is scored by
 ``pipelines.quality``. ``OUTPUT/summary.json`` holds one object per configuration (method,
 keep_ratio, budget, quality and its parts, items_per_s, flops_reduction,
-visual_tokens_kept_mean, errors); the table is printed, and each configuration is logged to
-MLflow as a child run of one sweep run (``MLFLOW_TRACKING_URI``, else SQLite in OUTPUT).
+visual_tokens_kept_mean, errors, prefill_ms_per_item; ``items_per_s`` is end to end, model
+actor start-up included, ``generate_items_per_s`` counts model time only); the table is
+printed, ``OUTPUT/quality_vs_flops.png`` plotted, and each configuration is logged to MLflow
+as a child run of one sweep run (``pipelines.tracking``: ``MLFLOW_TRACKING_URI``, else
+SQLite in OUTPUT).
 
 ``none`` runs once (everything kept) whatever the keep ratios; the other methods run at
 every keep ratio. Exit status 0 when every configuration finished, 1 otherwise.
@@ -149,6 +152,8 @@ COLUMNS = [
     ("flops_reduction", "{:.1%}"),
     ("visual_tokens_kept_mean", "{:.1f}"),
     ("items_per_s", "{:.2f}"),
+    ("generate_items_per_s", "{:.2f}"),
+    ("prefill_ms_per_item", "{:.1f}"),
     ("errors", "{}"),
 ]
 
@@ -179,57 +184,32 @@ def format_markdown(summary: list[dict]) -> str:
 
 
 def log_mlflow(output: str, params: dict, summary: list[dict], artifacts: list[str], experiment: str = "sweep") -> str | None:
-    """One parent run for the sweep, one child run per configuration; never raises."""
-    try:
-        import mlflow
+    """One parent run for the sweep, one child run per configuration (``pipelines.tracking``,
+    which never raises: a tracking failure is one printed line). The tracking URI, or None."""
+    from pipelines.tracking import Tracker, run_metrics, run_params
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(os.path.join(output, 'mlflow.db'))}"
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}") as parent:
-            mlflow.log_params(params)
-            for row in summary:
-                name = f"{row['method']}@{row['keep_ratio']:.2f}"
-                with mlflow.start_run(run_name=name, nested=True):
-                    mlflow.log_params({k: row.get(k) for k in ("method", "keep_ratio", "budget", "prune_layer")} | {"model": params.get("model")})
-                    mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("keep_ratio", "budget", "prune_layer")})
-            for path in artifacts:
-                if os.path.exists(path):
-                    mlflow.log_artifact(path)
-        return uri
-    except Exception as exc:  # noqa: BLE001 - tracking is a report, not a reason to fail the sweep
-        print(f"[sweep] MLflow logging failed ({type(exc).__name__}: {exc}); results are in {output}", flush=True)
-        return None
+    tracker = Tracker(output, experiment)
+    with tracker.run(f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}", run_params(params) | {
+        k: v for k, v in params.items() if k not in run_params(params) and v is not None
+    }):
+        for row in summary:
+            name = f"{row['method']}@{row['keep_ratio']:.2f}"
+            child = run_params(row | {k: params.get(k) for k in ("model", "batch_size", "dataset", "n", "seed", "max_new_tokens")})
+            with tracker.run(name, child, nested=True):
+                tracker.metrics(run_metrics(row) | {k: row[k] for k in ("generate_items_per_s", "n_vqa_accuracy", "n_caption_object_f1", "n_video_accuracy") if row.get(k) is not None})
+        for path in artifacts:
+            if path and os.path.exists(path):
+                tracker.artifact(path)
+    return tracker.uri if tracker.active else None
 
 
 def plot(summary: list[dict], path: str, title: str = "quality vs prefill FLOPs") -> str | None:
-    """Quality against the share of prefill FLOPs kept, one line per method."""
+    """Quality against FLOPs reduction and against items/s, one line per method."""
+    from pipelines.tracking import cost_quality_plot
+
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        by_method: dict[str, list] = {}
-        for row in summary:
-            if row.get("quality") is None:
-                continue
-            by_method.setdefault(row["method"], []).append((1.0 - (row.get("flops_reduction") or 0.0), row["quality"]))
-        for method, pts in sorted(by_method.items()):
-            pts.sort()
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", linestyle="-" if len(pts) > 1 else "none", label=method)
-        ax.set_xlabel("prefill FLOPs kept (share of unpruned)")
-        ax.set_ylabel("quality")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
-    except Exception as exc:  # noqa: BLE001
+        return str(cost_quality_plot(summary, path, title=title))
+    except Exception as exc:  # noqa: BLE001 - a plot is a report, not a reason to fail
         print(f"[sweep] plot failed ({type(exc).__name__}: {exc})", flush=True)
         return None
 
@@ -257,6 +237,7 @@ def run_sweep(
     from ep_core.demo import resolve_model_name
     from pipelines.run import CaptionConfig, run_caption
     from pipelines.sink import read_output
+    from pipelines.tracking import output_metrics
 
     log = log or (lambda msg: print(msg, flush=True))
     cfg_model = AutoConfig.from_pretrained(resolve_model_name(model))
@@ -292,8 +273,12 @@ def run_sweep(
             )
             log(f"[sweep] {tag}: running")
             result = run_caption(cfg, log=lambda m: None)
-            rows = read_output(run_dir).to_pylist()
+            table = read_output(run_dir)
+            rows = table.to_pylist()
             entry = summarize(method, ratio, rows, result.seconds, num_layers, prune_layer)
+            costs = output_metrics(table)
+            for key in ("prefill_ms_per_item", "flops_reduction_paper", "kv_cache_bytes_mean"):
+                entry[key] = costs.get(key)
             entry["complete"] = result.complete
             entry["output"] = run_dir
             summary.append(entry)
@@ -339,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
         json.dump(summary, fh, indent=2)
     plot_path = plot(summary, os.path.join(args.output, "quality_vs_flops.png"))
     params = {"model": args.model, "dataset": args.dataset, "n": args.n, "seed": args.seed, "prune_layer": args.prune_layer,
-              "frames": args.frames, "batch_size": args.batch_size, "methods": args.methods, "keep_ratios": args.keep_ratios}
+              "frames": args.frames, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+              "methods": args.methods, "keep_ratios": args.keep_ratios}
     log_mlflow(args.output, params, summary, [path] + ([plot_path] if plot_path else []))
     print(format_table(summary), flush=True)
     print(f"[sweep] {len(summary)} configurations in {time.monotonic() - start:.0f}s; summary: {path}", flush=True)
