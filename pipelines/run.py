@@ -269,6 +269,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     last_flush = last_log = start
     buffer: list[pa.Table] = []
     buffered = 0
+    first_batch = None  # (seconds until the first results arrived, their rows): start-up cost
 
     def flush() -> None:
         nonlocal buffer, buffered, last_flush
@@ -281,6 +282,8 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if batch.num_rows == 0:
                 continue
+            if first_batch is None:
+                first_batch = (time.monotonic() - start, batch.num_rows)
             buffer.append(batch)
             buffered += batch.num_rows
             now = time.monotonic()
@@ -306,6 +309,9 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     summary.errors_new = sink.errors_written
     summary.missing = len(todo) - sink.rows_written
     summary.extra["duplicates_dropped"] = sink.duplicates_dropped
+    if first_batch is not None and sink.rows_written > first_batch[1]:
+        summary.extra["first_output_s"] = first_batch[0]
+        summary.extra["steady_items_per_s"] = (sink.rows_written - first_batch[1]) / (summary.seconds - first_batch[0])
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
