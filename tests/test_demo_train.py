@@ -21,7 +21,8 @@ def test_packed_branches_equal_single_prompts():
     packed = encode_packed(processor, items)
     with torch.no_grad():
         logits = model(**packed, use_cache=False).logits
-    for b, (images, branches) in enumerate(items):
+    for b, item in enumerate(items):
+        images, branches = item[0], item[1]
         # the label positions of row b, grouped per branch in order
         pos = (packed["labels"][b] != -100).nonzero().flatten().tolist()
         for prompt, answer in branches:
@@ -35,6 +36,36 @@ def test_packed_branches_equal_single_prompts():
                             pixel_values=single["pixel_values"], use_cache=False).logits[0]
             torch.testing.assert_close(logits[b, torch.tensor(mine) - 1], ref[spos - 1], atol=1e-4, rtol=1e-4)
         assert not pos
+
+
+def test_patch_colour_labels_follow_the_pixels():
+    from jobs.train_demo import PATCH, Sampler, encode_packed, build_model, patch_colours
+    from pipelines.datasets import shapes as S
+
+    for i in range(10):
+        scene = S.make_scene(S.rng_for("test", 2, i))
+        labels = patch_colours(S.render_scene(scene))
+        grid = S.IMAGE_SIZE // PATCH
+        assert len(labels) == grid * grid
+        covered = set()
+        for o in scene.objects:
+            cx, cy = o.center()
+            assert labels[int(cy // PATCH) * grid + int(cx // PATCH)] == o.color
+            r = S.SIZES[o.size] / 2 + 1
+            covered |= {int(y // PATCH) * grid + int(x // PATCH) for y in (cy - r, cy, cy + r) for x in (cx - r, cx, cx + r)
+                        if 0 <= x < S.IMAGE_SIZE and 0 <= y < S.IMAGE_SIZE}
+            for y in range(int((cy - r) // PATCH), int((cy + r) // PATCH) + 1):
+                for x in range(int((cx - r) // PATCH), int((cx + r) // PATCH) + 1):
+                    covered.add(y * grid + x)
+        assert all(labels[j] == "nothing" for j in range(grid * grid) if j not in covered)
+    # in a packed batch the label sits one position after the patch's image token (HF shifts labels)
+    _, processor = build_model(seed=0)
+    images, branches, aux = Sampler(0, 4, split="validation").image_packed(2)
+    batch = encode_packed(processor, [(images, branches, aux)])
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    first = int((batch["input_ids"][0] == image_id).nonzero()[0])
+    got = processor.tokenizer.convert_ids_to_tokens(batch["aux_labels"][0, first + 1 : first + 1 + len(aux)].tolist())
+    assert got == aux
 
 
 def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path, capsys):
