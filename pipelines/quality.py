@@ -17,6 +17,7 @@ where present. A row without an output (an error row) scores 0 and is counted in
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 
@@ -165,3 +166,44 @@ def score_rows(rows: list[dict]) -> dict:
     headline = shapes or plain
     out["quality"] = sum(out[m] for m in headline) / len(headline) if headline else None
     return out
+
+
+# ---------------------------------------------------------------------------- against the unpruned model
+def agreement_with_full(full: dict[str, str | None], pruned: dict[str, str | None]) -> float | None:
+    """Share of samples whose pruned output equals the unpruned one.
+
+    agreement = |{i : normalize(pruned_i) = normalize(full_i)}| / |I|, over the sample ids I
+    that have an output in both runs (error rows are left out). None when I is empty.
+    """
+    common = [i for i, text in full.items() if text is not None and pruned.get(i) is not None]
+    if not common:
+        return None
+    return sum(normalize(full[i]) == normalize(pruned[i]) for i in common) / len(common)
+
+
+def first_token_kl(
+    full: tuple[list[int], list[float]], pruned: tuple[list[int], list[float]]
+) -> float:
+    """KL(p_full ‖ p_pruned) of the first generated token, from stored top-k log-probabilities.
+
+    KL ≈ Σ_{t ∈ top-k(full)} p_f(t) · (log p_f(t) − log p_p(t)), where log p_p(t) is the
+    pruned run's stored log-probability of t, or — for a token outside the pruned top-k — its
+    smallest stored one (an upper bound on p_p(t), so the term is not overstated). The mass
+    outside the full model's top-k is left out. Identical distributions give 0.
+    """
+    full_ids, full_logprobs = full
+    pruned_logprob = dict(zip(*pruned))
+    floor = min(pruned[1]) if pruned[1] else float("-inf")
+    total = 0.0
+    for token, logprob in zip(full_ids, full_logprobs):
+        p = math.exp(logprob)
+        if p == 0.0:
+            continue
+        total += p * (logprob - pruned_logprob.get(token, floor))
+    return max(total, 0.0)
+
+
+def mean_first_token_kl(full_rows: dict[str, tuple], pruned_rows: dict[str, tuple]) -> float | None:
+    """Mean :func:`first_token_kl` over the sample ids with top-k log-probs in both runs."""
+    values = [first_token_kl(full_rows[i], pruned_rows[i]) for i in full_rows if i in pruned_rows]
+    return sum(values) / len(values) if values else None

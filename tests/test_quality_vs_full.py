@@ -1,0 +1,44 @@
+"""Quality against the unpruned run: output agreement and first-token KL."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipelines.quality import agreement_with_full, first_token_kl, mean_first_token_kl
+
+
+def test_agreement_counts_identical_outputs_over_common_ids():
+    full = {"a": "A red circle.", "b": "two", "c": "left", "d": None}
+    pruned = {"a": "a red circle", "b": "three", "d": "x", "e": "y"}
+    assert agreement_with_full(full, pruned) == 0.5  # a agrees (after normalisation), b does not
+    assert agreement_with_full({}, pruned) is None
+
+
+def _topk(logits: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+    logprobs = logits - np.log(np.exp(logits).sum())
+    order = np.argsort(-logprobs)[:k]
+    return order.tolist(), logprobs[order].tolist()
+
+
+def test_first_token_kl_equals_the_exact_kl_when_k_covers_the_vocabulary():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=12), rng.normal(size=12)
+    pa, pb = np.exp(a) / np.exp(a).sum(), np.exp(b) / np.exp(b).sum()
+    exact = float((pa * (np.log(pa) - np.log(pb))).sum())
+    assert first_token_kl(_topk(a, 12), _topk(b, 12)) == pytest.approx(exact, rel=1e-9)
+    assert first_token_kl(_topk(a, 12), _topk(a, 12)) == 0.0
+
+
+def test_first_token_kl_with_truncation_is_finite_and_grows_with_disagreement():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=200) * 3
+    near = a + rng.normal(size=200) * 0.1
+    far = rng.normal(size=200) * 3
+    k_near = first_token_kl(_topk(a, 32), _topk(near, 32))
+    k_far = first_token_kl(_topk(a, 32), _topk(far, 32))
+    assert 0 <= k_near < k_far < math.inf
+    rows = {"x": _topk(a, 32), "y": _topk(far, 32)}
+    assert mean_first_token_kl(rows, {"x": _topk(near, 32), "y": _topk(far, 32)}) == pytest.approx(k_near / 2)
