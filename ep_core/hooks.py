@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
@@ -73,7 +74,9 @@ class PruningHandle:
         self.stats: list[dict] = []
         self._state: _Prefill | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        _refuse_unsupported(model, self.text_config, config, self.num_layers)
+        _check_prune_layer(config.prune_layer, self.num_layers)
+        if self.rule is not None:  # method "none" only observes: it refuses nothing the model can do
+            _refuse_unsupported(model, self.text_config)
 
         k = config.prune_layer
         self._hooks.append(
@@ -109,7 +112,8 @@ class PruningHandle:
             raise RuntimeError("EntropyPrune hooks do not support torch.compile; run the model uncompiled")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and type(cache).__name__ != "DynamicCache":
+        pruning = self.rule is not None
+        if pruning and cache is not None and not isinstance(cache, DynamicCache):
             raise RuntimeError(
                 f"pruned models need a DynamicCache (per-layer cache lengths differ after pruning), got "
                 f"{type(cache).__name__}; leave cache_implementation unset"
@@ -117,7 +121,7 @@ class PruningHandle:
         past = cache.get_seq_length() if cache is not None else 0
         if past > 0:
             tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-            if tokens is not None and tokens.shape[1] > 1:
+            if pruning and tokens is not None and tokens.shape[1] > 1:
                 raise RuntimeError(
                     "pruning supports one prefill followed by one-token decode steps; continuing from a filled "
                     "cache (assisted decoding, chunked prefill, multi-turn reuse) is not supported"
@@ -126,7 +130,10 @@ class PruningHandle:
                 self._state.phase = "decode"
             return
         if input_ids is None:
-            raise ValueError("pruning needs input_ids (to find the visual tokens); inputs_embeds alone are not supported")
+            if pruning:
+                raise ValueError("pruning needs input_ids (to find the visual tokens); inputs_embeds alone are not supported")
+            self._state, self.stats = None, []
+            return
         self._start_prefill(input_ids, kwargs.get("attention_mask"), kwargs.get("pixel_values"), no_cache=cache is None)
 
     def _start_prefill(self, input_ids, attention_mask, pixel_values, no_cache: bool) -> None:
@@ -341,12 +348,14 @@ def apply_pruning(model: nn.Module, config: PruneConfig) -> PruningHandle:
 
 
 # ---------------------------------------------------------------------- refusals
-def _refuse_unsupported(model: nn.Module, text_config, config: PruneConfig, num_layers: int) -> None:
-    if not 1 <= config.prune_layer < num_layers:
+def _check_prune_layer(prune_layer: int, num_layers: int) -> None:
+    if not 1 <= prune_layer < num_layers:
         raise ValueError(
-            f"prune_layer must be between 1 and {num_layers - 1} for this {num_layers}-layer decoder, "
-            f"got {config.prune_layer}"
+            f"prune_layer must be between 1 and {num_layers - 1} for this {num_layers}-layer decoder, got {prune_layer}"
         )
+
+
+def _refuse_unsupported(model: nn.Module, text_config) -> None:
     implementation = text_config._attn_implementation or "eager"
     if implementation in UNSUPPORTED_ATTENTION:
         raise ValueError(

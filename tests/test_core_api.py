@@ -204,3 +204,13 @@ def test_rows_with_different_visual_counts_are_refused(tiny):
     with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.5)):
         with pytest.raises(ValueError, match=r"different visual-token counts \[32, 16\].*equal visual-token counts"):
             model.generate(**mixed, max_new_tokens=2)
+
+
+def test_method_none_only_observes(tiny, batch):
+    """'none' refuses nothing the model can do (a StaticCache here) and still reports stats."""
+    model, _ = tiny
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=64)
+    with apply_pruning(model, PruneConfig("none")) as handle:
+        with torch.no_grad():
+            model(**batch, past_key_values=cache, use_cache=True)
+        assert [s["visual_tokens_kept"] for s in handle.stats] == [s["visual_tokens"] for s in handle.stats] == [16, 16]
