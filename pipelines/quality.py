@@ -44,23 +44,27 @@ def parse_caption(text: str | None) -> list[tuple[str, str, str, int, int]]:
     """The objects a shapes caption names, as ``(size, colour, kind, row, col)`` with 0-based
     row and column, in the order written.
 
-    An object is five consecutive words ``SIZE COLOUR KIND rR cC``; everything else
-    (separators, stray or malformed words) is skipped, so a caption cut short still yields
-    the objects it completed.
+    An object is five consecutive words ``rR cC SIZE COLOUR KIND`` (the world's caption
+    order; ``SIZE COLOUR KIND rR cC`` is read too); everything else (separators, stray or
+    malformed words) is skipped, so a caption cut short still yields the objects it completed.
     """
     words = normalize(text).split()
     out = []
     i = 0
+
+    def pos(r: str, c: str) -> bool:
+        return bool(re.fullmatch(r"r[1-9]", r) and re.fullmatch(r"c[1-9]", c))
+
+    def attrs(s: str, c: str, k: str) -> bool:
+        return s in SIZES and c in COLORS and k in KINDS
+
     while i + 5 <= len(words):
-        s, c, k, r, col = words[i : i + 5]
-        if (
-            s in SIZES
-            and c in COLORS
-            and k in KINDS
-            and re.fullmatch(r"r[1-9]", r)
-            and re.fullmatch(r"c[1-9]", col)
-        ):
-            out.append((s, c, k, int(r[1:]) - 1, int(col[1:]) - 1))
+        a = words[i : i + 5]
+        if pos(a[0], a[1]) and attrs(a[2], a[3], a[4]):
+            out.append((a[2], a[3], a[4], int(a[0][1:]) - 1, int(a[1][1:]) - 1))
+            i += 5
+        elif attrs(a[0], a[1], a[2]) and pos(a[3], a[4]):
+            out.append((a[0], a[1], a[2], int(a[3][1:]) - 1, int(a[4][1:]) - 1))
             i += 5
         else:
             i += 1

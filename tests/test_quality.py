@@ -20,13 +20,16 @@ def test_exact_match_normalises_case_punctuation_and_space():
 
 
 def test_parse_caption_reads_objects_and_skips_junk():
-    text = "small red circle r1 c2 , large blue cross r3 c4 ."
+    text = "r1 c2 small red circle , r3 c4 large blue cross ."
     assert parse_caption(text) == [("small", "red", "circle", 0, 1), ("large", "blue", "cross", 2, 3)]
     # junk between objects, an incomplete object at the end (a caption cut short)
-    text = "the small red circle r1 c2 , , green large blue cross r3 c4 , small white"
+    text = "the r1 c2 small red circle , , green r3 c4 large blue cross , r2 c1 small"
     assert parse_caption(text) == [("small", "red", "circle", 0, 1), ("large", "blue", "cross", 2, 3)]
+    # attributes first is read too
+    assert parse_caption("small red circle r1 c2") == [("small", "red", "circle", 0, 1)]
     # wrong field order is not an object
     assert parse_caption("red small circle r1 c2") == []
+    assert parse_caption("r1 small red circle c2") == []
     assert parse_caption(None) == []
 
 
@@ -66,7 +69,7 @@ def test_score_rows_metrics_errors_and_headline():
         {"output": "red", "reference": json.dumps({"task": "vqa", "answer": "red"}), "error": None},
         {"output": "blue", "reference": json.dumps({"task": "vqa", "answer": "red"}), "error": None},
         {"output": None, "reference": json.dumps({"task": "vqa", "answer": "red"}), "error": "decode failed"},
-        {"output": "small red circle r1 c1 .", "reference": json.dumps({"task": "caption", "objects": [["small", "red", "circle", 0, 0]]}), "error": None},
+        {"output": "r1 c1 small red circle .", "reference": json.dumps({"task": "caption", "objects": [["small", "red", "circle", 0, 0]]}), "error": None},
         {"output": "left", "reference": json.dumps({"task": "video", "answer": "left"}), "error": None},
         {"output": "whatever", "reference": None, "error": None},
     ]

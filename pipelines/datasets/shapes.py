@@ -8,11 +8,13 @@ tags in the random generator's seed sequence and therefore never share a scene s
 cells, 3–8 objects in distinct cells. An object has a *kind* (circle, square, triangle,
 cross), a *colour* (six), a *size* (small ≈ 6 px, i.e. about 2×2 patches of a patch-4 vision
 tower; large ≈ 10 px) and a grid position, written ``rR cC`` (row R from the top, column C
-from the left, both 1–4). The reference caption lists every object in reading order::
+from the left, both 1–4). The reference caption lists every object in reading order,
+position first::
 
-    small red circle r1 c2 , large blue cross r3 c4 .
+    r1 c2 small red circle , r3 c4 large blue cross .
 
-so a correct caption needs every object's own patches. Questions have one-word answers that
+so a correct caption needs every object's own patches (position first: once the model has
+named a cell, its next words are a look-up of that cell's patches). Questions have one-word answers that
 are right by construction (:func:`image_questions`): the colour, kind or size of the shape at a
 cell, counts by colour or kind, presence, left/right and top/bottom halves, and pairwise
 relations.
@@ -29,6 +31,7 @@ direction, colour and kind of the moving shape; the caption is ``small red circl
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -89,7 +92,7 @@ class Obj:
 
     @property
     def words(self) -> str:
-        return f"{self.size} {self.color} {self.kind} {ROWS[self.row]} {COLS[self.col]}"
+        return f"{ROWS[self.row]} {COLS[self.col]} {self.size} {self.color} {self.kind}"
 
     @property
     def key(self) -> tuple[str, str, str, int, int]:
@@ -347,7 +350,17 @@ def frame_indices(total: int, n: int) -> list[int]:
 # ------------------------------------------------------------------------------ vocabulary
 
 
+@functools.lru_cache(maxsize=1)
+def _vocabulary() -> tuple[str, ...]:
+    return tuple(_collect_words())
+
+
 def vocabulary() -> list[str]:
+    """Every word of the world's prompts, answers and captions (lower case), sorted."""
+    return list(_vocabulary())
+
+
+def _collect_words() -> list[str]:
     """Every word of the world's prompts, answers and captions (lower case), sorted."""
     words = set()
     words.update(KINDS, PLURALS.values(), COLORS, SIZES, DIRECTIONS, NUMBERS, ROWS, COLS)
