@@ -211,3 +211,23 @@ def mean_first_token_kl(full_rows: dict[str, tuple], pruned_rows: dict[str, tupl
     """Mean :func:`first_token_kl` over the sample ids with top-k log-probs in both runs."""
     values = [first_token_kl(full_rows[i], pruned_rows[i]) for i in full_rows if i in pruned_rows]
     return sum(values) / len(values) if values else None
+
+
+def compare_with_full(full_rows: list[dict], rows: list[dict]) -> dict:
+    """``agreement_with_full`` and ``first_token_kl`` of a configuration's output rows against
+    the unpruned configuration's rows on the same inputs (matched by ``sample_id``)."""
+
+    def outputs(rs):
+        return {r["sample_id"]: r.get("output") for r in rs}
+
+    def first_tokens(rs):
+        return {
+            r["sample_id"]: (r["first_token_ids"], r["first_token_logprobs"])
+            for r in rs
+            if r.get("output") is not None and r.get("first_token_ids")
+        }
+
+    return {
+        "agreement_with_full": agreement_with_full(outputs(full_rows), outputs(rows)),
+        "first_token_kl": mean_first_token_kl(first_tokens(full_rows), first_tokens(rows)),
+    }

@@ -42,3 +42,18 @@ def test_first_token_kl_with_truncation_is_finite_and_grows_with_disagreement():
     assert 0 <= k_near < k_far < math.inf
     rows = {"x": _topk(a, 32), "y": _topk(far, 32)}
     assert mean_first_token_kl(rows, {"x": _topk(near, 32), "y": _topk(far, 32)}) == pytest.approx(k_near / 2)
+
+
+def test_compare_with_full_matches_rows_by_sample_id():
+    from pipelines.quality import compare_with_full
+
+    top = _topk(np.arange(5.0), 5)
+    other = _topk(-np.arange(5.0), 5)
+    full = [{"sample_id": "a", "output": "x", "first_token_ids": top[0], "first_token_logprobs": top[1]},
+            {"sample_id": "b", "output": "y", "first_token_ids": top[0], "first_token_logprobs": top[1]}]
+    pruned = [{"sample_id": "b", "output": "z", "first_token_ids": other[0], "first_token_logprobs": other[1]},
+              {"sample_id": "a", "output": "x", "first_token_ids": top[0], "first_token_logprobs": top[1]}]
+    result = compare_with_full(full, pruned)
+    assert result["agreement_with_full"] == 0.5
+    assert result["first_token_kl"] == pytest.approx(first_token_kl(top, other) / 2)
+    assert compare_with_full(full, full) == {"agreement_with_full": 1.0, "first_token_kl": 0.0}
