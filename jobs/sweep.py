@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     parser.add_argument("--random-seed", type=int, default=0, help="seed of the random method (default 0)")
+    parser.add_argument("--coverage", action="store_true", help="shapes: also measure which tokens each method keeps against where the objects are (coverage.json)")
 
 
 def parse_list(text: str, kind=str) -> list:
@@ -150,6 +151,8 @@ COLUMNS = [
     ("caption_object_f1", "{:.3f}"),
     ("video_accuracy", "{:.3f}"),
     ("flops_reduction", "{:.1%}"),
+    ("agreement_with_full", "{:.3f}"),
+    ("first_token_kl", "{:.4f}"),
     ("visual_tokens_kept_mean", "{:.1f}"),
     ("items_per_s", "{:.2f}"),
     ("generate_items_per_s", "{:.2f}"),
@@ -197,10 +200,36 @@ def log_mlflow(output: str, params: dict, summary: list[dict], artifacts: list[s
             child = run_params(row | {k: params.get(k) for k in ("model", "batch_size", "dataset", "n", "seed", "max_new_tokens")})
             with tracker.run(name, child, nested=True):
                 tracker.metrics(run_metrics(row) | {k: row[k] for k in ("generate_items_per_s", "n_vqa_accuracy", "n_caption_object_f1", "n_video_accuracy") if row.get(k) is not None})
+                sample = _outputs_sample(row.get("output"), os.path.join(output, "samples", f"{name}.parquet"))
+                if sample:
+                    tracker.artifact(sample)
+        parent_sample = _outputs_sample(
+            [row.get("output") for row in summary], os.path.join(output, "samples", "outputs_sample.parquet")
+        )
+        if parent_sample:
+            tracker.artifact(parent_sample)
         for path in artifacts:
             if path and os.path.exists(path):
                 tracker.artifact(path)
     return tracker.uri if tracker.active else None
+
+
+def _outputs_sample(dirs, path: str, rows_per_dir: int = 20) -> str | None:
+    """The first ``rows_per_dir`` output rows of each configuration directory, as one Parquet
+    file (an MLflow artifact); None when there is nothing to sample."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.sink import read_output
+
+    dirs = [dirs] if isinstance(dirs, str) else [d for d in (dirs or []) if d]
+    tables = [read_output(d).slice(0, rows_per_dir) for d in dirs if os.path.isdir(d)]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.concat_tables(tables), path)
+    return path
 
 
 def plot(summary: list[dict], path: str, title: str = "quality vs prefill FLOPs") -> str | None:
@@ -212,6 +241,76 @@ def plot(summary: list[dict], path: str, title: str = "quality vs prefill FLOPs"
     except Exception as exc:  # noqa: BLE001 - a plot is a report, not a reason to fail
         print(f"[sweep] plot failed ({type(exc).__name__}: {exc})", flush=True)
         return None
+
+
+def object_patches(scene, image_size: int, patch: int) -> list[set[int]]:
+    """Per object of a shapes scene, the patch indices (row-major) its bounding box overlaps."""
+    from pipelines.datasets.shapes import SIZES
+
+    grid = image_size // patch
+    out = []
+    for o in scene.objects:
+        cx, cy = o.center()
+        r = SIZES[o.size] / 2
+        cols = range(max(0, int((cx - r) // patch)), min(grid, int((cx + r - 1e-6) // patch) + 1))
+        rows = range(max(0, int((cy - r) // patch)), min(grid, int((cy + r - 1e-6) // patch) + 1))
+        out.append({rr * grid + cc for rr in rows for cc in cols})
+    return out
+
+
+def object_coverage(model: str, configs: list[tuple[str, float | None]], *, n: int = 40, seed: int = 1, prune_layer: int = 2) -> list[dict]:
+    """Which visual tokens each method keeps, against where the objects are (shapes images).
+
+    For every configuration: ``on_object_share`` (kept visual tokens lying on an object),
+    ``objects_touched`` (objects with at least one kept patch) and, for reference,
+    ``object_patch_share`` (all patches lying on an object: what uniform keeping would give).
+    Runs in-process (one prefill per image, no Ray)."""
+    import torch
+    from PIL import Image
+
+    from ep_core import PruneConfig, apply_pruning
+    from ep_core.loading import load_model
+    from pipelines.datasets import shapes as S
+
+    mdl, processor = load_model(model, dtype="float32", device="cpu")
+    vc = mdl.config.vision_config
+    image_id = mdl.config.image_token_id
+    scenes = [S.make_scene(S.rng_for("test", seed, i)) for i in range(n)]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": S.CAPTION_PROMPT}]}], add_generation_prompt=True
+    )
+    encs = [processor(images=[Image.fromarray(S.render_scene(sc))], text=[text], return_tensors="pt") for sc in scenes]
+    out = []
+    for method, ratio in configs:
+        if method == "none":
+            continue
+        handle = apply_pruning(mdl, PruneConfig(method=method, keep_ratio=ratio, prune_layer=prune_layer))
+        on, kept_total, touched, objects, base = 0, 0, 0, 0, 0.0
+        try:
+            for sc, enc in zip(scenes, encs):
+                with torch.inference_mode():
+                    mdl(**enc, use_cache=False)
+                ids = enc["input_ids"][0]
+                start = int((ids == image_id).nonzero()[0])
+                n_vis = int((ids == image_id).sum())
+                kept = {p - start for p in handle.stats[0]["kept_positions"] if start <= p < start + n_vis}
+                patches = object_patches(sc, vc.image_size, vc.patch_size)
+                union = set().union(*patches) if patches else set()
+                on += len(kept & union)
+                kept_total += len(kept)
+                touched += sum(bool(kept & p) for p in patches)
+                objects += len(patches)
+                base += len(union) / n_vis
+        finally:
+            handle.remove()
+        out.append({
+            "method": method,
+            "keep_ratio": ratio,
+            "on_object_share": on / kept_total if kept_total else None,
+            "objects_touched": touched / objects if objects else None,
+            "object_patch_share": base / len(scenes),
+        })
+    return out
 
 
 def run_sweep(
@@ -252,6 +351,7 @@ def run_sweep(
         ray.init(**kwargs)
         started = True
     summary = []
+    tables = {}  # configuration tag -> its output rows
     try:
         for method, ratio in configs:
             tag = f"{method}_{'all' if ratio is None else f'{ratio:g}'}"
@@ -282,6 +382,7 @@ def run_sweep(
             entry["complete"] = result.complete
             entry["output"] = run_dir
             summary.append(entry)
+            tables[tag] = table
             q = entry.get("quality")
             log(
                 f"[sweep] {tag}: quality {'-' if q is None else f'{q:.3f}'}, "
@@ -291,7 +392,24 @@ def run_sweep(
     finally:
         if started:
             ray.shutdown()
+    _compare_with_full(summary, tables)
     return summary
+
+
+def _compare_with_full(summary: list[dict], tables: dict) -> None:
+    """Add ``agreement_with_full`` and ``first_token_kl`` against the unpruned configuration."""
+    from pipelines.quality import compare_with_full
+
+    full = next((e for e in summary if e["method"] == "none"), None)
+    if full is None:
+        return
+    full_rows = _rows_of(tables, full)
+    for entry in summary:
+        entry.update(compare_with_full(full_rows, _rows_of(tables, entry)))
+
+
+def _rows_of(tables: dict, entry: dict) -> list[dict]:
+    return tables[os.path.basename(entry["output"])].to_pylist()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -328,6 +446,14 @@ def run(args: argparse.Namespace) -> int:
               "methods": args.methods, "keep_ratios": args.keep_ratios}
     log_mlflow(args.output, params, summary, [path] + ([plot_path] if plot_path else []))
     print(format_table(summary), flush=True)
+    if args.coverage and args.dataset == "shapes":
+        cov = object_coverage(args.model, configs, n=min(args.n, 60), seed=args.seed, prune_layer=args.prune_layer)
+        with open(os.path.join(args.output, "coverage.json"), "w", encoding="utf-8") as fh:
+            json.dump(cov, fh, indent=2)
+        print("method        keep_ratio  on_object_share  objects_touched  (object patch share, uniform: "
+              f"{cov[0]['object_patch_share']:.3f})" if cov else "", flush=True)
+        for c in cov:
+            print(f"{c['method']:<13} {c['keep_ratio']:<11.2f} {c['on_object_share']:<16.3f} {c['objects_touched']:.3f}", flush=True)
     print(f"[sweep] {len(summary)} configurations in {time.monotonic() - start:.0f}s; summary: {path}", flush=True)
     return 0 if all(r.get("complete") for r in summary) else 1
 

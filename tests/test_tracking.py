@@ -117,3 +117,66 @@ def test_server_down_is_one_clear_line_and_no_exception(tmp_path, monkeypatch):
     assert not tracker.active
     assert len(lines) == 1 and "MLflow tracking failed" in lines[0] and "unreachable" in lines[0]
     assert "Outputs are still written" in lines[0]
+
+
+# ---------------------------------------------------------------------------- ep sweep, end to end
+@pytest.fixture(scope="module")
+def sweep_inputs(tmp_path_factory):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.testing import save_tiny_llava
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    root = tmp_path_factory.mktemp("sweep_inputs")
+    model = save_tiny_llava(str(root / "model"))
+    rng = np.random.default_rng(0)
+    with open(root / "manifest.jsonl", "w") as fh:
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / f"{i}.png")
+            fh.write(json.dumps({"path": f"{i}.png", "prompt": "what color", "reference": "red"}) + "\n")
+    return model, str(root / "manifest.jsonl")
+
+
+def _sweep(model: str, manifest: str, out: Path) -> int:
+    from jobs.sweep import main
+
+    return main(["--model", model, "--dataset", manifest, "--methods", "none,entropyprune", "--keep-ratios", "0.5",
+                 "--output", str(out), "--batch-size", "4", "--max-new-tokens", "2", "--num-cpus", "2"])
+
+
+def _check_sweep_runs(client: MlflowClient) -> None:
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.params["method"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parents) == 1 and set(children) == {"none", "entropyprune"}
+    parent = parents[0]
+    assert {"summary.json", "quality_vs_flops.png", "outputs_sample.parquet"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+    pruned, full = children["entropyprune"], children["none"]
+    assert pruned.data.params["keep_ratio"] == "0.5" and pruned.data.params["prune_layer"] == "2"
+    for key in ("items_per_s", "prefill_ms_per_item", "visual_tokens_kept_mean", "flops_reduction",
+                "flops_reduction_paper", "kv_cache_bytes_mean", "errors", "quality", "agreement_with_full",
+                "first_token_kl"):
+        assert key in pruned.data.metrics, key
+    assert full.data.metrics["agreement_with_full"] == 1.0 and full.data.metrics["first_token_kl"] == 0.0
+    assert pruned.data.metrics["visual_tokens_kept_mean"] == 0.5 * full.data.metrics["visual_tokens_kept_mean"]
+    assert pruned.data.metrics["kv_cache_bytes_mean"] < full.data.metrics["kv_cache_bytes_mean"]
+    assert [a.path for a in client.list_artifacts(pruned.info.run_id)] == [f"entropyprune@0.50.parquet"]
+
+
+def test_sweep_recorded_in_the_default_store_and_on_a_server(sweep_inputs, tmp_path, monkeypatch, mlflow_server):
+    model, manifest = sweep_inputs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    local = tmp_path / "local"
+    assert _sweep(model, manifest, local) == 0
+    _check_sweep_runs(MlflowClient(f"sqlite:///{local.resolve() / 'mlflow.db'}"))
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    remote = tmp_path / "remote"
+    assert _sweep(model, manifest, remote) == 0
+    assert not (remote / "mlflow.db").exists()
+    _check_sweep_runs(MlflowClient(mlflow_server))
