@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video-batch-size", type=int, default=4, help="clips per video batch (default 4)")
     parser.add_argument("--frames", type=int, default=VIDEO_TRAIN_FRAMES, help="frames per training video (default 4)")
     parser.add_argument("--aux-weight", type=float, default=0.2, help="weight of the patch-colour loss on image tokens (default 0.2)")
+    parser.add_argument("--aux-mode", default="colour", help="image-token labels: colour or colour+position (default colour)")
+    parser.add_argument("--stop-at", type=int, default=None, help="stop (and save) after this many steps of the --steps schedule")
+    parser.add_argument("--data-offset", type=int, default=0, help="added to --seed for the training data stream (a second stage sees new scenes)")
     parser.add_argument("--warm-fraction", type=float, default=0.2, help="share of steps on small image-only scenes first (default 0.2)")
     parser.add_argument("--warm-objects", type=int, default=2, help="objects per scene during the warm-up (1..N, default 2)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
@@ -166,6 +169,31 @@ def decode_video(path: str, n: int):
     return [Image.fromarray(f) for f in vr.get_batch(frame_indices(len(vr), n)).asnumpy()]
 
 
+def patch_labels(img, mode: str = "colour", patch: int = PATCH) -> list[str]:
+    """Auxiliary labels of the image tokens, one word per patch (row-major).
+
+    ``colour``: :func:`patch_colours`. ``colour+position``: on a checkerboard, the dark squares
+    name where the patch is (its grid cell's row word ``rR`` on even patch rows, column word
+    ``cC`` on odd ones) and the light squares keep the colour label — so the image tokens carry
+    both what and where, which the caption's ``rR cC`` look-ups need."""
+    from pipelines.datasets.shapes import CELL, COLS, ROWS
+
+    colours = patch_colours(img, patch)
+    if mode == "colour":
+        return colours
+    if mode != "colour+position":
+        raise ValueError(f"unknown aux mode {mode!r}")
+    grid = int(len(colours) ** 0.5)
+    out = []
+    for j, word in enumerate(colours):
+        pr, pc = divmod(j, grid)
+        if (pr + pc) % 2 == 0:
+            out.append(ROWS[pr * patch // CELL] if pr % 2 == 0 else COLS[pc * patch // CELL])
+        else:
+            out.append(word)
+    return out
+
+
 def patch_colours(img, patch: int = PATCH) -> list[str]:
     """Per patch (row-major), the colour word of the object covering most of it, else
     ``nothing``: read from the pixels (a pixel counts for a colour when it is within 60 of
@@ -188,8 +216,8 @@ def patch_colours(img, patch: int = PATCH) -> list[str]:
 class Sampler:
     """Training examples ``(images, prompt, answer)`` drawn from the train split."""
 
-    def __init__(self, seed: int, frames: int, split: str = "train", workdir: str | None = None):
-        self.seed, self.frames, self.split = seed, frames, split
+    def __init__(self, seed: int, frames: int, split: str = "train", workdir: str | None = None, aux_mode: str = "colour"):
+        self.seed, self.frames, self.split, self.aux_mode = seed, frames, split, aux_mode
         self.i_img = self.i_vid = 0
         self._tmp = tempfile.TemporaryDirectory(dir=workdir)
 
@@ -223,7 +251,7 @@ class Sampler:
         order = rng.permutation(len(qas))[:n_questions]
         branches = [(S.CAPTION_PROMPT, S.caption(scene))] + [(qas[i].question, qas[i].answer) for i in order]
         pixels = S.render_scene(scene)
-        return [Image.fromarray(pixels)], branches, patch_colours(pixels)
+        return [Image.fromarray(pixels)], branches, patch_labels(pixels, self.aux_mode)
 
     def video_packed(self):
         """One clip with its caption and all its questions (shared frames prefix)."""
@@ -450,7 +478,7 @@ def train(args) -> str:
     from ep_core.config import PruneConfig
 
     val = validation_batches(processor, args.frames)
-    sampler = Sampler(args.seed, args.frames, workdir=args.log_dir)
+    sampler = Sampler(args.seed + args.data_offset, args.frames, workdir=args.log_dir, aux_mode=args.aux_mode)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
@@ -469,7 +497,7 @@ def train(args) -> str:
 
     start = time.monotonic()
     ema = None
-    for step in range(args.steps):
+    for step in range(args.steps if args.stop_at is None else min(args.steps, args.stop_at)):
         model.train()
         warm = step < warm_steps  # curriculum: small scenes first, videos after the warm-up
         if not warm and args.video_every and step % args.video_every == args.video_every - 1:
