@@ -68,7 +68,8 @@ def test_patch_colour_labels_follow_the_pixels():
     assert got == aux
 
 
-def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path, capsys):
+def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # a store of its own under --log-dir
     from ep_core.loading import load_model
     from jobs.train_demo import main
 
