@@ -115,9 +115,9 @@ def run(args: argparse.Namespace) -> int:
             cfg, progress=lambda rows, seconds: tracker.metrics({"items_per_s": rows / seconds}, step=rows)
         )
         _record(tracker, cfg, summary)
-    print(summary.line(), flush=True)
     if tracker.active:
         print(f"MLflow: run recorded in {tracker.uri} (experiment {tracker.experiment!r})", flush=True)
+    print(summary.line(), flush=True)  # the summary stays the last line
     return 0 if summary.complete else 1
 
 

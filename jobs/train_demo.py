@@ -417,8 +417,10 @@ class _Tracker:
         try:
             import mlflow
 
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(os.path.join(log_dir, 'mlflow.db'))}"
-            mlflow.set_tracking_uri(uri)
+            user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+            mlflow.set_tracking_uri(user_uri or f"sqlite:///{os.path.abspath(os.path.join(log_dir, 'mlflow.db'))}")
+            if user_uri is None:  # set_tracking_uri exports the variable: keep it from leaking into later jobs
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
             mlflow.set_experiment("train-demo")
             self.run = mlflow.start_run(run_name=f"train-demo-seed{params.get('seed')}")
             mlflow.log_params(params)

@@ -84,7 +84,12 @@ class Tracker:
             import mlflow
 
             Path(output_dir).mkdir(parents=True, exist_ok=True)
+            user_uri = os.environ.get("MLFLOW_TRACKING_URI")
             mlflow.set_tracking_uri(self.uri)
+            # set_tracking_uri also exports MLFLOW_TRACKING_URI; undo that, or the next job in
+            # this process would log into this job's store instead of its own default
+            if user_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
             mlflow.set_experiment(experiment)
             self._mlflow = mlflow
         except Exception as exc:  # noqa: BLE001 - tracking must never stop the job

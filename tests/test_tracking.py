@@ -180,3 +180,10 @@ def test_sweep_recorded_in_the_default_store_and_on_a_server(sweep_inputs, tmp_p
     assert _sweep(model, manifest, remote) == 0
     assert not (remote / "mlflow.db").exists()
     _check_sweep_runs(MlflowClient(mlflow_server))
+
+
+def test_a_job_does_not_leak_its_store_into_the_next(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Tracker(tmp_path / "a", "first")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert Tracker(tmp_path / "b", "second").uri == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
