@@ -103,6 +103,15 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.run import run_caption
 
     cfg = config_from_args(args)
+    # usage errors first, in one line, before a tracking store is opened
+    import os
+
+    from ep_core.loading import model_type_of
+
+    cfg.validate()
+    if not os.path.exists(cfg.input):
+        raise FileNotFoundError(f"input not found: {cfg.input}")
+    model_type_of(cfg.model)
     tracker = _tracker(cfg, args)
     params = {
         "model": cfg.model, "method": cfg.method, "budget": cfg.budget, "keep_ratio": cfg.keep_ratio,
