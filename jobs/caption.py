@@ -153,14 +153,9 @@ def _record(tracker, cfg, summary) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"caption: error: {exc}", file=sys.stderr)
-        return 2
+    from jobs.cli import module_main
+
+    return module_main(sys.modules[__name__], "caption", argv)
 
 
 if __name__ == "__main__":

@@ -44,5 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def module_main(module, name: str, argv: list[str] | None = None) -> int:
+    """``python -m jobs.NAME``: the same job as ``ep NAME``, with the same one-line errors."""
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{name}", description=module.__doc__.splitlines()[0])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -459,14 +459,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"sweep: error: {exc}", file=sys.stderr)
-        return 2
+    from jobs.cli import module_main
+
+    return module_main(sys.modules[__name__], "sweep", argv)
 
 
 if __name__ == "__main__":
