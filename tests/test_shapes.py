@@ -190,3 +190,18 @@ def test_build_set_is_a_manifest_the_pipeline_reads(tmp_path):
         assert os.path.isfile(r["path"])
     again = S.build_set(str(tmp_path / "again"), n_images=5, n_videos=3, seed=3, questions_per_image=2, video_captions=True)
     assert open(again).read() == open(manifest).read()
+
+
+def test_presence_question_when_a_kind_is_there_in_every_colour():
+    """A scene holding one kind in all six colours has no absent colour to ask about: the
+    presence question asks about a present one (it once crashed the training data stream)."""
+    objs = tuple(S.Obj("circle", c, "small", i // S.GRID, i % S.GRID) for i, c in enumerate(S.COLORS))
+    scene = S.Scene(objs, 0)
+    for seed in range(40):
+        qas = S.image_questions(scene, np.random.default_rng(seed))
+        exists = [q for q in qas if q.qtype == "exists"]
+        assert len(exists) == 1
+        q = exists[0]
+        colour, kind = q.question.split()[3:5]
+        assert q.answer == ("yes" if any((o.color, o.kind) == (colour, kind) for o in objs) else "no")
+        assert all((objs[i].color, objs[i].kind) == (colour, kind) for i in q.objects)

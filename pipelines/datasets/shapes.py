@@ -165,6 +165,28 @@ def render(placed: list[tuple[Obj, float, float]], size: int, noise_seed: int, s
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
+def patch_objects(placed: list[tuple[Obj, float, float]], patch: int, size: int = IMAGE_SIZE, supersample: int = 4,
+                  min_cover: float = 0.125) -> np.ndarray:
+    """Per ``patch``-pixel patch of a ``size``² picture (row-major), the index into ``placed`` of
+    the object covering most of it, or -1 where no object covers at least ``min_cover`` of
+    the patch. Drawn with the same shapes and stacking order as :func:`render`."""
+    scale = supersample
+    canvas = Image.new("L", (size * scale, size * scale), 0)
+    draw = ImageDraw.Draw(canvas)
+    for i, (obj, cx, cy) in enumerate(placed):
+        _draw_shape(draw, obj.kind, cx * scale, cy * scale, SIZES[obj.size] * scale, i + 1)
+    ids = np.asarray(canvas, dtype=np.int64)
+    g, s = size // patch, patch * scale
+    blocks = ids[: g * s, : g * s].reshape(g, s, g, s).transpose(0, 2, 1, 3).reshape(g * g, s * s)
+    counts = np.stack([(blocks == i + 1).sum(1) for i in range(len(placed))], 1) if placed else np.zeros((g * g, 0))
+    out = np.full(g * g, -1, dtype=np.int64)
+    if placed:
+        best = counts.argmax(1)
+        ok = counts.max(1) >= min_cover * s * s
+        out[ok] = best[ok]
+    return out
+
+
 def render_scene(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     """The scene's pixels, ``size × size × 3`` uint8."""
     return render([(o, *o.center()) for o in scene.objects], size, scene.noise_seed)
@@ -185,6 +207,7 @@ class QA:
     question: str
     answer: str
     qtype: str
+    objects: tuple[int, ...] = ()  # indices (into the scene's objects) of the objects the answer is about
 
 
 def _desc(o: Obj) -> str:
@@ -195,47 +218,61 @@ def image_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
     """One question of each type that the scene supports, answers computed from the objects."""
     objs = list(scene.objects)
     out: list[QA] = []
+
+    def about(pred) -> tuple[int, ...]:
+        return tuple(i for i, o in enumerate(objs) if pred(o))
+
     if objs:
-        o = objs[int(rng.integers(len(objs)))]
-        at = f"{ROWS[o.row]} {COLS[o.col]}"
-        out.append(QA(f"what color is the shape at {at} ?", o.color, "color_at"))
-        o = objs[int(rng.integers(len(objs)))]
-        at = f"{ROWS[o.row]} {COLS[o.col]}"
-        out.append(QA(f"what shape is at {at} ?", o.kind, "shape_at"))
-        o = objs[int(rng.integers(len(objs)))]
-        at = f"{ROWS[o.row]} {COLS[o.col]}"
-        out.append(QA(f"what size is the shape at {at} ?", o.size, "size_at"))
+        i = int(rng.integers(len(objs)))
+        o = objs[i]
+        out.append(QA(f"what color is the shape at {ROWS[o.row]} {COLS[o.col]} ?", o.color, "color_at", (i,)))
+        i = int(rng.integers(len(objs)))
+        o = objs[i]
+        out.append(QA(f"what shape is at {ROWS[o.row]} {COLS[o.col]} ?", o.kind, "shape_at", (i,)))
+        i = int(rng.integers(len(objs)))
+        o = objs[i]
+        out.append(QA(f"what size is the shape at {ROWS[o.row]} {COLS[o.col]} ?", o.size, "size_at", (i,)))
     present_colors = sorted({o.color for o in objs})
     color = (
         str(rng.choice(present_colors)) if present_colors and rng.random() < 0.8 else str(rng.choice(list(COLORS)))
     )
-    out.append(QA(f"how many {color} shapes are there ?", NUMBERS[sum(o.color == color for o in objs)], "count_color"))
+    out.append(QA(f"how many {color} shapes are there ?", NUMBERS[sum(o.color == color for o in objs)], "count_color",
+                  about(lambda o: o.color == color)))
     kind = str(rng.choice(KINDS))
-    out.append(QA(f"how many {PLURALS[kind]} are there ?", NUMBERS[sum(o.kind == kind for o in objs)], "count_kind"))
+    out.append(QA(f"how many {PLURALS[kind]} are there ?", NUMBERS[sum(o.kind == kind for o in objs)], "count_kind",
+                  about(lambda o: o.kind == kind)))
     # presence, balanced: a present (colour, kind) or one that differs from a present one in colour
     pairs = {(o.color, o.kind) for o in objs}
     if objs and rng.random() < 0.5:
         c, k = sorted(pairs)[int(rng.integers(len(pairs)))]
-        out.append(QA(f"is there a {c} {k} ?", "yes", "exists"))
+        out.append(QA(f"is there a {c} {k} ?", "yes", "exists", about(lambda o: (o.color, o.kind) == (c, k))))
     else:
         k = objs[int(rng.integers(len(objs)))].kind if objs else str(rng.choice(KINDS))
         absent = [c for c in COLORS if (c, k) not in pairs]
-        c = str(rng.choice(absent))
-        out.append(QA(f"is there a {c} {k} ?", "no", "exists"))
-    unique = [o for o in objs if sum((p.color, p.kind) == (o.color, o.kind) for p in objs) == 1]
+        if absent:
+            c = str(rng.choice(absent))
+            out.append(QA(f"is there a {c} {k} ?", "no", "exists"))
+        else:  # this kind is there in every colour: ask about one of them
+            c = str(rng.choice(list(COLORS)))
+            out.append(QA(f"is there a {c} {k} ?", "yes", "exists", about(lambda o: (o.color, o.kind) == (c, k))))
+    unique = [i for i, o in enumerate(objs) if sum((p.color, p.kind) == (o.color, o.kind) for p in objs) == 1]
     if unique:
-        o = unique[int(rng.integers(len(unique)))]
-        out.append(QA(f"is the {_desc(o)} on the left or the right ?", "left" if o.col < GRID // 2 else "right", "side"))
-        o = unique[int(rng.integers(len(unique)))]
-        out.append(QA(f"is the {_desc(o)} at the top or the bottom ?", "top" if o.row < GRID // 2 else "bottom", "half"))
-    pairs_lr = [(a, b) for a in unique for b in unique if a is not b and a.col != b.col]
+        i = unique[int(rng.integers(len(unique)))]
+        o = objs[i]
+        out.append(QA(f"is the {_desc(o)} on the left or the right ?", "left" if o.col < GRID // 2 else "right", "side", (i,)))
+        i = unique[int(rng.integers(len(unique)))]
+        o = objs[i]
+        out.append(QA(f"is the {_desc(o)} at the top or the bottom ?", "top" if o.row < GRID // 2 else "bottom", "half", (i,)))
+    pairs_lr = [(a, b) for a in unique for b in unique if a != b and objs[a].col != objs[b].col]
     if pairs_lr:
-        a, b = pairs_lr[int(rng.integers(len(pairs_lr)))]
-        out.append(QA(f"is the {_desc(a)} left of the {_desc(b)} ?", "yes" if a.col < b.col else "no", "left_of"))
-    pairs_ud = [(a, b) for a in unique for b in unique if a is not b and a.row != b.row]
+        i, j = pairs_lr[int(rng.integers(len(pairs_lr)))]
+        a, b = objs[i], objs[j]
+        out.append(QA(f"is the {_desc(a)} left of the {_desc(b)} ?", "yes" if a.col < b.col else "no", "left_of", (i, j)))
+    pairs_ud = [(a, b) for a in unique for b in unique if a != b and objs[a].row != objs[b].row]
     if pairs_ud:
-        a, b = pairs_ud[int(rng.integers(len(pairs_ud)))]
-        out.append(QA(f"is the {_desc(a)} above the {_desc(b)} ?", "yes" if a.row < b.row else "no", "above"))
+        i, j = pairs_ud[int(rng.integers(len(pairs_ud)))]
+        a, b = objs[i], objs[j]
+        out.append(QA(f"is the {_desc(a)} above the {_desc(b)} ?", "yes" if a.row < b.row else "no", "above", (i, j)))
     return out
 
 
@@ -296,8 +333,7 @@ def make_clip(rng: np.random.Generator, frames: int = VIDEO_FRAMES) -> Clip:
 
 def render_clip(clip: Clip, size: int = VIDEO_SIZE) -> list[np.ndarray]:
     """The clip's frames, each ``size × size × 3`` uint8."""
-    still = [(o, *o.center()) for o in clip.distractors]
-    return [render(still + [(clip.mover, *clip.position(t))], size, clip.noise_seed + t) for t in range(clip.frames)]
+    return [render(clip_objects(clip, t), size, clip.noise_seed + t) for t in range(clip.frames)]
 
 
 def clip_caption(clip: Clip) -> str:
@@ -305,12 +341,18 @@ def clip_caption(clip: Clip) -> str:
     return f"{m.size} {m.color} {m.kind} moves {clip.direction} ."
 
 
+def clip_objects(clip: Clip, t: int) -> list[tuple[Obj, float, float]]:
+    """What frame ``t`` shows, as ``(obj, cx, cy)``: the distractors, then the mover (drawn last)."""
+    return [(o, *o.center()) for o in clip.distractors] + [(clip.mover, *clip.position(t))]
+
+
 def video_questions(clip: Clip) -> list[QA]:
-    m = clip.mover
+    """Questions about the moving shape; ``objects`` indexes :func:`clip_objects` (the mover is last)."""
+    m, mover = clip.mover, (len(clip.distractors),)
     return [
-        QA("which way is the shape moving ?", clip.direction, "direction"),
-        QA("what color is the moving shape ?", m.color, "moving_color"),
-        QA("what shape is moving ?", m.kind, "moving_shape"),
+        QA("which way is the shape moving ?", clip.direction, "direction", mover),
+        QA("what color is the moving shape ?", m.color, "moving_color", mover),
+        QA("what shape is moving ?", m.kind, "moving_shape", mover),
     ]
 
 
