@@ -20,13 +20,13 @@ def test_packed_branches_equal_single_prompts():
     items = [sampler.image_packed(3), sampler.video_packed()]
     packed = encode_packed(processor, items)
     with torch.no_grad():
-        logits = model(**packed, use_cache=False).logits
+        logits = model(**{k: packed[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values")},
+                       use_cache=False).logits
     for b, item in enumerate(items):
-        images, branches = item[0], item[1]
         # the label positions of row b, grouped per branch in order
         pos = (packed["labels"][b] != -100).nonzero().flatten().tolist()
-        for prompt, answer in branches:
-            single = encode(processor, [(images, prompt, answer)])
+        for prompt, answer, _ in item.branches:
+            single = encode(processor, [(item.images, prompt, answer)])
             spos = (single["labels"][0] != -100).nonzero().flatten()
             n = len(spos)
             mine, pos = pos[:n], pos[n:]
@@ -38,34 +38,90 @@ def test_packed_branches_equal_single_prompts():
         assert not pos
 
 
-def test_patch_colour_labels_follow_the_pixels():
-    from jobs.train_demo import PATCH, Sampler, encode_packed, build_model, patch_colours
+def test_patch_targets_follow_the_drawn_objects():
+    from jobs.train_demo import AUX_TARGETS, OWNER, PATCH, patch_targets
     from pipelines.datasets import shapes as S
 
+    grid = S.IMAGE_SIZE // PATCH
     for i in range(10):
         scene = S.make_scene(S.rng_for("test", 2, i))
-        labels = patch_colours(S.render_scene(scene))
-        grid = S.IMAGE_SIZE // PATCH
-        assert len(labels) == grid * grid
-        covered = set()
-        for o in scene.objects:
+        placed = [(o, *o.center()) for o in scene.objects]
+        t = patch_targets(placed)
+        assert t.shape == (grid * grid, len(AUX_TARGETS) + 1)
+        pixels = S.render_scene(scene)
+        for j in range(grid * grid):
+            pr, pc = divmod(j, grid)
+            assert (t[j, 3], t[j, 4]) == (pr * PATCH // S.CELL, pc * PATCH // S.CELL)
+            patch = pixels[pr * PATCH:(pr + 1) * PATCH, pc * PATCH:(pc + 1) * PATCH].astype(int)
+            lit = (abs(patch - S.BACKGROUND).max(-1) > 100).sum()  # pixels mostly covered by a shape
+            if t[j, OWNER] < 0:
+                assert t[j, :3].tolist() == [0, 0, 0] and lit <= 2  # nothing drawn there (a sliver at most)
+                continue
+            o = scene.objects[int(t[j, OWNER])]
+            assert t[j, :3].tolist() == [list(S.COLORS).index(o.color) + 1, list(S.KINDS).index(o.kind) + 1,
+                                         list(S.SIZES).index(o.size) + 1]
+            assert (abs(patch - S.BACKGROUND).max(-1) > 20).any()  # something is drawn on the patch
+            if lit >= 8:  # mostly covered: by the owner, whose colour the patch shows
+                assert (abs(patch - S.COLORS[o.color]).max(-1) < 60).sum() >= 4
+        for k, o in enumerate(scene.objects):  # every object owns the patch under its centre
             cx, cy = o.center()
-            assert labels[int(cy // PATCH) * grid + int(cx // PATCH)] == o.color
-            r = S.SIZES[o.size] / 2 + 1
-            covered |= {int(y // PATCH) * grid + int(x // PATCH) for y in (cy - r, cy, cy + r) for x in (cx - r, cx, cx + r)
-                        if 0 <= x < S.IMAGE_SIZE and 0 <= y < S.IMAGE_SIZE}
-            for y in range(int((cy - r) // PATCH), int((cy + r) // PATCH) + 1):
-                for x in range(int((cx - r) // PATCH), int((cx + r) // PATCH) + 1):
-                    covered.add(y * grid + x)
-        assert all(labels[j] == "nothing" for j in range(grid * grid) if j not in covered)
-    # in a packed batch the label sits one position after the patch's image token (HF shifts labels)
+            assert t[int(cy // PATCH) * grid + int(cx // PATCH), OWNER] == k
+
+
+def test_look_targets_point_at_the_objects_each_answer_word_is_about():
+    from jobs.train_demo import OWNER, Sampler, build_model, encode_packed
+    from pipelines.datasets import shapes as S
+
     _, processor = build_model(seed=0)
-    images, branches, aux = Sampler(0, 4, split="validation").image_packed(2)
-    batch = encode_packed(processor, [(images, branches, aux)])
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    first = int((batch["input_ids"][0] == image_id).nonzero()[0])
-    got = processor.tokenizer.convert_ids_to_tokens(batch["aux_labels"][0, first + 1 : first + 1 + len(aux)].tolist())
-    assert got == aux
+    tok = processor.tokenizer
+    sampler = Sampler(4, 4, split="validation")
+    items = [sampler.image_packed(10), sampler.video_packed()]
+    scene = S.make_scene(S.rng_for("validation", 4, 0))  # the scene of the first image item
+    batch = encode_packed(processor, items)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    seen_caption_words = 0
+    for n, (b, pos) in enumerate(batch["look_at"].tolist()):
+        item = items[b]
+        word = tok.convert_ids_to_tokens(int(batch["labels"][b, pos + 1]))  # what this position predicts
+        image_pos = (batch["input_ids"][b] == image_id).nonzero().flatten().view(len(item.images), -1)
+        for s, frame in enumerate((0, len(item.images) - 1)):
+            keys = batch["look_keys"][s, n].nonzero().flatten()
+            assert len(keys) > 0 and all(k in image_pos[frame] for k in keys.tolist())
+            patches = [image_pos[frame].tolist().index(k) for k in keys.tolist()]
+            owners = {int(item.targets[frame, p, OWNER]) for p in patches}
+            if b == 0 and word in S.KINDS + tuple(S.COLORS) + tuple(S.SIZES) + S.ROWS + S.COLS:
+                # a caption word or one-word answer: the looked-at object has that attribute / cell
+                assert len(owners) >= 1
+                if len(owners) == 1:
+                    o = scene.objects[owners.pop()]
+                    assert word in (o.kind, o.color, o.size, S.ROWS[o.row], S.COLS[o.col])
+                    seen_caption_words += 1
+            if b == 1:  # every video word is about the mover (the last object of the frame)
+                assert owners == {max(int(x) for x in item.targets[frame, :, OWNER])}
+    assert seen_caption_words >= 5
+
+
+def test_look_supervision_recomputes_the_heads_real_attention():
+    """The supervised head's probabilities are the ones the model computes (eager attention)."""
+    from jobs.train_demo import LookSupervision, Sampler, build_model, encode
+
+    model, processor = build_model(seed=1)
+    model.set_attn_implementation("eager")
+    model.eval()
+    look = LookSupervision(model, [2, 3], heads=[0, 5])
+    images, prompt, answer = Sampler(0, 4, split="validation").image_example("caption")
+    batch = encode(processor, [(images, prompt, answer)])
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], use_cache=False, output_attentions=True)
+    T = batch["input_ids"].shape[1]
+    mask = torch.ones(1, 1, T, T, dtype=torch.bool).tril()
+    at = torch.tensor([[0, T - 1], [0, T - 5], [0, 10]])
+    for s, layer in enumerate([2, 3]):
+        for head in (0, 5):  # head 5 reads KV head 1 (4 query heads per KV head)
+            probs = look.attention(s, head, mask, at)
+            torch.testing.assert_close(probs, out.attentions[layer][0, head, at[:, 1]], atol=1e-5, rtol=1e-4)
+    look.remove()
 
 
 def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path, capsys, monkeypatch):
@@ -74,13 +130,20 @@ def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path, capsys, mo
     from jobs.train_demo import main
 
     out = tmp_path / "model"
-    code = main(["--output", str(out), "--steps", "6", "--batch-size", "2", "--questions", "2", "--video-every", "3",
-                 "--video-batch-size", "1", "--eval-every", "6", "--log-dir", str(tmp_path / "log"), "--lr", "3e-3"])
+    code = main(["--output", str(out), "--steps", "6", "--vision-steps", "2", "--vision-batch-size", "2", "--batch-size", "2", "--questions", "2", "--video-every", "3",
+                 "--video-batch-size", "1", "--eval-every", "6", "--eval-generate", "4", "--threads", "1", "--log-dir", str(tmp_path / "log"), "--lr", "3e-3"])
     assert code == 0
     text = capsys.readouterr().out
-    losses = [float(line.split(" loss ")[1].split()[0]) for line in text.splitlines() if " loss " in line]
+    lines = text.splitlines()
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in lines if line.startswith("[train-demo] step ") and " loss " in line]
     assert losses and losses[0] > 3.0  # step 0 of a fresh model: about ln(vocab)
+    assert any(line.startswith("[train-demo] vision step 0 loss") for line in lines)
+    assert any("val_caption_object_f1=" in line for line in lines)  # greedy answers scored at validation
     model, processor = load_model(str(out), dtype="float32", device="cpu")
+    # the training-only probes are not saved: exactly the weights of a stock LLaVA of this config
+    from jobs.train_demo import build_model
+
+    assert set(model.state_dict()) == set(build_model(seed=0)[0].state_dict())
     assert model.config.text_config.num_attention_heads == 16
     assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
     assert (tmp_path / "log" / "mlflow.db").exists()
