@@ -77,39 +77,73 @@ def test_demo_model_is_a_stock_llava_shipped_in_the_package(demo):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
 
 
-def test_demo_model_answers_held_out_questions_above_a_floor(demo, tmp_path):
-    """Floors on what the shipped model does reliably (see the README for its measured
-    quality): where the objects are (caption positions, against the same captions scored on
-    the wrong images) and the direction and colour of a moving shape in a held-out mp4."""
+@pytest.fixture(scope="module")
+def held_out():
+    """12 scenes and 12 clips the training never saw (validation split, seed 99)."""
     from PIL import Image
 
+    scenes, questions = [], []
+    for i in range(12):
+        rng = S.rng_for("validation", 99, i)
+        scene = S.make_scene(rng)
+        scenes.append(scene)
+        qas = S.image_questions(scene, rng)
+        questions += [qas[(2 * i + j) % len(qas)] for j in range(2)]  # every question type in turn
+    images = [[Image.fromarray(S.render_scene(sc))] for sc in scenes]
+    clips = [S.make_clip(S.rng_for("validation", 99, i, stream=1)) for i in range(12)]
+    return scenes, images, questions, clips
+
+
+def caption_f1(model, processor, images, scenes) -> float:
+    caps = ask(model, processor, images, [S.CAPTION_PROMPT] * len(images), max_new_tokens=64)
+    return sum(object_f1(parse_caption(c), [o.key for o in sc.objects]) for c, sc in zip(caps, scenes)) / len(scenes)
+
+
+def test_demo_model_answers_held_out_questions_above_a_floor(demo, held_out, tmp_path):
+    """Floors well under the shipped model's measured quality (README): dense captions matched
+    object by object (kind, colour, size and cell all right), one-word questions of every type,
+    and the direction, colour and kind of the moving shape in held-out mp4s read back with
+    decord. Captions scored against the wrong images are the control."""
     from jobs.train_demo import decode_video
 
     model, processor = demo
-    scenes = [S.make_scene(S.rng_for("validation", 99, i)) for i in range(12)]
-    images = [[Image.fromarray(S.render_scene(sc))] for sc in scenes]
-    caps = ask(model, processor, images, [S.CAPTION_PROMPT] * len(scenes), max_new_tokens=64)
+    scenes, images, questions, clips = held_out
+    right = caption_f1(model, processor, images, scenes)
+    wrong = caption_f1(model, processor, images[1:] + images[:1], scenes)
+    assert right >= 0.85 and wrong <= 0.2, (right, wrong)  # measured: 1.0 and 0.0
 
-    def position_f1(captions, truth):
-        return sum(
-            object_f1([o[3:] for o in parse_caption(c)], [(o.row, o.col) for o in sc.objects]) for c, sc in zip(captions, truth)
-        ) / len(truth)
-
-    right = position_f1(caps, scenes)
-    wrong = position_f1(caps, scenes[1:] + scenes[:1])
-    assert right >= 0.55 and right >= wrong + 0.15, (right, wrong, caps[:3])
+    outs = ask(model, processor, [images[i // 2] for i in range(len(questions))], [q.question for q in questions])
+    vqa = sum(exact_match(o, q.answer) for o, q in zip(outs, questions)) / len(questions)
+    assert vqa >= 0.5, list(zip(  # measured: 0.625 (content questions are the weak part: README)
+        [q.question for q in questions], outs, [q.answer for q in questions]))
 
     frames, prompts, answers = [], [], []
-    for i in range(8):
-        clip = S.make_clip(S.rng_for("validation", 99, i, stream=1))
+    for i, clip in enumerate(clips):
         path = S.write_video(str(tmp_path / f"clip{i}.mp4"), S.render_clip(clip))
-        qa = S.video_questions(clip)[i % 2]  # direction, colour of the moving shape
+        qa = S.video_questions(clip)[i % 3]  # direction, colour, kind of the moving shape
         frames.append(decode_video(path, 4))
         prompts.append(qa.question)
         answers.append(qa.answer)
     outs = ask(model, processor, frames, prompts)
     acc = sum(exact_match(o, a) for o, a in zip(outs, answers)) / len(answers)
-    assert acc >= 0.6, list(zip(prompts, outs, answers))
+    assert acc >= 0.8, list(zip(prompts, outs, answers))  # measured: 1.0
+
+
+def test_demo_model_needs_the_right_visual_tokens(demo, held_out):
+    """The quality signal can fail: keeping a random ninth of the visual tokens at the prune
+    layer costs caption quality (measured: object-F1 1.0 → 0.26), keeping them all costs nothing."""
+    from ep_core import PruneConfig, apply_pruning
+
+    model, processor = demo
+    scenes, images, _, _ = held_out
+    full = caption_f1(model, processor, images, scenes)
+    for method, ratio, check in (("random", 1 / 9, lambda f: f <= full - 0.3), ("entropyprune", 1.0, lambda f: f == full)):
+        handle = apply_pruning(model, PruneConfig(method, keep_ratio=ratio, prune_layer=2))
+        try:
+            pruned = caption_f1(model, processor, images, scenes)
+        finally:
+            handle.remove()
+        assert check(pruned), (method, ratio, pruned, full)
 
 
 def test_sweep_on_a_tiny_set_writes_a_well_formed_summary(ray_session, tmp_path):
