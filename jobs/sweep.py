@@ -139,7 +139,22 @@ def summarize(method: str, keep_ratio: float | None, rows: list[dict], seconds: 
         if key in scores:
             out[key] = scores[key]
             out[f"n_{key}"] = scores[f"n_{key}"]
+    if "vqa_accuracy_by_type" in scores:
+        out["vqa_accuracy_by_type"] = scores["vqa_accuracy_by_type"]
     return out
+
+
+def format_by_type(summary: list[dict]) -> str:
+    """VQA accuracy per question type, one row per configuration ("" when there is none)."""
+    types = sorted({t for r in summary for t in (r.get("vqa_accuracy_by_type") or {})})
+    if not types:
+        return ""
+    lines = ["method        keep_ratio  " + "  ".join(types)]
+    for r in summary:
+        acc = r.get("vqa_accuracy_by_type") or {}
+        cells = "  ".join(f"{acc[t]:.2f}".ljust(len(t)) if t in acc else "-".ljust(len(t)) for t in types)
+        lines.append(f"{r['method']:<13} {r['keep_ratio']:<11.2f} {cells}")
+    return "\n".join(lines)
 
 
 COLUMNS = [
@@ -446,6 +461,9 @@ def run(args: argparse.Namespace) -> int:
               "methods": args.methods, "keep_ratios": args.keep_ratios}
     log_mlflow(args.output, params, summary, [path] + ([plot_path] if plot_path else []))
     print(format_table(summary), flush=True)
+    by_type = format_by_type(summary)
+    if by_type:
+        print("VQA accuracy by question type:\n" + by_type, flush=True)
     if args.coverage and args.dataset == "shapes":
         cov = object_coverage(args.model, configs, n=min(args.n, 60), seed=args.seed, prune_layer=args.prune_layer)
         with open(os.path.join(args.output, "coverage.json"), "w", encoding="utf-8") as fh:

@@ -144,7 +144,8 @@ def score_row(output: str | None, reference) -> tuple[str, float] | None:
 
 def score_rows(rows: list[dict]) -> dict:
     """Mean score per metric over rows with ``output``, ``reference`` and ``error`` keys, their
-    counts (``n_<metric>``), ``errors``, and the headline ``quality``.
+    counts (``n_<metric>``), ``errors``, the headline ``quality`` and, for shapes questions,
+    ``vqa_accuracy_by_type`` (question type → exact-match accuracy).
 
     ``quality`` is the mean of ``vqa_accuracy`` and ``caption_object_f1`` when the rows hold
     shapes references, else the mean of ``accuracy`` and ``caption_token_f1`` where present,
@@ -152,6 +153,7 @@ def score_rows(rows: list[dict]) -> dict:
     """
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
+    by_type: dict[str, list[float]] = {}
     errors = 0
     for row in rows:
         if row.get("error"):
@@ -162,7 +164,13 @@ def score_rows(rows: list[dict]) -> dict:
         metric, value = scored
         sums[metric] = sums.get(metric, 0.0) + value
         counts[metric] = counts.get(metric, 0) + 1
+        if metric == "vqa_accuracy":
+            qtype = (parse_reference(row.get("reference")) or {}).get("qtype")
+            if qtype:
+                by_type.setdefault(qtype, []).append(value)
     out: dict = {m: sums[m] / counts[m] for m in sums}
+    if by_type:  # shapes questions: accuracy per question type (colour_at, count_kind, ...)
+        out["vqa_accuracy_by_type"] = {t: sum(v) / len(v) for t, v in sorted(by_type.items())}
     out.update({f"n_{m}": n for m, n in counts.items()})
     out["errors"] = errors
     shapes = [m for m in ("vqa_accuracy", "caption_object_f1") if m in out]

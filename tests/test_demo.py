@@ -164,6 +164,8 @@ def test_sweep_on_a_tiny_set_writes_a_well_formed_summary(ray_session, tmp_path)
         assert r["items"] == n_rows and r["errors"] == 0 and r["complete"]
         assert 0.0 <= r["quality"] <= 1.0 and r["items_per_s"] > 0
         assert r["n_vqa_accuracy"] == 2 and r["n_caption_object_f1"] == 2 and r["n_video_accuracy"] == 1
+        by_type = r["vqa_accuracy_by_type"]  # the two questions are of two types
+        assert len(by_type) == 2 and sum(by_type.values()) / 2 == pytest.approx(r["vqa_accuracy"])
     none, half = summary
     # image rows have 144 visual tokens, the 4-frame video 576: kept counts follow the ratio
     assert none["visual_tokens_kept_mean"] == pytest.approx((4 * 144 + 576) / 5)

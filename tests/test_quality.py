@@ -91,3 +91,16 @@ def test_plain_references_from_a_user_manifest():
     assert out["caption_token_f1"] == pytest.approx(2 * 1 * (6 / 7) / (1 + 6 / 7))
     assert out["quality"] == pytest.approx((1.0 + out["caption_token_f1"]) / 2)
     assert score_rows([{"output": "x", "reference": None}])["quality"] is None
+
+
+def test_vqa_accuracy_by_question_type():
+    def q(answer, qtype, output):
+        return {"output": output, "error": None, "reference": json.dumps({"task": "vqa", "answer": answer, "qtype": qtype})}
+
+    rows = [q("red", "color_at", "red"), q("blue", "color_at", "green"), q("two", "count_kind", "two"),
+            q("yes", "exists", "no"), {"output": None, "error": "bad file", "reference": json.dumps({"task": "vqa", "answer": "no", "qtype": "exists"})}]
+    scores = score_rows(rows)
+    assert scores["vqa_accuracy_by_type"] == {"color_at": 0.5, "count_kind": 1.0, "exists": 0.0}
+    assert scores["vqa_accuracy"] == pytest.approx(2 / 5)
+    # plain references carry no question type: no breakdown
+    assert "vqa_accuracy_by_type" not in score_rows([{"output": "a", "error": None, "reference": "a"}])
