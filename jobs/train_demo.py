@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
@@ -254,7 +254,14 @@ class AuxHeads:
         self._hook.remove()
 
 
-@dataclass
+def _head(proj, hidden, index: int, d: int):
+    """Head ``index``'s slice of a q/k/v projection: ``hidden · W[index·d:(index+1)·d]ᵀ (+ b)``."""
+    import torch.nn.functional as F
+
+    rows = slice(index * d, (index + 1) * d)
+    return F.linear(hidden, proj.weight[rows], None if proj.bias is None else proj.bias[rows])
+
+
 class LookSupervision:
     """Training-only attention supervision: ``heads`` of each layer in ``layers`` are taught
     where to look (pick heads of different KV groups: they carry different values). At a position that predicts an answer word about some objects (a caption's
@@ -291,29 +298,22 @@ class LookSupervision:
     def read(self, s: int, head: int, probs, look_at):
         """What ``head`` of supervised layer ``s`` reads at the ``look_at`` positions: its
         attention probabilities ``probs`` ``[N, T]`` times its values, ``[N, head_dim]``."""
-        import torch.nn.functional as F
-
         attn, hidden, _ = self.inputs[self.layers[s]]
         d = attn.head_dim
         kv = head // attn.num_key_value_groups
-        rows = slice(kv * d, (kv + 1) * d)
-        wv = attn.v_proj
-        v = F.linear(hidden, wv.weight[rows], None if wv.bias is None else wv.bias[rows])  # [B, T, d]
+        v = _head(attn.v_proj, hidden, kv, d)  # [B, T, d]
         return (probs.unsqueeze(1).to(v.dtype) @ v[look_at[:, 0]]).squeeze(1)
 
     def attention(self, s: int, head: int, mask, look_at):
         """Attention probabilities of ``head`` in supervised layer ``s`` at the ``look_at`` (row,
         position) pairs of the last forward: ``[N, T]``."""
-        import torch.nn.functional as F
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attn, hidden, (cos, sin) = self.inputs[self.layers[s]]
         d = attn.head_dim
         kv = head // attn.num_key_value_groups
-        wq, wk = attn.q_proj, attn.k_proj
-        rows_q, rows_k = slice(head * d, (head + 1) * d), slice(kv * d, (kv + 1) * d)
-        q = F.linear(hidden, wq.weight[rows_q], None if wq.bias is None else wq.bias[rows_q]).unsqueeze(1)
-        k = F.linear(hidden, wk.weight[rows_k], None if wk.bias is None else wk.bias[rows_k]).unsqueeze(1)
+        q = _head(attn.q_proj, hidden, head, d).unsqueeze(1)
+        k = _head(attn.k_proj, hidden, kv, d).unsqueeze(1)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         b, t = look_at[:, 0], look_at[:, 1]
         scores = (q[b, 0, t, None, :] * k[b, 0]).sum(-1) * attn.scaling  # [N, T]
