@@ -258,28 +258,23 @@ def plot(summary: list[dict], path: str, title: str = "quality vs prefill FLOPs"
         return None
 
 
-def object_patches(scene, image_size: int, patch: int) -> list[set[int]]:
-    """Per object of a shapes scene, the patch indices (row-major) its bounding box overlaps."""
-    from pipelines.datasets.shapes import SIZES
-
-    grid = image_size // patch
-    out = []
-    for o in scene.objects:
-        cx, cy = o.center()
-        r = SIZES[o.size] / 2
-        cols = range(max(0, int((cx - r) // patch)), min(grid, int((cx + r - 1e-6) // patch) + 1))
-        rows = range(max(0, int((cy - r) // patch)), min(grid, int((cy + r - 1e-6) // patch) + 1))
-        out.append({rr * grid + cc for rr in rows for cc in cols})
-    return out
-
-
 def object_coverage(model: str, configs: list[tuple[str, float | None]], *, n: int = 40, seed: int = 1, prune_layer: int = 2) -> list[dict]:
     """Which visual tokens each method keeps, against where the objects are (shapes images).
 
-    For every configuration: ``on_object_share`` (kept visual tokens lying on an object),
-    ``objects_touched`` (objects with at least one kept patch) and, for reference,
-    ``object_patch_share`` (all patches lying on an object: what uniform keeping would give).
+    For every configuration, over ``n`` test scenes (a patch is "on" an object when the object
+    covers at least 1/8 of it, :func:`pipelines.datasets.shapes.patch_objects`):
+
+    * ``on_object_share``: kept visual tokens that lie on an object;
+    * ``objects_touched``: objects with at least one kept patch they cover any part of;
+    * ``object_centres_kept``: objects whose centre patch is kept (the one patch every object
+      fills most);
+    * ``kept_object_cover``: mean share of a kept on-object patch that its object covers
+      (1 = the object's interior, small = a sliver of its edge).
+
+    For reference, what keeping uniformly would give: ``object_patch_share`` (all patches on
+    an object) and ``object_patch_cover`` (mean cover of all on-object patches).
     Runs in-process (one prefill per image, no Ray)."""
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -295,27 +290,39 @@ def object_coverage(model: str, configs: list[tuple[str, float | None]], *, n: i
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": S.CAPTION_PROMPT}]}], add_generation_prompt=True
     )
     encs = [processor(images=[Image.fromarray(S.render_scene(sc))], text=[text], return_tensors="pt") for sc in scenes]
+    grid = vc.image_size // vc.patch_size
+    layouts = []  # per scene: patch cover [n_vis, n_obj], owner per patch, centre patch per object
+    for sc in scenes:
+        placed = [(o, *o.center()) for o in sc.objects]
+        cover = S.patch_cover(placed, vc.patch_size, vc.image_size)
+        centres = [int(cy // vc.patch_size) * grid + int(cx // vc.patch_size) for _, cx, cy in placed]
+        layouts.append((cover, S.patch_objects(placed, vc.patch_size, vc.image_size), centres))
+    owned_cover = [c[j, o] for c, owner, _ in layouts for j, o in enumerate(owner) if o >= 0]
+    reference = {
+        "object_patch_share": float(np.mean([(owner >= 0).mean() for _, owner, _ in layouts])),
+        "object_patch_cover": float(np.mean(owned_cover)) if owned_cover else None,
+    }
     out = []
     for method, ratio in configs:
         if method == "none":
             continue
         handle = apply_pruning(mdl, PruneConfig(method=method, keep_ratio=ratio, prune_layer=prune_layer))
-        on, kept_total, touched, objects, base = 0, 0, 0, 0, 0.0
+        on, kept_total, touched, centred, objects, kept_cover = 0, 0, 0, 0, 0, []
         try:
-            for sc, enc in zip(scenes, encs):
+            for (cover, owner, centres), enc in zip(layouts, encs):
                 with torch.inference_mode():
                     mdl(**enc, use_cache=False)
                 ids = enc["input_ids"][0]
                 start = int((ids == image_id).nonzero()[0])
                 n_vis = int((ids == image_id).sum())
-                kept = {p - start for p in handle.stats[0]["kept_positions"] if start <= p < start + n_vis}
-                patches = object_patches(sc, vc.image_size, vc.patch_size)
-                union = set().union(*patches) if patches else set()
-                on += len(kept & union)
+                kept = sorted(p - start for p in handle.stats[0]["kept_positions"] if start <= p < start + n_vis)
+                on_object = [j for j in kept if owner[j] >= 0]
+                on += len(on_object)
                 kept_total += len(kept)
-                touched += sum(bool(kept & p) for p in patches)
-                objects += len(patches)
-                base += len(union) / n_vis
+                kept_cover += [cover[j, owner[j]] for j in on_object]
+                touched += int((cover[kept] > 0).any(0).sum()) if kept else 0
+                centred += sum(c in kept for c in centres)
+                objects += len(centres)
         finally:
             handle.remove()
         out.append({
@@ -323,7 +330,9 @@ def object_coverage(model: str, configs: list[tuple[str, float | None]], *, n: i
             "keep_ratio": ratio,
             "on_object_share": on / kept_total if kept_total else None,
             "objects_touched": touched / objects if objects else None,
-            "object_patch_share": base / len(scenes),
+            "object_centres_kept": centred / objects if objects else None,
+            "kept_object_cover": float(np.mean(kept_cover)) if kept_cover else None,
+            **reference,
         })
     return out
 
@@ -468,10 +477,13 @@ def run(args: argparse.Namespace) -> int:
         cov = object_coverage(args.model, configs, n=min(args.n, 60), seed=args.seed, prune_layer=args.prune_layer)
         with open(os.path.join(args.output, "coverage.json"), "w", encoding="utf-8") as fh:
             json.dump(cov, fh, indent=2)
-        print("method        keep_ratio  on_object_share  objects_touched  (object patch share, uniform: "
-              f"{cov[0]['object_patch_share']:.3f})" if cov else "", flush=True)
+        if cov:
+            print(f"kept tokens against the objects (coverage.json; uniform keeping: on-object share "
+                  f"{cov[0]['object_patch_share']:.3f}, cover {cov[0]['object_patch_cover']:.3f})", flush=True)
+            print("method        keep_ratio  on_object_share  objects_touched  centres_kept  kept_cover", flush=True)
         for c in cov:
-            print(f"{c['method']:<13} {c['keep_ratio']:<11.2f} {c['on_object_share']:<16.3f} {c['objects_touched']:.3f}", flush=True)
+            print(f"{c['method']:<13} {c['keep_ratio']:<11.2f} {c['on_object_share']:<16.3f} {c['objects_touched']:<16.3f} "
+                  f"{c['object_centres_kept']:<13.3f} {c['kept_object_cover']:.3f}", flush=True)
     print(f"[sweep] {len(summary)} configurations in {time.monotonic() - start:.0f}s; summary: {path}", flush=True)
     return 0 if all(r.get("complete") for r in summary) else 1
 

@@ -165,11 +165,11 @@ def render(placed: list[tuple[Obj, float, float]], size: int, noise_seed: int, s
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
-def patch_objects(placed: list[tuple[Obj, float, float]], patch: int, size: int = IMAGE_SIZE, supersample: int = 4,
-                  min_cover: float = 0.125) -> np.ndarray:
-    """Per ``patch``-pixel patch of a ``size``² picture (row-major), the index into ``placed`` of
-    the object covering most of it, or -1 where no object covers at least ``min_cover`` of
-    the patch. Drawn with the same shapes and stacking order as :func:`render`."""
+def patch_cover(placed: list[tuple[Obj, float, float]], patch: int, size: int = IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
+    """``[n_patches, len(placed)]``: the share of each ``patch``-pixel patch of a ``size``²
+    picture (row-major) that each object covers as drawn (same shapes and stacking order as
+    :func:`render`; an object hidden under a later one covers nothing there), measured on a
+    ``supersample``× finer raster."""
     scale = supersample
     canvas = Image.new("L", (size * scale, size * scale), 0)
     draw = ImageDraw.Draw(canvas)
@@ -178,11 +178,21 @@ def patch_objects(placed: list[tuple[Obj, float, float]], patch: int, size: int 
     ids = np.asarray(canvas, dtype=np.int64)
     g, s = size // patch, patch * scale
     blocks = ids[: g * s, : g * s].reshape(g, s, g, s).transpose(0, 2, 1, 3).reshape(g * g, s * s)
-    counts = np.stack([(blocks == i + 1).sum(1) for i in range(len(placed))], 1) if placed else np.zeros((g * g, 0))
-    out = np.full(g * g, -1, dtype=np.int64)
+    if not placed:
+        return np.zeros((g * g, 0))
+    return np.stack([(blocks == i + 1).mean(1) for i in range(len(placed))], 1)
+
+
+def patch_objects(placed: list[tuple[Obj, float, float]], patch: int, size: int = IMAGE_SIZE, supersample: int = 4,
+                  min_cover: float = 0.125) -> np.ndarray:
+    """Per ``patch``-pixel patch of a ``size``² picture (row-major), the index into ``placed`` of
+    the object covering most of it (:func:`patch_cover`), or -1 where no object covers at
+    least ``min_cover`` of the patch."""
+    cover = patch_cover(placed, patch, size, supersample)
+    out = np.full(cover.shape[0], -1, dtype=np.int64)
     if placed:
-        best = counts.argmax(1)
-        ok = counts.max(1) >= min_cover * s * s
+        best = cover.argmax(1)
+        ok = cover.max(1) >= min_cover
         out[ok] = best[ok]
     return out
 
