@@ -10,7 +10,7 @@ with 6 layers, 16 query heads and 4 KV heads (GQA). The tokenizer is word-level 
 a chat template. A video is given as its frames, one image each, in one prompt — how the
 pipeline feeds any image-only LLaVA a video.
 
-Training has two stages, both from random weights, about 35 minutes on 2 cores with the
+Training has two stages, both from random weights, about 37 minutes on 2 cores with the
 defaults:
 
 1. **Vision** (``--vision-steps``, cheap: no decoder): the vision tower and projector learn to
@@ -27,9 +27,16 @@ defaults:
    each of decoder layers 2 and 3 where to look: at a position that predicts a word about an
    object (``r2 c3 small red circle``, the colour of the shape at a cell, the moving shape),
    their attention must fall on that object's image tokens, and what they read must tell the
-   object's attributes. These look-ups sit at and after the demo's prune layer (2), so
-   answers depend on which visual tokens pruning keeps. A decoder left to itself learnt to
-   find the objects but, after 750 steps, still named colours at chance.
+   object's attributes. Questions that name their objects by content instead of by cell
+   (``how many red shapes``, ``is there a blue cross``, ``is the red circle left of the
+   white square``) go to a second set of heads (``--content-heads``, another KV group): in
+   layer 1 they gather the words that name the objects into the answer position, in layers
+   2 and 3 they look at the objects those words name (for a pair, half of them at each
+   object), and probes on their keys make the image tokens' keys say colour and kind — one
+   head set serving both kinds of look-up had learnt places only, and answered every
+   content question with its prior. These look-ups sit at and after the demo's prune layer
+   (2), so answers depend on which visual tokens pruning keeps. A decoder left to itself
+   learnt to find the objects but, after 750 steps, still named colours at chance.
 
 Every probe is training-only: the saved model is a stock LLaVA with nothing added.
 Everything is seeded: the same command gives the same
@@ -65,7 +72,7 @@ VIDEO_TRAIN_FRAMES = 4
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="where to save the model (default: ep_core/demo_model in the repo)")
-    parser.add_argument("--steps", type=int, default=2500, help="optimizer steps of the full model (default 2500)")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps of the full model (default 3000)")
     parser.add_argument("--batch-size", type=int, default=8, help="scenes per image batch (default 8)")
     parser.add_argument("--questions", type=int, default=10, help="questions packed with each scene's caption (default 10)")
     parser.add_argument("--video-every", type=int, default=3, help="every N-th step is a video batch (default 3)")
@@ -77,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--look-layers", default="2,3", help="decoder layers whose --look-heads are taught where to look (default 2,3; empty: off)")
     parser.add_argument("--look-heads", default="0,4,8", help="the supervised heads of those layers (default 0,4,8: three KV groups)")
     parser.add_argument("--look-weight", type=float, default=1.0, help="weight of the attention supervision (default 1.0)")
+    parser.add_argument("--content-heads", default="12,13,14,15", help="heads of the --look-layers taught to find objects named by content (counts, presence, sides, relations); two halves, one per object of a pair (default 12,13,14,15: the fourth KV group; empty: off)")
+    parser.add_argument("--question-weight", type=float, default=3.0, help="weight of a question's answer tokens against caption tokens in the LM loss (default 3)")
+    parser.add_argument("--gather-layers", default="1", help="layers whose --content-heads are taught to gather the words that name the objects into the answer position, before the look-up (default 1; empty: off)")
+    parser.add_argument("--content-weight", type=float, default=2.0, help="weight of the content heads' supervision: look-up, keys, gathering (default 2)")
     parser.add_argument("--stop-at", type=int, default=None, help="stop (and save) after this many steps of the --steps schedule")
     parser.add_argument("--data-offset", type=int, default=0, help="added to --seed for the training data stream (a second stage sees new scenes)")
     parser.add_argument("--warm-fraction", type=float, default=0.0, help="share of steps on small image-only scenes first (default 0: with the look-up supervision it only taught shortcuts)")
@@ -187,22 +198,39 @@ def decode_video(path: str, n: int):
     return [Image.fromarray(f) for f in vr.get_batch(frame_indices(len(vr), n)).asnumpy()]
 
 
-AUX_TARGETS = ("colour", "kind", "size", "row", "col")
+AUX_TARGETS = ("colour", "kind", "size", "row", "col", "n_colour", "n_kind")
 OWNER = len(AUX_TARGETS)  # column of patch_targets holding the covering object's index
+
+
+# How a question finds its objects: by the grid cell it names ("place", as every caption word
+# and video answer does), by their content ("content": all the heads look at all the named
+# objects), or a pair named by content ("pair": half the heads on each).
+CONTENT_QTYPES = ("count_color", "count_kind", "exists", "side", "half")
+PAIR_QTYPES = ("left_of", "above")
+LOOK_MODES = ("place", "content", "pair")
+CONTENT_KEYS = ("colour", "kind")  # what the content heads' keys must carry (LookSupervision.key_loss)
+
+
+def look_mode(qtype: str) -> str:
+    """The look-up a question type needs (see :data:`LOOK_MODES`)."""
+    return "pair" if qtype in PAIR_QTYPES else "content" if qtype in CONTENT_QTYPES else "place"
 
 
 def aux_classes() -> dict[str, int]:
     """Classes of each auxiliary per-patch target (index 0 of colour/kind/size is "nothing")."""
-    from pipelines.datasets.shapes import COLORS, GRID, KINDS, SIZES
+    from pipelines.datasets.shapes import COLORS, GRID, KINDS, MAX_OBJECTS, SIZES
 
-    return {"colour": len(COLORS) + 1, "kind": len(KINDS) + 1, "size": len(SIZES) + 1, "row": GRID, "col": GRID}
+    return {"colour": len(COLORS) + 1, "kind": len(KINDS) + 1, "size": len(SIZES) + 1, "row": GRID, "col": GRID,
+            "n_colour": MAX_OBJECTS + 1, "n_kind": MAX_OBJECTS + 1}
 
 
 def patch_targets(placed, patch: int = PATCH):
-    """Auxiliary labels of the image tokens of one picture: ``[n_patches, 6]`` long, columns
+    """Auxiliary labels of the image tokens of one picture: ``[n_patches, 8]`` long, columns
     :data:`AUX_TARGETS` then the owner. colour/kind/size are those of the object covering the
     patch (1-based indices into the world's lists, 0 = no object); row/col are the grid cell
-    the patch lies in; the owner is that object's index in ``placed`` (-1 = none).
+    the patch lies in; n_colour/n_kind count the picture's objects of that object's colour /
+    kind (0 = no object), what a count question reads from the tokens of the objects it names;
+    the owner is that object's index in ``placed`` (-1 = none).
     ``placed`` is ``[(obj, cx, cy), ...]`` as drawn."""
     import torch
 
@@ -219,6 +247,8 @@ def patch_targets(placed, patch: int = PATCH):
         if i >= 0:
             o = placed[i][0]
             out[j, 0], out[j, 1], out[j, 2] = colours.index(o.color) + 1, kinds.index(o.kind) + 1, sizes.index(o.size) + 1
+            out[j, 5] = sum(p.color == o.color for p, _, _ in placed)
+            out[j, 6] = sum(p.kind == o.kind for p, _, _ in placed)
     return out
 
 
@@ -274,16 +304,27 @@ class LookSupervision:
     layers sit at and after the prune layer: the look-ups the model learns happen on the
     visual tokens that pruning keeps or drops."""
 
-    def __init__(self, model, layers: list[int], heads: list[int] = (0,)):
+    # ``content_heads`` (optional) are taught the content look-ups instead: see :meth:`loss`
+    # and :meth:`key_loss`. With no ``heads`` and no probes wanted (``layers=[1]``) the same
+    # class supervises the query-forming heads (targets: the question's naming words).
+    def __init__(self, model, layers: list[int], heads: list[int] = (0,), content_heads: list[int] = ()):
         import torch
 
         decoder = model.model.language_model
-        self.layers, self.heads = list(layers), list(heads)
-        width = decoder.layers[0].self_attn.head_dim * len(self.heads)
+        self.layers, self.heads, self.content_heads = list(layers), list(heads), list(content_heads)
+        if self.content_heads and len(self.content_heads) % 2:
+            raise ValueError(f"content heads come in two halves (one per object of a pair), got {self.content_heads}")
+        d = decoder.layers[0].self_attn.head_dim
         n = aux_classes()
-        self.probes = torch.nn.ModuleDict(
-            {f"{s}_{k}": torch.nn.Linear(width, n[k]) for s in range(len(self.layers)) for k in AUX_TARGETS}
-        )
+        probes = {f"{s}_{k}": (d * len(self.heads), n[k]) for s in range(len(self.layers)) for k in AUX_TARGETS if self.heads}
+        if self.content_heads:
+            probes.update({f"c{s}_{h}_{k}": (d * len(self.content_heads) // 2, n[k])
+                           for s in range(len(self.layers)) for h in range(2) for k in AUX_TARGETS})
+            kv_groups = decoder.layers[0].self_attn.num_key_value_groups
+            self.content_kv = sorted({h // kv_groups for h in self.content_heads})
+            probes.update({f"k{s}_{kv}_{k}": (d, n[k]) for s in range(len(self.layers)) for kv in self.content_kv
+                           for k in CONTENT_KEYS})
+        self.probes = torch.nn.ModuleDict({name: torch.nn.Linear(*shape) for name, shape in probes.items()})
         self.inputs: dict[int, tuple] = {}
         self._hooks = [
             decoder.layers[i].self_attn.register_forward_pre_hook(self._keeper(i), with_kwargs=True) for i in layers
@@ -322,29 +363,73 @@ class LookSupervision:
     def parameters(self):
         return self.probes.parameters()
 
-    def loss(self, mask, look_at, look_keys, look_attrs):
-        """Mean over supervised heads and positions of ``-log(attention mass on the targets)``,
-        plus, per supervised layer, the cross-entropy of linear probes that must tell the
-        looked-at object's colour, kind, size and grid cell (in that layer's picture) from what
-        the heads read: the values must carry what the answer needs, not only the pattern."""
+    def _group_loss(self, mask, look_at, keys, attrs, groups):
+        """``-log(attention mass on the targets)`` averaged over heads and positions, plus the
+        probes' cross-entropy on what each head group read. ``groups(s)`` lists, for
+        supervised layer ``s``, ``(heads, slot, probe name)``: those heads must look at
+        ``keys[slot]``, and the probe must tell ``attrs[:, slot]`` from their reads."""
         import torch
         import torch.nn.functional as F
 
-        if look_at.numel() == 0:
-            return None
         total = 0.0
         for s in range(len(self.layers)):
-            reads = []
-            for head in self.heads:
-                probs = self.attention(s, head, mask, look_at)
-                mass = (probs * look_keys[s % 2]).sum(-1)
-                total = total + (-torch.log(mass + 1e-6)).mean() / len(self.heads)
-                reads.append(self.read(s, head, probs, look_at))
-            if (look_attrs != -100).any():
-                x = torch.cat(reads, -1).float()
-                total = total + sum(F.cross_entropy(self.probes[f"{s}_{k}"](x), look_attrs[:, s % 2, i], ignore_index=-100)
-                                    for i, k in enumerate(AUX_TARGETS)) / len(AUX_TARGETS)
+            layer_loss = 0.0
+            for heads, slot, name in groups(s):
+                reads = []
+                for head in heads:
+                    probs = self.attention(s, head, mask, look_at)
+                    mass = (probs * keys[slot]).sum(-1)
+                    layer_loss = layer_loss + (-torch.log(mass + 1e-6)).mean() / len(heads)
+                    reads.append(self.read(s, head, probs, look_at))
+                if (attrs[:, slot] != -100).any():
+                    x = torch.cat(reads, -1).float()
+                    layer_loss = layer_loss + sum(F.cross_entropy(self.probes[f"{name}_{k}"](x), attrs[:, slot, i], ignore_index=-100)
+                                                  for i, k in enumerate(AUX_TARGETS)) / len(AUX_TARGETS)
+            total = total + layer_loss / len(groups(s))
         return total / len(self.layers)
+
+    def key_loss(self, image_pos, targets):
+        """Cross-entropy of linear probes that must tell, from the content heads' keys at every
+        image token (``image_pos`` ``[B, T]`` bool, pictures in order), the colour and kind of
+        the object covering the patch (``targets``, :func:`patch_targets` rows): a content
+        look-up matches a query against these keys, and colour was the part they lacked."""
+        import torch.nn.functional as F
+
+        t = targets.reshape(-1, targets.shape[-1])
+        total = 0.0
+        for s, layer in enumerate(self.layers):
+            attn, hidden, _ = self.inputs[layer]
+            for kv in self.content_kv:
+                keys = _head(attn.k_proj, hidden, kv, attn.head_dim)[image_pos].float()
+                total = total + sum(F.cross_entropy(self.probes[f"k{s}_{kv}_{k}"](keys), t[:, AUX_TARGETS.index(k)])
+                                    for k in CONTENT_KEYS) / len(CONTENT_KEYS)
+        return total / (len(self.layers) * len(self.content_kv))
+
+    def loss(self, mask, look_at, look_keys, look_attrs, look_mode=None):
+        """Training loss of both head sets (``None`` when the batch has no look-up targets):
+
+        * place rows (all rows when ``look_mode`` is None): the ``heads`` of supervised layer
+          ``s`` look at slot ``s % 2`` (first picture, last picture);
+        * content and pair rows: the first half of ``content_heads`` looks at slot 0, the
+          second half at slot 1 (both slots hold all the named objects for a content
+          question; the first and the second object for a pair), in every supervised layer.
+
+        Returns ``(place loss, content loss)``, each ``None`` where it has no rows."""
+        if look_mode is None:
+            look_mode = look_at.new_zeros(look_at.shape[0])
+        place = look_mode == LOOK_MODES.index("place")
+        out = []
+        for rows, groups in (
+            (place, lambda s: [(self.heads, s % 2, str(s))]),
+            (~place, lambda s: [(self.content_heads[: len(self.content_heads) // 2], 0, f"c{s}_0"),
+                                (self.content_heads[len(self.content_heads) // 2 :], 1, f"c{s}_1")]),
+        ):
+            heads = self.heads if rows is place else self.content_heads
+            if not rows.any() or not heads:
+                out.append(None)
+                continue
+            out.append(self._group_loss(mask, look_at[rows], look_keys[:, rows], look_attrs[rows], groups))
+        return tuple(out)
 
     def remove(self):
         for h in self._hooks:
@@ -354,12 +439,13 @@ class LookSupervision:
 @dataclass
 class Packed:
     """One training item: its pictures (one image, or a video's frames), the (prompt, answer,
-    about) branches that share them, and per picture the patch targets of :func:`patch_targets`.
-    ``about`` has one entry per answer word: the indices of the objects that word is about
-    (what the supervised attention heads must look at to say it), empty where none."""
+    about, mode) branches that share them, and per picture the patch targets of
+    :func:`patch_targets`. ``about`` has one entry per answer word: the indices of the objects
+    that word is about (what the supervised attention heads must look at to say it), empty
+    where none; ``mode`` is the branch's :func:`look_mode`."""
 
     images: list
-    branches: list[tuple[str, str, list[tuple[int, ...]]]]
+    branches: list[tuple[str, str, list[tuple[int, ...]], str]]
     targets: object  # long tensor [n_images, n_patches, len(AUX_TARGETS) + 1]
 
 
@@ -400,7 +486,8 @@ class Sampler:
         qas = S.image_questions(scene, rng)
         order = rng.permutation(len(qas))[:n_questions]
         about = [w for i in range(len(scene.objects)) for w in [(i,)] * 5 + [()]] or [(), ()]
-        branches = [(S.CAPTION_PROMPT, S.caption(scene), about)] + [(qas[i].question, qas[i].answer, [qas[i].objects]) for i in order]
+        branches = [(S.CAPTION_PROMPT, S.caption(scene), about, "place")]
+        branches += [(qas[i].question, qas[i].answer, [qas[i].objects], look_mode(qas[i].qtype)) for i in order]
         placed = [(o, *o.center()) for o in scene.objects]
         return Packed([Image.fromarray(S.render_scene(scene))], branches, patch_targets(placed)[None])
 
@@ -416,8 +503,8 @@ class Sampler:
         path = S.write_video(os.path.join(self._tmp.name, "clip.mp4"), S.render_clip(clip))
         frames = decode_video(path, self.frames)
         mover = (len(clip.distractors),)
-        branches = [(S.VIDEO_CAPTION_PROMPT, S.clip_caption(clip), [mover] * 5 + [()])]
-        branches += [(q.question, q.answer, [q.objects]) for q in S.video_questions(clip)]
+        branches = [(S.VIDEO_CAPTION_PROMPT, S.clip_caption(clip), [mover] * 5 + [()], "place")]
+        branches += [(q.question, q.answer, [q.objects], "place") for q in S.video_questions(clip)]
         targets = [patch_targets(S.clip_objects(clip, t)) for t in S.frame_indices(clip.frames, self.frames)]
         return Packed(frames, branches, torch.stack(targets))
 
@@ -472,16 +559,24 @@ def encode_packed(processor, items: list[Packed]):
 
     Also: ``aux_targets`` (the items' patch targets, one row per picture) and the attention
     targets of the answer words that are about objects: ``look_at`` ``[N, 2]`` (row, position
-    that predicts the word) and ``look_keys`` ``[2, N, T]``, the image-token positions of those
-    objects in the first picture (``[0]``) and in the last (``[1]``; the same for an image)."""
+    that predicts the word), ``question`` ``[B, T]`` (the labels that answer a question rather
+    than caption), ``look_mode`` ``[N]`` (index into :data:`LOOK_MODES`),
+    ``look_keys`` ``[2, N, T]`` and ``look_attrs`` ``[N, 2, 5]`` (the attributes of the one
+    object a slot is about, -100 where it is about several). A "place" word's two slots are
+    its objects' image tokens in the first picture and in the last (the same for an image); a
+    "content" word's are both all its objects; a "pair" word's are its first and its second
+    object. ``look_words`` ``[2, N, T]``: the question words that name those objects (see
+    ``naming_words``), what the query-forming heads gather before the look-up."""
     import torch
+
+    from pipelines.datasets import shapes as S
 
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
     rows, pixels = [], []
     for item in items:
         ids_all, prefix_len = [], None
-        for prompt, answer, about in item.branches:
+        for prompt, answer, about, mode in item.branches:
             content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": prompt}]
             text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
             if prefix_len is None:
@@ -496,16 +591,31 @@ def encode_packed(processor, items: list[Packed]):
             assert full[:prefix_len] == prefix
             words = tok(answer, add_special_tokens=False)["input_ids"]
             assert len(about) == len(words), (answer, about)
-            ids_all.append((full[prefix_len:], words + [tok.eos_token_id], list(about) + [()]))
+            ids_all.append((full[prefix_len:], words + [tok.eos_token_id], list(about) + [()], LOOK_MODES.index(mode)))
         image_pos = torch.tensor([i for i, t in enumerate(prefix) if t == image_id]).view(len(item.images), -1)
         rows.append((prefix, ids_all, image_pos, item.targets))
-    T = max(len(p) + sum(len(q) + len(a) for q, a, _ in br) for p, br, _, _ in rows)
+    T = max(len(p) + sum(len(q) + len(a) for q, a, _, _ in br) for p, br, _, _ in rows)
     B = len(rows)
     input_ids = torch.full((B, T), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
+    question = torch.zeros((B, T), dtype=torch.bool)
     position_ids = torch.zeros((B, T), dtype=torch.long)
     mask = torch.zeros((B, 1, T, T), dtype=torch.bool)
-    look_at, look_keys, look_attrs = [], [], []
+    look_at, look_keys, look_attrs, look_modes, look_words = [], [], [], [], []
+    naming = {tok.convert_tokens_to_ids(w) for w in (*S.COLORS, *S.KINDS, *S.PLURALS.values())}
+    relation = {tok.convert_tokens_to_ids(w) for w in ("left", "above")}
+
+    def naming_words(q: list[int], at: int, T: int, pair: bool):
+        """``[2, T]``: the positions of the question's words that name its objects (colours,
+        kinds); for a pair, the first object's words in slot 0 and the second's in slot 1."""
+        out = torch.zeros(2, T, dtype=torch.bool)
+        split = next((j for j, x in enumerate(q) if x in relation), len(q)) if pair else len(q)
+        for j, x in enumerate(q):
+            if x in naming:
+                out[int(pair and j > split), at + j] = True
+        if not pair:
+            out[1] = out[0]
+        return out
     for b, (prefix, branches, image_pos, targets) in enumerate(rows):
         owners = targets[..., OWNER]
         P = len(prefix)
@@ -513,40 +623,61 @@ def encode_packed(processor, items: list[Packed]):
         position_ids[b, :P] = torch.arange(P)
         mask[b, 0, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
         at = P
-        for q, a, about in branches:
+        for i, (q, a, about, mode) in enumerate(branches):
             seq = q + a
             n = len(seq)
             input_ids[b, at : at + n] = torch.tensor(seq)
             labels[b, at + len(q) : at + n] = torch.tensor(a)
+            question[b, at + len(q) : at + n] = i > 0  # every branch after the caption is a question
             position_ids[b, at : at + n] = torch.arange(P, P + n)
             mask[b, 0, at : at + n, :P] = True
             mask[b, 0, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
             for t, objects in enumerate(about):  # word t is predicted at position at + len(q) - 1 + t
                 if not objects:
                     continue
+                if LOOK_MODES[mode] == "pair":  # slot: (picture, the objects it is about)
+                    slots = [(0, objects[:1]), (0, objects[1:])]
+                elif LOOK_MODES[mode] == "content":
+                    slots = [(0, objects), (0, objects)]
+                else:
+                    slots = [(0, objects), (len(image_pos) - 1, objects)]
                 keys = torch.zeros(2, T, dtype=torch.bool)
-                for s, frame in enumerate((0, len(image_pos) - 1)):
-                    hit = torch.isin(owners[frame], torch.tensor(objects))
+                attrs = torch.full((2, OWNER), -100, dtype=torch.long)
+                for s, (frame, objs) in enumerate(slots):
+                    hit = torch.isin(owners[frame], torch.tensor(objs))
                     keys[s, image_pos[frame][hit]] = True
+                    if len(objs) == 1 and hit.any():  # what and where the one looked-at object is
+                        attrs[s] = targets[frame, int(hit.nonzero()[0]), :OWNER]
                 if keys.any(1).all():  # an object too small to own a patch gives no target
                     look_at.append((b, at + len(q) - 1 + t))
                     look_keys.append(keys)
-                    attrs = torch.full((2, OWNER), -100, dtype=torch.long)
-                    if len(objects) == 1:  # what and where the looked-at object is, first and last picture
-                        for s, frame in enumerate((0, len(image_pos) - 1)):
-                            first = int(torch.nonzero(owners[frame] == objects[0])[0])
-                            attrs[s] = targets[frame, first, :OWNER]
                     look_attrs.append(attrs)
+                    look_modes.append(mode)
+                    look_words.append(naming_words(q, at, T, LOOK_MODES[mode] == "pair"))
             at += n
         for j in range(at, T):  # padding attends to itself only (no empty softmax rows)
             mask[b, 0, j, j] = True
     # HF shifts labels by one inside the loss: label at position t is predicted from t-1, so
     # the first answer token is predicted from the last prompt token of its own branch.
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
-            "pixel_values": torch.cat(pixels), "aux_targets": torch.cat([it.targets for it in items]),
+            "question": question, "pixel_values": torch.cat(pixels), "aux_targets": torch.cat([it.targets for it in items]),
             "look_at": torch.tensor(look_at, dtype=torch.long).view(-1, 2),
+            "look_mode": torch.tensor(look_modes, dtype=torch.long),
+            "look_words": torch.stack(look_words, 1) if look_words else torch.zeros(2, 0, T, dtype=torch.bool),
             "look_keys": torch.stack(look_keys, 1) if look_keys else torch.zeros(2, 0, T, dtype=torch.bool),
             "look_attrs": torch.stack(look_attrs) if look_attrs else torch.zeros(0, 2, OWNER, dtype=torch.long)}
+
+
+def answer_loss(logits, labels, question, question_weight: float = 1.0):
+    """Weighted mean cross-entropy over the labelled tokens: ``Σ w·CE / Σ w`` with ``w =
+    question_weight`` on the answers to questions and 1 on captions (a scene's caption has
+    several times more tokens than all its one-word answers together)."""
+    import torch
+
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="none")
+    w = torch.where(question.reshape(-1), question_weight, 1.0) * (labels.reshape(-1) != -100)
+    return (ce * w).sum() / w.sum().clamp_min(1e-6)
 
 
 def token_accuracy(model, batch, prune=None) -> float:
@@ -741,10 +872,13 @@ def train(args) -> str:
         pretrain_vision(model, processor, aux, args, tracker)
     look_layers = [int(x) for x in str(args.look_layers).split(",") if x.strip()]
     look_heads = [int(x) for x in str(args.look_heads).split(",") if x.strip()]
-    look = LookSupervision(model, look_layers, look_heads) if look_layers and look_heads and args.look_weight > 0 else None
+    content_heads = [int(x) for x in str(args.content_heads).split(",") if x.strip()] if args.content_weight > 0 else []
+    look = LookSupervision(model, look_layers, look_heads, content_heads) if look_layers and look_heads and args.look_weight > 0 else None
+    gather_layers = [int(x) for x in str(args.gather_layers).split(",") if x.strip()]
+    gather = LookSupervision(model, gather_layers, [], content_heads) if gather_layers and content_heads and look else None
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    for extra in (aux, look):
+    for extra in (aux, look, gather):
         if extra is not None:
             decay += list(extra.parameters())
     opt = torch.optim.AdamW(
@@ -774,20 +908,30 @@ def train(args) -> str:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         labels, targets = batch.pop("labels"), batch.pop("aux_targets")
-        look_at, look_keys, look_attrs = batch.pop("look_at"), batch.pop("look_keys"), batch.pop("look_attrs")
+        look_at, look_keys, look_attrs, look_mode, look_words = (
+            batch.pop(k) for k in ("look_at", "look_keys", "look_attrs", "look_mode", "look_words"))
+        question = batch.pop("question")
         logits = model(**batch, use_cache=False).logits[:, :-1].float()
-        ce = torch.nn.functional.cross_entropy
-        loss = ce(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss = answer_loss(logits, labels[:, 1:], question[:, 1:], args.question_weight)
         parts = {"lm": float(loss.detach())}
         if aux is not None:
             aux_loss = aux.loss(targets)
             parts["aux"] = float(aux_loss.detach())
             loss = loss + args.aux_weight * aux_loss
         if look is not None:
-            look_loss = look.loss(batch["attention_mask"], look_at, look_keys, look_attrs)
-            if look_loss is not None:
-                parts["look"] = float(look_loss.detach())
-                loss = loss + args.look_weight * look_loss
+            place_loss, content_loss = look.loss(batch["attention_mask"], look_at, look_keys, look_attrs, look_mode)
+            terms = [("look", place_loss, args.look_weight), ("content", content_loss, args.content_weight)]
+            if look.content_heads:
+                image_pos = batch["input_ids"] == model.config.image_token_id
+                terms.append(("keys", look.key_loss(image_pos, targets), args.content_weight))
+            if gather is not None:
+                no_attrs = torch.full_like(look_attrs, -100)
+                terms.append(("gather", gather.loss(batch["attention_mask"], look_at, look_words, no_attrs, look_mode)[1],
+                              args.content_weight))
+            for name, part, weight in terms:
+                if part is not None:
+                    parts[name] = float(part.detach())
+                    loss = loss + weight * part
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -25,7 +25,7 @@ def test_packed_branches_equal_single_prompts():
     for b, item in enumerate(items):
         # the label positions of row b, grouped per branch in order
         pos = (packed["labels"][b] != -100).nonzero().flatten().tolist()
-        for prompt, answer, _ in item.branches:
+        for prompt, answer, *_ in item.branches:
             single = encode(processor, [(item.images, prompt, answer)])
             spos = (single["labels"][0] != -100).nonzero().flatten()
             n = len(spos)
@@ -55,11 +55,15 @@ def test_patch_targets_follow_the_drawn_objects():
             patch = pixels[pr * PATCH:(pr + 1) * PATCH, pc * PATCH:(pc + 1) * PATCH].astype(int)
             lit = (abs(patch - S.BACKGROUND).max(-1) > 100).sum()  # pixels mostly covered by a shape
             if t[j, OWNER] < 0:
-                assert t[j, :3].tolist() == [0, 0, 0] and lit <= 2  # nothing drawn there (a sliver at most)
+                assert t[j, :3].tolist() == [0, 0, 0] and t[j, 5:OWNER].tolist() == [0, 0] and lit <= 2  # nothing drawn there (a sliver at most)
                 continue
             o = scene.objects[int(t[j, OWNER])]
             assert t[j, :3].tolist() == [list(S.COLORS).index(o.color) + 1, list(S.KINDS).index(o.kind) + 1,
                                          list(S.SIZES).index(o.size) + 1]
+            # how many objects share its colour / kind, counted from the reference caption's words
+            described = [part.split() for part in S.caption(scene).split(" , ")]  # row col size colour kind
+            assert int(t[j, 5]) == sum(w[3] == o.color for w in described)
+            assert int(t[j, 6]) == sum(w[4] == o.kind for w in described)
             assert (abs(patch - S.BACKGROUND).max(-1) > 20).any()  # something is drawn on the patch
             if lit >= 8:  # mostly covered: by the owner, whose colour the patch shows
                 assert (abs(patch - S.COLORS[o.color]).max(-1) < 60).sum() >= 4
@@ -99,6 +103,50 @@ def test_look_targets_point_at_the_objects_each_answer_word_is_about():
             if b == 1:  # every video word is about the mover (the last object of the frame)
                 assert owners == {max(int(x) for x in item.targets[frame, :, OWNER])}
     assert seen_caption_words >= 5
+
+
+def test_content_questions_look_at_the_objects_their_words_name():
+    """A question that names objects by content ("how many red shapes", "is the red circle left
+    of the blue cross") gets content-head targets: the words that name the objects, and the
+    image tokens of exactly the objects with those attributes (a pair: first, then second)."""
+    from jobs.train_demo import LOOK_MODES, OWNER, Sampler, build_model, encode_packed
+    from pipelines.datasets import shapes as S
+
+    _, processor = build_model(seed=0)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    sampler = Sampler(6, 4, split="validation")
+    items = [sampler.image_packed(10) for _ in range(6)]
+    batch = encode_packed(processor, items)
+    seen = {m: 0 for m in LOOK_MODES}
+    for n, (b, pos) in enumerate(batch["look_at"].tolist()):
+        mode = LOOK_MODES[int(batch["look_mode"][n])]
+        seen[mode] += 1
+        if mode == "place":
+            continue
+        start = max(j for j in range(pos) if int(batch["input_ids"][b, j]) == image_id) + 1
+        question = tok.convert_ids_to_tokens(batch["input_ids"][b, start : pos + 1].tolist())
+        if "</s>" in question:  # this branch's own prompt starts after the previous branch's answer
+            question = question[len(question) - question[::-1].index("</s>") :]
+        image_pos = (batch["input_ids"][b] == image_id).nonzero().flatten().tolist()
+        for slot in range(2):
+            named = [tok.convert_ids_to_tokens(int(batch["input_ids"][b, j]))
+                     for j in batch["look_words"][slot, n].nonzero().flatten().tolist()]
+            colours = [w for w in named if w in S.COLORS]
+            kinds = [k for k in S.KINDS if k in named or S.PLURALS[k] in named]
+            assert named and all(w in question for w in named)
+            if mode == "pair":  # slot 0: the first object's words, slot 1: the second's
+                halves = " ".join(question).split(" left of " if " left of " in " ".join(question) else " above ")
+                assert " ".join(named) in halves[slot]
+            owners = {int(items[b].targets[0, image_pos.index(k), OWNER])
+                      for k in batch["look_keys"][slot, n].nonzero().flatten().tolist()}
+            scene = S.make_scene(S.rng_for("validation", 6, b))
+            wanted = {i for i, o in enumerate(scene.objects)
+                      if (not colours or o.color in colours) and (not kinds or o.kind in kinds)}
+            assert owners and owners <= wanted
+            if mode == "content":  # all the objects the question names (each owns a patch)
+                assert owners == wanted
+    assert seen["content"] >= 6 and seen["pair"] >= 2 and seen["place"] >= 20
 
 
 def test_look_supervision_recomputes_the_heads_real_attention():
