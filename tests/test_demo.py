@@ -110,11 +110,11 @@ def test_demo_model_answers_held_out_questions_above_a_floor(demo, held_out, tmp
     scenes, images, questions, clips = held_out
     right = caption_f1(model, processor, images, scenes)
     wrong = caption_f1(model, processor, images[1:] + images[:1], scenes)
-    assert right >= 0.85 and wrong <= 0.2, (right, wrong)  # measured: 1.0 and 0.0
+    assert right >= 0.85 and wrong <= 0.2, (right, wrong)  # measured: 0.99 and 0.0
 
     outs = ask(model, processor, [images[i // 2] for i in range(len(questions))], [q.question for q in questions])
     vqa = sum(exact_match(o, q.answer) for o, q in zip(outs, questions)) / len(questions)
-    assert vqa >= 0.5, list(zip(  # measured: 0.625 (content questions are the weak part: README)
+    assert vqa >= 0.7, list(zip(  # measured: 0.875 (counting kinds is the weak part: README)
         [q.question for q in questions], outs, [q.answer for q in questions]))
 
     frames, prompts, answers = [], [], []
@@ -126,12 +126,12 @@ def test_demo_model_answers_held_out_questions_above_a_floor(demo, held_out, tmp
         answers.append(qa.answer)
     outs = ask(model, processor, frames, prompts)
     acc = sum(exact_match(o, a) for o, a in zip(outs, answers)) / len(answers)
-    assert acc >= 0.8, list(zip(prompts, outs, answers))  # measured: 1.0
+    assert acc >= 0.8, list(zip(prompts, outs, answers))  # the sweep measures 1.0 on 40 test clips
 
 
 def test_demo_model_needs_the_right_visual_tokens(demo, held_out):
     """The quality signal can fail: keeping a random ninth of the visual tokens at the prune
-    layer costs caption quality (measured: object-F1 1.0 → 0.26), keeping them all costs nothing."""
+    layer costs caption quality (measured: object-F1 0.99 → 0.36), keeping them all costs nothing."""
     from ep_core import PruneConfig, apply_pruning
 
     model, processor = demo
@@ -144,6 +144,19 @@ def test_demo_model_needs_the_right_visual_tokens(demo, held_out):
         finally:
             handle.remove()
         assert check(pruned), (method, ratio, pruned, full)
+
+
+def test_object_coverage_keeping_everything_equals_the_uniform_reference():
+    """``ep sweep --coverage``: keeping every token touches every object and keeps every
+    centre, with exactly the reference shares; keeping a ninth keeps fewer of both."""
+    from jobs.sweep import object_coverage
+
+    full, ninth = object_coverage("demo", [("none", None), ("random", 1.0), ("random", 1 / 9)], n=6)
+    assert full["objects_touched"] == 1.0 and full["object_centres_kept"] == 1.0
+    assert full["on_object_share"] == pytest.approx(full["object_patch_share"])
+    assert full["kept_object_cover"] == pytest.approx(full["object_patch_cover"])
+    assert 0.3 < full["object_patch_cover"] < 1.0  # on-object patches are partly covered, on average
+    assert ninth["objects_touched"] < 1.0 and ninth["object_centres_kept"] < 0.5
 
 
 def test_sweep_on_a_tiny_set_writes_a_well_formed_summary(ray_session, tmp_path):
