@@ -406,7 +406,7 @@ class LookSupervision:
         return total / (len(self.layers) * len(self.content_kv))
 
     def loss(self, mask, look_at, look_keys, look_attrs, look_mode=None):
-        """Training loss of both head sets (``None`` when the batch has no look-up targets):
+        """Training losses of the two head sets:
 
         * place rows (all rows when ``look_mode`` is None): the ``heads`` of supervised layer
           ``s`` look at slot ``s % 2`` (first picture, last picture);
