@@ -305,9 +305,10 @@ class LookSupervision:
     visual tokens that pruning keeps or drops."""
 
     # ``content_heads`` (optional) are taught the content look-ups instead: see :meth:`loss`
-    # and :meth:`key_loss`. With no ``heads`` and no probes wanted (``layers=[1]``) the same
+    # and :meth:`key_loss`. With no ``heads`` and ``probes=False`` (``layers=[1]``) the same
     # class supervises the query-forming heads (targets: the question's naming words).
-    def __init__(self, model, layers: list[int], heads: list[int] = (0,), content_heads: list[int] = ()):
+    def __init__(self, model, layers: list[int], heads: list[int] = (0,), content_heads: list[int] = (),
+                 probes: bool = True):
         import torch
 
         decoder = model.model.language_model
@@ -316,15 +317,15 @@ class LookSupervision:
             raise ValueError(f"content heads come in two halves (one per object of a pair), got {self.content_heads}")
         d = decoder.layers[0].self_attn.head_dim
         n = aux_classes()
-        probes = {f"{s}_{k}": (d * len(self.heads), n[k]) for s in range(len(self.layers)) for k in AUX_TARGETS if self.heads}
-        if self.content_heads:
-            probes.update({f"c{s}_{h}_{k}": (d * len(self.content_heads) // 2, n[k])
+        shapes = {f"{s}_{k}": (d * len(self.heads), n[k]) for s in range(len(self.layers)) for k in AUX_TARGETS if self.heads}
+        if self.content_heads and probes:
+            shapes.update({f"c{s}_{h}_{k}": (d * len(self.content_heads) // 2, n[k])
                            for s in range(len(self.layers)) for h in range(2) for k in AUX_TARGETS})
             kv_groups = decoder.layers[0].self_attn.num_key_value_groups
             self.content_kv = sorted({h // kv_groups for h in self.content_heads})
-            probes.update({f"k{s}_{kv}_{k}": (d, n[k]) for s in range(len(self.layers)) for kv in self.content_kv
+            shapes.update({f"k{s}_{kv}_{k}": (d, n[k]) for s in range(len(self.layers)) for kv in self.content_kv
                            for k in CONTENT_KEYS})
-        self.probes = torch.nn.ModuleDict({name: torch.nn.Linear(*shape) for name, shape in probes.items()})
+        self.probes = torch.nn.ModuleDict({name: torch.nn.Linear(*shape) for name, shape in shapes.items()})
         self.inputs: dict[int, tuple] = {}
         self._hooks = [
             decoder.layers[i].self_attn.register_forward_pre_hook(self._keeper(i), with_kwargs=True) for i in layers
@@ -875,7 +876,7 @@ def train(args) -> str:
     content_heads = [int(x) for x in str(args.content_heads).split(",") if x.strip()] if args.content_weight > 0 else []
     look = LookSupervision(model, look_layers, look_heads, content_heads) if look_layers and look_heads and args.look_weight > 0 else None
     gather_layers = [int(x) for x in str(args.gather_layers).split(",") if x.strip()]
-    gather = LookSupervision(model, gather_layers, [], content_heads) if gather_layers and content_heads and look else None
+    gather = LookSupervision(model, gather_layers, [], content_heads, probes=False) if gather_layers and content_heads and look else None
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     for extra in (aux, look, gather):
