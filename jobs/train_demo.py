@@ -34,7 +34,11 @@ defaults:
    2 and 3 they look at the objects those words name (for a pair, half of them at each
    object), and probes on their keys make the image tokens' keys say colour and kind — one
    head set serving both kinds of look-up had learnt places only, and answered every
-   content question with its prior. These look-ups sit at and after the demo's prune layer
+   content question with its prior. Count questions (``how many crosses``) teach the same
+   heads an even split instead: between the sequence's first token and the middle patch of
+   each named object's grid cell (one token per object), so the first token's share,
+   1/(n+1), says n — zero included. A count learnt as a per-patch property of the image
+   tokens ("how many objects share my kind") stayed at a third right. These look-ups sit at and after the demo's prune layer
    (2), so answers depend on which visual tokens pruning keeps. A decoder left to itself
    learnt to find the objects but, after 750 steps, still named colours at chance.
 
@@ -198,21 +202,26 @@ def decode_video(path: str, n: int):
     return [Image.fromarray(f) for f in vr.get_batch(frame_indices(len(vr), n)).asnumpy()]
 
 
-AUX_TARGETS = ("colour", "kind", "size", "row", "col", "n_colour", "n_kind")
+AUX_TARGETS = ("colour", "kind", "size", "row", "col", "n_colour", "n_kind", "middle")
 OWNER = len(AUX_TARGETS)  # column of patch_targets holding the covering object's index
 
 
 # How a question finds its objects: by the grid cell it names ("place", as every caption word
 # and video answer does), by their content ("content": all the heads look at all the named
-# objects), or a pair named by content ("pair": half the heads on each).
-CONTENT_QTYPES = ("count_color", "count_kind", "exists", "side", "half")
+# objects), a pair named by content ("pair": half the heads on each), or a count ("count":
+# all the heads split their attention evenly between the sequence's first token and the
+# middle patch of each named object's cell, so the first token's share, 1/(n+1), says n).
+CONTENT_QTYPES = ("exists", "side", "half")
 PAIR_QTYPES = ("left_of", "above")
-LOOK_MODES = ("place", "content", "pair")
-CONTENT_KEYS = ("colour", "kind")  # what the content heads' keys must carry (LookSupervision.key_loss)
+COUNT_QTYPES = ("count_color", "count_kind")
+LOOK_MODES = ("place", "content", "pair", "count")
+CONTENT_KEYS = ("colour", "kind", "middle")  # what the content heads' keys must carry (LookSupervision.key_loss)
 
 
 def look_mode(qtype: str) -> str:
     """The look-up a question type needs (see :data:`LOOK_MODES`)."""
+    if qtype in COUNT_QTYPES:
+        return "count"
     return "pair" if qtype in PAIR_QTYPES else "content" if qtype in CONTENT_QTYPES else "place"
 
 
@@ -221,16 +230,25 @@ def aux_classes() -> dict[str, int]:
     from pipelines.datasets.shapes import COLORS, GRID, KINDS, MAX_OBJECTS, SIZES
 
     return {"colour": len(COLORS) + 1, "kind": len(KINDS) + 1, "size": len(SIZES) + 1, "row": GRID, "col": GRID,
-            "n_colour": MAX_OBJECTS + 1, "n_kind": MAX_OBJECTS + 1}
+            "n_colour": MAX_OBJECTS + 1, "n_kind": MAX_OBJECTS + 1, "middle": 2}
+
+
+def is_cell_middle(pr: int, pc: int, patch: int = PATCH) -> bool:
+    """Whether patch (row ``pr``, column ``pc``) holds the centre of its grid cell: the cell
+    spans ``[c·CELL, (c+1)·CELL)`` pixels, its centre is at ``(c + ½)·CELL``."""
+    from pipelines.datasets.shapes import CELL
+
+    return all(int((pos * patch) // CELL * CELL + CELL / 2) // patch == pos for pos in (pr, pc))
 
 
 def patch_targets(placed, patch: int = PATCH):
-    """Auxiliary labels of the image tokens of one picture: ``[n_patches, 8]`` long, columns
+    """Auxiliary labels of the image tokens of one picture: ``[n_patches, 9]`` long, columns
     :data:`AUX_TARGETS` then the owner. colour/kind/size are those of the object covering the
     patch (1-based indices into the world's lists, 0 = no object); row/col are the grid cell
     the patch lies in; n_colour/n_kind count the picture's objects of that object's colour /
-    kind (0 = no object), what a count question reads from the tokens of the objects it names;
-    the owner is that object's index in ``placed`` (-1 = none).
+    kind (0 = no object); middle is 1 on the middle patch of each grid cell (where a count
+    question's heads look: one token per object, objects sit in distinct cells); the owner is
+    that object's index in ``placed`` (-1 = none).
     ``placed`` is ``[(obj, cx, cy), ...]`` as drawn."""
     import torch
 
@@ -244,6 +262,7 @@ def patch_targets(placed, patch: int = PATCH):
     for j, i in enumerate(owner.tolist()):
         pr, pc = divmod(j, g)
         out[j, 3], out[j, 4] = pr * patch // S.CELL, pc * patch // S.CELL
+        out[j, 7] = int(is_cell_middle(pr, pc, patch))
         if i >= 0:
             o = placed[i][0]
             out[j, 0], out[j, 1], out[j, 2] = colours.index(o.color) + 1, kinds.index(o.kind) + 1, sizes.index(o.size) + 1
@@ -364,11 +383,13 @@ class LookSupervision:
     def parameters(self):
         return self.probes.parameters()
 
-    def _group_loss(self, mask, look_at, keys, attrs, groups):
+    def _group_loss(self, mask, look_at, keys, attrs, groups, spread: bool = False):
         """``-log(attention mass on the targets)`` averaged over heads and positions, plus the
         probes' cross-entropy on what each head group read. ``groups(s)`` lists, for
         supervised layer ``s``, ``(heads, slot, probe name)``: those heads must look at
-        ``keys[slot]``, and the probe must tell ``attrs[:, slot]`` from their reads."""
+        ``keys[slot]``, and the probe must tell ``attrs[:, slot]`` from their reads. With
+        ``spread`` the heads must instead split their attention evenly over the ``n`` targets:
+        ``-Σ_j (1/n) log p_j`` (cross-entropy against the uniform distribution on them)."""
         import torch
         import torch.nn.functional as F
 
@@ -379,8 +400,12 @@ class LookSupervision:
                 reads = []
                 for head in heads:
                     probs = self.attention(s, head, mask, look_at)
-                    mass = (probs * keys[slot]).sum(-1)
-                    layer_loss = layer_loss + (-torch.log(mass + 1e-6)).mean() / len(heads)
+                    if spread:
+                        target = keys[slot].float() / keys[slot].sum(-1, keepdim=True)
+                        miss = -(target * torch.log(probs + 1e-6)).sum(-1)
+                    else:
+                        miss = -torch.log((probs * keys[slot]).sum(-1) + 1e-6)
+                    layer_loss = layer_loss + miss.mean() / len(heads)
                     reads.append(self.read(s, head, probs, look_at))
                 if (attrs[:, slot] != -100).any():
                     x = torch.cat(reads, -1).float()
@@ -413,24 +438,30 @@ class LookSupervision:
           ``s`` look at slot ``s % 2`` (first picture, last picture);
         * content and pair rows: the first half of ``content_heads`` looks at slot 0, the
           second half at slot 1 (both slots hold all the named objects for a content
-          question; the first and the second object for a pair), in every supervised layer.
+          question; the first and the second object for a pair), in every supervised layer;
+        * count rows: the same heads spread their attention evenly over the slot's targets
+          (the first token and the named objects' cell-middle patches).
 
-        Returns ``(place loss, content loss)``, each ``None`` where it has no rows."""
+        Returns ``(place loss, content loss)``, each ``None`` where it has no rows; the content
+        loss is the mean over the content-like row kinds present."""
         if look_mode is None:
             look_mode = look_at.new_zeros(look_at.shape[0])
         place = look_mode == LOOK_MODES.index("place")
-        out = []
-        for rows, groups in (
-            (place, lambda s: [(self.heads, s % 2, str(s))]),
-            (~place, lambda s: [(self.content_heads[: len(self.content_heads) // 2], 0, f"c{s}_0"),
-                                (self.content_heads[len(self.content_heads) // 2 :], 1, f"c{s}_1")]),
-        ):
-            heads = self.heads if rows is place else self.content_heads
+        count = look_mode == LOOK_MODES.index("count")
+        half = len(self.content_heads) // 2
+
+        def content(s):
+            return [(self.content_heads[:half], 0, f"c{s}_0"), (self.content_heads[half:], 1, f"c{s}_1")]
+
+        def part(rows, heads, groups, spread=False):
             if not rows.any() or not heads:
-                out.append(None)
-                continue
-            out.append(self._group_loss(mask, look_at[rows], look_keys[:, rows], look_attrs[rows], groups))
-        return tuple(out)
+                return None
+            return self._group_loss(mask, look_at[rows], look_keys[:, rows], look_attrs[rows], groups, spread)
+
+        place_loss = part(place, self.heads, lambda s: [(self.heads, s % 2, str(s))])
+        parts = [p for p in (part(~place & ~count, self.content_heads, content),
+                             part(count, self.content_heads, content, spread=True)) if p is not None]
+        return place_loss, (sum(parts) / len(parts) if parts else None)
 
     def remove(self):
         for h in self._hooks:
@@ -634,6 +665,17 @@ def encode_packed(processor, items: list[Packed]):
             mask[b, 0, at : at + n, :P] = True
             mask[b, 0, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
             for t, objects in enumerate(about):  # word t is predicted at position at + len(q) - 1 + t
+                if LOOK_MODES[mode] == "count" and t == 0:  # "zero" too: all on the first token
+                    keys = torch.zeros(2, T, dtype=torch.bool)
+                    keys[:, 0] = True
+                    middle = targets[0, :, AUX_TARGETS.index("middle")] == 1
+                    keys[:, image_pos[0][middle & torch.isin(owners[0], torch.tensor(objects, dtype=torch.long))]] = True
+                    look_at.append((b, at + len(q) - 1 + t))
+                    look_keys.append(keys)
+                    look_attrs.append(torch.full((2, OWNER), -100, dtype=torch.long))
+                    look_modes.append(mode)
+                    look_words.append(naming_words(q, at, T, False))
+                    continue
                 if not objects:
                     continue
                 if LOOK_MODES[mode] == "pair":  # slot: (picture, the objects it is about)

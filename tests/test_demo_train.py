@@ -52,10 +52,13 @@ def test_patch_targets_follow_the_drawn_objects():
         for j in range(grid * grid):
             pr, pc = divmod(j, grid)
             assert (t[j, 3], t[j, 4]) == (pr * PATCH // S.CELL, pc * PATCH // S.CELL)
+            # the middle patch of a cell: the one whose pixel square holds the cell's centre
+            centre = [(p * PATCH // S.CELL) * S.CELL + S.CELL / 2 for p in (pr, pc)]
+            assert int(t[j, AUX_TARGETS.index("middle")]) == all(p * PATCH <= c < (p + 1) * PATCH for p, c in zip((pr, pc), centre))
             patch = pixels[pr * PATCH:(pr + 1) * PATCH, pc * PATCH:(pc + 1) * PATCH].astype(int)
             lit = (abs(patch - S.BACKGROUND).max(-1) > 100).sum()  # pixels mostly covered by a shape
             if t[j, OWNER] < 0:
-                assert t[j, :3].tolist() == [0, 0, 0] and t[j, 5:OWNER].tolist() == [0, 0] and lit <= 2  # nothing drawn there (a sliver at most)
+                assert t[j, :3].tolist() == [0, 0, 0] and t[j, 5:7].tolist() == [0, 0] and lit <= 2  # nothing drawn there (a sliver at most)
                 continue
             o = scene.objects[int(t[j, OWNER])]
             assert t[j, :3].tolist() == [list(S.COLORS).index(o.color) + 1, list(S.KINDS).index(o.kind) + 1,
@@ -73,7 +76,7 @@ def test_patch_targets_follow_the_drawn_objects():
 
 
 def test_look_targets_point_at_the_objects_each_answer_word_is_about():
-    from jobs.train_demo import OWNER, Sampler, build_model, encode_packed
+    from jobs.train_demo import LOOK_MODES, OWNER, Sampler, build_model, encode_packed
     from pipelines.datasets import shapes as S
 
     _, processor = build_model(seed=0)
@@ -85,6 +88,8 @@ def test_look_targets_point_at_the_objects_each_answer_word_is_about():
     image_id = tok.convert_tokens_to_ids("<image>")
     seen_caption_words = 0
     for n, (b, pos) in enumerate(batch["look_at"].tolist()):
+        if LOOK_MODES[int(batch["look_mode"][n])] == "count":  # first token + cell middles: the count test's
+            continue
         item = items[b]
         word = tok.convert_ids_to_tokens(int(batch["labels"][b, pos + 1]))  # what this position predicts
         image_pos = (batch["input_ids"][b] == image_id).nonzero().flatten().view(len(item.images), -1)
@@ -109,7 +114,7 @@ def test_content_questions_look_at_the_objects_their_words_name():
     """A question that names objects by content ("how many red shapes", "is the red circle left
     of the blue cross") gets content-head targets: the words that name the objects, and the
     image tokens of exactly the objects with those attributes (a pair: first, then second)."""
-    from jobs.train_demo import LOOK_MODES, OWNER, Sampler, build_model, encode_packed
+    from jobs.train_demo import LOOK_MODES, OWNER, PATCH, Sampler, build_model, encode_packed
     from pipelines.datasets import shapes as S
 
     _, processor = build_model(seed=0)
@@ -118,7 +123,7 @@ def test_content_questions_look_at_the_objects_their_words_name():
     sampler = Sampler(6, 4, split="validation")
     items = [sampler.image_packed(10) for _ in range(6)]
     batch = encode_packed(processor, items)
-    seen = {m: 0 for m in LOOK_MODES}
+    seen, counts = {m: 0 for m in LOOK_MODES}, {}
     for n, (b, pos) in enumerate(batch["look_at"].tolist()):
         mode = LOOK_MODES[int(batch["look_mode"][n])]
         seen[mode] += 1
@@ -138,15 +143,24 @@ def test_content_questions_look_at_the_objects_their_words_name():
             if mode == "pair":  # slot 0: the first object's words, slot 1: the second's
                 halves = " ".join(question).split(" left of " if " left of " in " ".join(question) else " above ")
                 assert " ".join(named) in halves[slot]
-            owners = {int(items[b].targets[0, image_pos.index(k), OWNER])
-                      for k in batch["look_keys"][slot, n].nonzero().flatten().tolist()}
             scene = S.make_scene(S.rng_for("validation", 6, b))
             wanted = {i for i, o in enumerate(scene.objects)
                       if (not colours or o.color in colours) and (not kinds or o.kind in kinds)}
+            looked = batch["look_keys"][slot, n].nonzero().flatten().tolist()
+            if mode == "count":  # the first token, and per named object the middle patch of its cell
+                grid, third = S.IMAGE_SIZE // PATCH, S.CELL // PATCH
+                middles = {i: (scene.objects[i].row * third + third // 2) * grid + scene.objects[i].col * third + third // 2
+                           for i in wanted}
+                owned = {image_pos[p] for i, p in middles.items() if int(items[b].targets[0, p, OWNER]) == i}
+                assert looked[0] == 0 and set(looked[1:]) == owned and len(owned) >= len(wanted) - 1
+                counts[len(wanted)] = counts.get(len(wanted), 0) + 1
+                continue
+            owners = {int(items[b].targets[0, image_pos.index(k), OWNER]) for k in looked}
             assert owners and owners <= wanted
             if mode == "content":  # all the objects the question names (each owns a patch)
                 assert owners == wanted
-    assert seen["content"] >= 6 and seen["pair"] >= 2 and seen["place"] >= 20
+    assert seen["content"] >= 6 and seen["pair"] >= 2 and seen["place"] >= 20 and seen["count"] >= 6
+    assert counts.get(0) and len(counts) >= 3  # "zero" answers look at the first token alone
 
 
 def test_look_supervision_recomputes_the_heads_real_attention():
@@ -195,3 +209,36 @@ def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path, capsys, mo
     assert model.config.text_config.num_attention_heads == 16
     assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
     assert (tmp_path / "log" / "mlflow.db").exists()
+
+
+def test_count_questions_teach_an_even_split_over_the_first_token_and_the_named_objects():
+    """A count row's content loss is the cross-entropy between the content heads' real
+    attention (eager) and the uniform distribution over its targets, so it is smallest when the
+    first token gets exactly 1/(n+1) of the attention: what says n."""
+    from jobs.train_demo import LOOK_MODES, LookSupervision, Sampler, build_model, encode_packed
+
+    model, processor = build_model(seed=1)
+    model.set_attn_implementation("eager")
+    model.eval()
+    heads = [12, 13, 14, 15]
+    look = LookSupervision(model, [2, 3], heads=[0, 4, 8], content_heads=heads)
+    sampler = Sampler(6, 4, split="validation")
+    batch = encode_packed(processor, [sampler.image_packed(10) for _ in range(3)])
+    additive = torch.zeros(batch["attention_mask"].shape).masked_fill(~batch["attention_mask"], torch.finfo(torch.float32).min)
+    with torch.no_grad():  # eager attention adds a 4-D mask to the scores: give it as -inf/0
+        out = model(input_ids=batch["input_ids"], attention_mask=additive, position_ids=batch["position_ids"],
+                    pixel_values=batch["pixel_values"], use_cache=False, output_attentions=True)
+        rows = batch["look_mode"] == LOOK_MODES.index("count")
+        assert rows.sum() >= 2
+        at, keys = batch["look_at"][rows], batch["look_keys"][:, rows]
+        _, loss = look.loss(batch["attention_mask"], at, keys, batch["look_attrs"][rows], batch["look_mode"][rows])
+    target = keys[0].float() / keys[0].sum(-1, keepdim=True)
+    expected = 0.0
+    for layer in (2, 3):
+        for head in heads:
+            probs = out.attentions[layer][at[:, 0], head, at[:, 1]]
+            expected += float(-(target * torch.log(probs + 1e-6)).sum(-1).mean()) / (len(heads) * 2)
+    assert abs(float(loss) - expected) < 1e-4 * max(1.0, expected)
+    # and the bound it is pushed to: the entropy of the even split, reached by that split only
+    assert float(loss) > float(-(target * torch.log(target.clamp_min(1e-12))).sum(-1).mean())
+    look.remove()
