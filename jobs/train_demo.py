@@ -10,7 +10,7 @@ with 6 layers, 16 query heads and 4 KV heads (GQA). The tokenizer is word-level 
 a chat template. A video is given as its frames, one image each, in one prompt — how the
 pipeline feeds any image-only LLaVA a video.
 
-Training has two stages, both from random weights, about 37 minutes on 2 cores with the
+Training has two stages, both from random weights, about 38 minutes on 2 cores with the
 defaults:
 
 1. **Vision** (``--vision-steps``, cheap: no decoder): the vision tower and projector learn to

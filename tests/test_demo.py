@@ -110,11 +110,11 @@ def test_demo_model_answers_held_out_questions_above_a_floor(demo, held_out, tmp
     scenes, images, questions, clips = held_out
     right = caption_f1(model, processor, images, scenes)
     wrong = caption_f1(model, processor, images[1:] + images[:1], scenes)
-    assert right >= 0.85 and wrong <= 0.2, (right, wrong)  # measured: 0.99 and 0.0
+    assert right >= 0.85 and wrong <= 0.2, (right, wrong)  # measured: 0.98 and 0.01
 
     outs = ask(model, processor, [images[i // 2] for i in range(len(questions))], [q.question for q in questions])
     vqa = sum(exact_match(o, q.answer) for o, q in zip(outs, questions)) / len(questions)
-    assert vqa >= 0.7, list(zip(  # measured: 0.875 (counting kinds is the weak part: README)
+    assert vqa >= 0.8, list(zip(  # measured: 0.958 (counting kinds is the weak part: README)
         [q.question for q in questions], outs, [q.answer for q in questions]))
 
     frames, prompts, answers = [], [], []
@@ -131,7 +131,7 @@ def test_demo_model_answers_held_out_questions_above_a_floor(demo, held_out, tmp
 
 def test_demo_model_needs_the_right_visual_tokens(demo, held_out):
     """The quality signal can fail: keeping a random ninth of the visual tokens at the prune
-    layer costs caption quality (measured: object-F1 0.99 → 0.36), keeping them all costs nothing."""
+    layer costs caption quality (measured: object-F1 0.98 → 0.15), keeping them all costs nothing."""
     from ep_core import PruneConfig, apply_pruning
 
     model, processor = demo
