@@ -38,9 +38,10 @@ defaults:
    heads an even split instead: between the sequence's first token and the middle patch of
    each named object's grid cell (one token per object), so the first token's share,
    1/(n+1), says n — zero included. A count learnt as a per-patch property of the image
-   tokens ("how many objects share my kind") stayed at a third right. These look-ups sit at and after the demo's prune layer
-   (2), so answers depend on which visual tokens pruning keeps. A decoder left to itself
-   learnt to find the objects but, after 750 steps, still named colours at chance.
+   tokens ("how many objects share my kind") stayed at a third right. These look-ups sit at
+   and after the demo's prune layer (2), so answers depend on which visual tokens pruning
+   keeps. A decoder left to itself learnt to find the objects but, after 750 steps, still
+   named colours at chance.
 
 Every probe is training-only: the saved model is a stock LLaVA with nothing added.
 Everything is seeded: the same command gives the same
