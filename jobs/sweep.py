@@ -262,7 +262,7 @@ def object_coverage(model: str, configs: list[tuple[str, float | None]], *, n: i
     """Which visual tokens each method keeps, against where the objects are (shapes images).
 
     For every configuration, over ``n`` test scenes (a patch is "on" an object when the object
-    covers at least 1/8 of it, :func:`pipelines.datasets.shapes.patch_objects`):
+    covers at least 1/8 of it, :func:`pipelines.datasets.shapes.cover_owners`):
 
     * ``on_object_share``: kept visual tokens that lie on an object;
     * ``objects_touched``: objects with at least one kept patch they cover any part of;
@@ -296,7 +296,7 @@ def object_coverage(model: str, configs: list[tuple[str, float | None]], *, n: i
         placed = [(o, *o.center()) for o in sc.objects]
         cover = S.patch_cover(placed, vc.patch_size, vc.image_size)
         centres = [int(cy // vc.patch_size) * grid + int(cx // vc.patch_size) for _, cx, cy in placed]
-        layouts.append((cover, S.patch_objects(placed, vc.patch_size, vc.image_size), centres))
+        layouts.append((cover, S.cover_owners(cover), centres))
     owned_cover = [c[j, o] for c, owner, _ in layouts for j, o in enumerate(owner) if o >= 0]
     reference = {
         "object_patch_share": float(np.mean([(owner >= 0).mean() for _, owner, _ in layouts])),

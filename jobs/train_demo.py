@@ -417,9 +417,10 @@ class LookSupervision:
 
     def key_loss(self, image_pos, targets):
         """Cross-entropy of linear probes that must tell, from the content heads' keys at every
-        image token (``image_pos`` ``[B, T]`` bool, pictures in order), the colour and kind of
-        the object covering the patch (``targets``, :func:`patch_targets` rows): a content
-        look-up matches a query against these keys, and colour was the part they lacked."""
+        image token (``image_pos`` ``[B, T]`` bool, pictures in order), the :data:`CONTENT_KEYS`
+        of the patch (``targets``, :func:`patch_targets` rows: the covering object's colour and
+        kind, whether it is a cell's middle): a content look-up matches a query against these
+        keys, and colour was the part they lacked."""
         import torch.nn.functional as F
 
         t = targets.reshape(-1, targets.shape[-1])
@@ -594,11 +595,12 @@ def encode_packed(processor, items: list[Packed]):
     targets of the answer words that are about objects: ``look_at`` ``[N, 2]`` (row, position
     that predicts the word), ``question`` ``[B, T]`` (the labels that answer a question rather
     than caption), ``look_mode`` ``[N]`` (index into :data:`LOOK_MODES`),
-    ``look_keys`` ``[2, N, T]`` and ``look_attrs`` ``[N, 2, 5]`` (the attributes of the one
-    object a slot is about, -100 where it is about several). A "place" word's two slots are
-    its objects' image tokens in the first picture and in the last (the same for an image); a
-    "content" word's are both all its objects; a "pair" word's are its first and its second
-    object. ``look_words`` ``[2, N, T]``: the question words that name those objects (see
+    ``look_keys`` ``[2, N, T]`` and ``look_attrs`` ``[N, 2, len(AUX_TARGETS)]`` (the
+    attributes of the one object a slot is about, -100 where it is about several or none). A
+    "place" word's two slots are its objects' image tokens in the first picture and in the last
+    (the same for an image); a "content" word's are both all its objects; a "pair" word's are
+    its first and its second object; a "count" answer's are both the row's first token and the
+    cell-middle patch of each named object. ``look_words`` ``[2, N, T]``: the question words that name those objects (see
     ``naming_words``), what the query-forming heads gather before the look-up."""
     import torch
 
@@ -666,38 +668,36 @@ def encode_packed(processor, items: list[Packed]):
             mask[b, 0, at : at + n, :P] = True
             mask[b, 0, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
             for t, objects in enumerate(about):  # word t is predicted at position at + len(q) - 1 + t
-                if LOOK_MODES[mode] == "count" and t == 0:  # "zero" too: all on the first token
-                    keys = torch.zeros(2, T, dtype=torch.bool)
-                    keys[:, 0] = True
-                    middle = targets[0, :, AUX_TARGETS.index("middle")] == 1
-                    keys[:, image_pos[0][middle & torch.isin(owners[0], torch.tensor(objects, dtype=torch.long))]] = True
-                    look_at.append((b, at + len(q) - 1 + t))
-                    look_keys.append(keys)
-                    look_attrs.append(torch.full((2, OWNER), -100, dtype=torch.long))
-                    look_modes.append(mode)
-                    look_words.append(naming_words(q, at, T, False))
-                    continue
-                if not objects:
-                    continue
-                if LOOK_MODES[mode] == "pair":  # slot: (picture, the objects it is about)
-                    slots = [(0, objects[:1]), (0, objects[1:])]
-                elif LOOK_MODES[mode] == "content":
-                    slots = [(0, objects), (0, objects)]
-                else:
-                    slots = [(0, objects), (len(image_pos) - 1, objects)]
+                kind = LOOK_MODES[mode]
                 keys = torch.zeros(2, T, dtype=torch.bool)
                 attrs = torch.full((2, OWNER), -100, dtype=torch.long)
-                for s, (frame, objs) in enumerate(slots):
-                    hit = torch.isin(owners[frame], torch.tensor(objs))
-                    keys[s, image_pos[frame][hit]] = True
-                    if len(objs) == 1 and hit.any():  # what and where the one looked-at object is
-                        attrs[s] = targets[frame, int(hit.nonzero()[0]), :OWNER]
-                if keys.any(1).all():  # an object too small to own a patch gives no target
-                    look_at.append((b, at + len(q) - 1 + t))
-                    look_keys.append(keys)
-                    look_attrs.append(attrs)
-                    look_modes.append(mode)
-                    look_words.append(naming_words(q, at, T, LOOK_MODES[mode] == "pair"))
+                if kind == "count":  # the answer word only; "zero" too (all on the first token)
+                    if t > 0:
+                        continue
+                    named = (targets[0, :, AUX_TARGETS.index("middle")] == 1) & torch.isin(owners[0], torch.tensor(objects, dtype=torch.long))
+                    keys[:, 0] = True
+                    keys[:, image_pos[0][named]] = True
+                else:
+                    if not objects:
+                        continue
+                    if kind == "pair":  # slot: (picture, the objects it is about)
+                        slots = [(0, objects[:1]), (0, objects[1:])]
+                    elif kind == "content":
+                        slots = [(0, objects), (0, objects)]
+                    else:
+                        slots = [(0, objects), (len(image_pos) - 1, objects)]
+                    for s, (frame, objs) in enumerate(slots):
+                        hit = torch.isin(owners[frame], torch.tensor(objs))
+                        keys[s, image_pos[frame][hit]] = True
+                        if len(objs) == 1 and hit.any():  # what and where the one looked-at object is
+                            attrs[s] = targets[frame, int(hit.nonzero()[0]), :OWNER]
+                    if not keys.any(1).all():  # an object too small to own a patch gives no target
+                        continue
+                look_at.append((b, at + len(q) - 1 + t))
+                look_keys.append(keys)
+                look_attrs.append(attrs)
+                look_modes.append(mode)
+                look_words.append(naming_words(q, at, T, kind == "pair"))
             at += n
         for j in range(at, T):  # padding attends to itself only (no empty softmax rows)
             mask[b, 0, j, j] = True

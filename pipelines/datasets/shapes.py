@@ -183,18 +183,25 @@ def patch_cover(placed: list[tuple[Obj, float, float]], patch: int, size: int = 
     return np.stack([(blocks == i + 1).mean(1) for i in range(len(placed))], 1)
 
 
-def patch_objects(placed: list[tuple[Obj, float, float]], patch: int, size: int = IMAGE_SIZE, supersample: int = 4,
-                  min_cover: float = 0.125) -> np.ndarray:
-    """Per ``patch``-pixel patch of a ``size``² picture (row-major), the index into ``placed`` of
-    the object covering most of it (:func:`patch_cover`), or -1 where no object covers at
-    least ``min_cover`` of the patch."""
-    cover = patch_cover(placed, patch, size, supersample)
+MIN_COVER = 0.125  # share of a patch an object must cover for the patch to count as on it
+
+
+def cover_owners(cover: np.ndarray, min_cover: float = MIN_COVER) -> np.ndarray:
+    """Per patch of a :func:`patch_cover` matrix ``[n_patches, n_objects]``, the object covering
+    most of it (``argmax`` over objects), or -1 where none covers at least ``min_cover``."""
     out = np.full(cover.shape[0], -1, dtype=np.int64)
-    if placed:
-        best = cover.argmax(1)
+    if cover.shape[1]:
         ok = cover.max(1) >= min_cover
-        out[ok] = best[ok]
+        out[ok] = cover.argmax(1)[ok]
     return out
+
+
+def patch_objects(placed: list[tuple[Obj, float, float]], patch: int, size: int = IMAGE_SIZE, supersample: int = 4,
+                  min_cover: float = MIN_COVER) -> np.ndarray:
+    """Per ``patch``-pixel patch of a ``size``² picture (row-major), the index into ``placed`` of
+    the object covering most of it, or -1 where no object covers at least ``min_cover`` of
+    the patch: :func:`cover_owners` of :func:`patch_cover`."""
+    return cover_owners(patch_cover(placed, patch, size, supersample), min_cover)
 
 
 def render_scene(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
