@@ -3,8 +3,8 @@
 Both sides caption the same images with the same model, the same batch size and one torch
 thread for the model. By default (``--model demo``) that is the real workload of the shipped
 demo LLaVA: dense captions of shapes scenes (144 visual tokens, up to ~50 generated tokens
-per image). ``--model random`` swaps in a small random LLaVA on noise images (32 px, 64
-visual tokens): per-item work so small that fixed costs dominate. Then:
+per image). ``--model random`` swaps in the demo architecture with random weights (decoder
+width ``--hidden``) on noise images: per-item work so small that fixed costs dominate. Then:
 
 * bare: ``load model`` then ``for batch: decode each image; CaptionPredictor.predict_rows``
   in one process;
@@ -28,11 +28,11 @@ import time
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=("demo", "random"), default="demo",
-                        help="demo: the shipped demo model captioning shapes scenes (default); random: a small random LLaVA on noise")
+                        help="demo: the shipped demo model captioning shapes scenes (default); random: the demo architecture with random weights, on noise")
     parser.add_argument("--items", type=int, default=2048, help="images to caption (default 2048)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per model batch (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=56, help="tokens generated per image at most (default 56: a full shapes caption)")
-    parser.add_argument("--hidden", type=int, default=256, help="decoder width of the random LLaVA (default 256)")
+    parser.add_argument("--hidden", type=int, default=256, help="decoder width of the random model (default 256)")
 
 
 def _make_inputs(root: str, n: int, kind: str) -> str:
@@ -40,7 +40,7 @@ def _make_inputs(root: str, n: int, kind: str) -> str:
     import numpy as np
     from PIL import Image
 
-    from pipelines.datasets import shapes as S
+    from demo import world as S
 
     rng = np.random.default_rng(0)
     os.makedirs(root, exist_ok=True)
@@ -53,6 +53,16 @@ def _make_inputs(root: str, n: int, kind: str) -> str:
     return root
 
 
+def _save_random_model(path: str, hidden: int) -> str:
+    """The demo LLaVA's architecture and processor with random weights, decoder width ``hidden``."""
+    from demo.model import build_model
+
+    model, processor = build_model(seed=0, text={"hidden_size": hidden, "intermediate_size": 2 * hidden})
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kind = getattr(args, "model", "demo")
@@ -61,22 +71,21 @@ def run(args: argparse.Namespace) -> dict:
     max_new_tokens = getattr(args, "max_new_tokens", 56)
     hidden = getattr(args, "hidden", 256)
 
-    import ray
     import torch
 
+    from pipelines.caption import CaptionConfig, run_caption
+    from pipelines.cluster import ray_session
     from pipelines.infer import CaptionPredictor
     from pipelines.media import decode_row
-    from pipelines.run import CaptionConfig, run_caption
     from pipelines.sources import scan
-    from pipelines.testing import save_tiny_llava
 
     with tempfile.TemporaryDirectory(prefix="ep-bench-pipeline-") as tmp:
         if kind == "demo":
-            from ep_core.demo import demo_model_path
+            from ep_core.loading import resolve_model_name
 
-            model = demo_model_path()
+            model = resolve_model_name("demo")
         else:
-            model = save_tiny_llava(os.path.join(tmp, "model"), image_size=32, patch_size=4, hidden=hidden)
+            model = _save_random_model(os.path.join(tmp, "model"), hidden)
         inputs = _make_inputs(os.path.join(tmp, "images"), items, kind)
 
         # bare loop: one process, one torch thread, the same decode and predict code
@@ -93,15 +102,11 @@ def run(args: argparse.Namespace) -> dict:
         del predictor
 
         ray_start = time.perf_counter()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
-        ray_init_s = time.perf_counter() - ray_start
-        try:
+        with ray_session(num_cpus=2, quiet=True):
+            ray_init_s = time.perf_counter() - ray_start
             cfg = CaptionConfig(model=model, input=inputs, output=os.path.join(tmp, "out"), batch_size=batch_size,
                                 max_new_tokens=max_new_tokens, workers=1, flush_rows=64)
-            summary = run_caption(cfg, log=lambda m: None)
-        finally:
-            ray.shutdown()
+            summary = run_caption(cfg, quiet=True)
 
     bare = outputs / bare_s
     return {

@@ -1,7 +1,8 @@
 """EntropyPrune inside stock HF transformers multimodal models.
 
-Public API (see README): PruneConfig, apply_pruning, token_entropy, matrix_entropy,
-keep_count, keep_count_for_ratio and the FLOPs functions in ``ep_core.flops``.
+Public API (see README): PruneConfig, apply_pruning, load_model, token_entropy,
+matrix_entropy, keep_count, keep_count_for_ratio, the family table (FAMILIES,
+check_supported) and the FLOPs functions in ``ep_core.flops``.
 """
 
 from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
@@ -16,11 +17,15 @@ from ep_core.flops import (
     paper_prefill_flops,
     prefill_flops,
 )
-from ep_core.presets import default_visual_tokens, load_model_config
+from ep_core.families import FAMILIES, check_supported, default_visual_tokens
+from ep_core.loading import load_model, load_model_config
 from ep_core.hooks import PruningHandle, apply_pruning
 
 __all__ = [
+    "FAMILIES",
     "METHODS",
+    "check_supported",
+    "load_model",
     "PruneConfig",
     "PruningHandle",
     "apply_pruning",

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import math
 
+from ep_core.config import check_prune_layer
+
 
 def keep_count(budget: float, num_visual: int, num_layers: int, prune_layer: int) -> int:
     """Tokens kept after layer K for a layer-averaged budget B.
 
-    k = ⌊(L·B − K·N) / (L − K)⌋ clamped to [0, N]   (ALGORITHM.md §4.4)
+    k = ⌊(L·B − K·N) / (L − K)⌋ clamped to [0, N]   (docs/design.md §1)
 
     For LLaVA-1.5-7B (L=32, K=2, N=576): B=192 → 166, B=128 → 98, B=64 → 29.
     """
-    _check_layers(num_layers, prune_layer)
+    check_prune_layer(prune_layer, num_layers)
     if budget < 0:
         raise ValueError(f"budget must be >= 0 visual tokens per layer, got {budget}")
     if num_visual < 0:
@@ -41,12 +43,5 @@ def keep_count_for_ratio(keep_ratio: float, num_visual: int) -> int:
 
 def layer_averaged_budget(kept: int, num_visual: int, num_layers: int, prune_layer: int) -> float:
     """The layer-averaged budget that a keep count amounts to: B = (K·N + (L−K)·k) / L."""
-    _check_layers(num_layers, prune_layer)
+    check_prune_layer(prune_layer, num_layers)
     return (prune_layer * num_visual + (num_layers - prune_layer) * kept) / num_layers
-
-
-def _check_layers(num_layers: int, prune_layer: int) -> None:
-    if not 1 <= prune_layer < num_layers:
-        raise ValueError(
-            f"prune_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer decoder, got {prune_layer}"
-        )

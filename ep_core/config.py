@@ -1,10 +1,34 @@
-"""PruneConfig: what to prune, how much, and where."""
+"""PruneConfig: what to prune, how much, and where; and the one check of a prune layer."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-METHODS = ("none", "entropyprune", "random", "fastv", "dart")
+from ep_core.methods import RULES
+
+METHODS = ("none", *RULES)  # "none" observes only; every other name is a selection rule
+
+
+def check_prune_layer(prune_layer: int, num_layers: int | None = None, *, analytic: bool = False) -> None:
+    """Raise ValueError unless ``prune_layer`` K is usable.
+
+    Pruning needs 1 ≤ K ≤ L − 1: layers 0..K−1 see every token and at least one layer sees
+    the pruned sequence. ``analytic=True`` (the FLOPs formulas) also allows K = 0 (pruning
+    before the decoder) and K = L (no layer pruned). ``num_layers=None`` checks the lower
+    bound only (before the model is known).
+    """
+    lowest = 0 if analytic else 1
+    if isinstance(prune_layer, bool) or not isinstance(prune_layer, int) or (num_layers is None and prune_layer < lowest):
+        raise ValueError(
+            f"prune_layer must be an integer >= {lowest} (layers 0..K-1 always see every token), got {prune_layer!r}"
+        )
+    if num_layers is not None:
+        highest = num_layers if analytic else num_layers - 1
+        if not lowest <= prune_layer <= highest:
+            raise ValueError(
+                f"prune_layer must be between {lowest} and {highest} for this {num_layers}-layer decoder, "
+                f"got {prune_layer} (--prune-layer)"
+            )
 
 
 @dataclass(frozen=True)
@@ -41,10 +65,13 @@ class PruneConfig:
             raise ValueError(f"budget must be a number of visual tokens >= 0, got {self.budget}")
         if self.keep_ratio is not None and not 0.0 <= self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be between 0 and 1, got {self.keep_ratio}")
-        if isinstance(self.prune_layer, bool) or not isinstance(self.prune_layer, int) or self.prune_layer < 1:
-            raise ValueError(
-                f"prune_layer must be an integer >= 1 (layers 0..K-1 always see every token), got {self.prune_layer!r}"
-            )
+        check_prune_layer(self.prune_layer)
 
     def to_dict(self) -> dict:
+        """Every field: the job identity, the MLflow params."""
         return asdict(self)
+
+    def row_fields(self) -> dict:
+        """The pruning columns of an output row (``prune_layer`` null when nothing is pruned)."""
+        return {"method": self.method, "budget": self.budget, "keep_ratio": self.keep_ratio,
+                "prune_layer": self.prune_layer if self.method != "none" else None}

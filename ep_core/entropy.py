@@ -3,7 +3,7 @@
 Two different quantities live here:
 
 * :func:`token_entropy` is EntropyPrune's per-token score, exactly as the official code
-  computes it (ALGORITHM.md §3–4). Each token's query vector is viewed as an H×d matrix Q_t
+  computes it (docs/design.md §1). Each token's query vector is viewed as an H×d matrix Q_t
   (one row per attention head). It is *not* trace-normalised and not L2-normalised.
 * :func:`matrix_entropy` is the set-level von Neumann entropy of a set of N token vectors,
   used to find the Entropy Collapse Layer. It *is* normalised (rows L2-normalised, Gram
@@ -39,7 +39,8 @@ def token_entropy(q: torch.Tensor, head_group: int = 128) -> torch.Tensor:
 
     Args:
         q: ``[..., N, H, d]`` query vectors (pre- or post-RoPE: RoPE does not change the
-           score, ALGORITHM.md §2). Any leading batch dims.
+           score: every head of a token is rotated by the same matrix R, and
+           (ZR)(ZR)ᵀ = ZZᵀ). Any leading batch dims.
     Returns:
         ``[..., N]`` float64 scores. Higher = kept first.
     """

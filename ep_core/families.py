@@ -1,58 +1,153 @@
-"""What differs per model family: where the decoder layers live and which tokens are visual.
+"""The one table of what differs per model family, and the single answer to "is this model
+supported?".
 
-Adding a family is adding an entry to ``FAMILIES`` plus a tiny-model test. A family is
-supported only when its language model follows the transformers 5.x decoder-layer call
-convention (hidden states positional; ``attention_mask``, ``position_embeddings``,
-``position_ids`` and the cache as keyword arguments) and the whole sequence goes through
-one rotary table computed once per forward.
+A family is a transformers ``config.model_type``. Each entry says whether the loader takes it
+(every entry does), whether the pruning hooks support it, where its decoder lives, which
+placeholder tokens are visual, the paper's default prune layer, and the facts the FLOPs
+counter needs about its vision side. Adding a family is adding an entry plus a tiny-model test.
+
+Pruning is supported only where the language model follows the transformers 5.x
+decoder-layer call convention (hidden states positional; ``attention_mask``,
+``position_embeddings``, ``position_ids`` and the cache as keyword arguments) and the whole
+sequence goes through one rotary table computed once per forward (not yet true of Qwen-VL's
+3-D M-RoPE, nor checked for the video families).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+from ep_core.config import PruneConfig, check_prune_layer
+
+QWEN_DEFAULT_IMAGE_SIDE = 448  # px; the image size behind Qwen's default of 256 tokens
 
 
 @dataclass(frozen=True)
 class Family:
-    """How to find the pieces EntropyPrune hooks into, for one ``model_type``."""
+    """What EntropyPrune needs to know about one ``model_type``.
+
+    Attributes:
+        model_type: ``config.model_type``.
+        example_checkpoint: a public checkpoint of the family (for messages and docs).
+        prunable: the pruning hooks support it (every family loads and runs unpruned).
+        visual_token_attrs: config attributes holding the visual placeholder token ids.
+        default_prune_layer: K used when none is given (the paper: 2 for LLaVA, 1 for Qwen-VL).
+        vision: the vision tower's kind for FLOPs: ``clip`` (a CLIP/SigLIP ViT over square
+            crops), ``qwen2_vl``, ``qwen2_5_vl`` (windowed), or ``None`` (not counted).
+        anyres: images are tiled into several crops (LLaVA-NeXT): the default visual-token
+            count is 5 crops (base image + 2×2 grid) and crops = round(N / tokens per crop).
+    """
 
     model_type: str
     example_checkpoint: str
-    visual_token_attrs: tuple[str, ...]  # config attributes holding placeholder token ids
+    prunable: bool
+    visual_token_attrs: tuple[str, ...]
+    default_prune_layer: int
+    vision: str | None
+    anyres: bool = False
 
-    def multimodal_model(self, model: nn.Module) -> nn.Module:
+    def multimodal_model(self, model: Any) -> Any:
         """The module that receives ``input_ids`` and builds ``inputs_embeds`` (``model.model``)."""
         return model.model
 
-    def language_model(self, model: nn.Module) -> nn.Module:
+    def language_model(self, model: Any) -> Any:
         """The bare decoder (``LlamaModel``-like: ``.layers``, ``.norm``, ``.rotary_emb``)."""
         return model.model.language_model
 
-    def visual_token_ids(self, model: nn.Module) -> tuple[int, ...]:
-        ids = []
-        for attr in self.visual_token_attrs:
-            value = getattr(model.config, attr, None)
-            if value is not None:
-                ids.append(int(value))
+    def visual_token_ids(self, config: Any) -> tuple[int, ...]:
+        """The placeholder token ids that mark visual tokens in ``input_ids``."""
+        ids = {int(v) for v in (getattr(config, a, None) for a in self.visual_token_attrs) if v is not None}
         if not ids:
             raise ValueError(f"{self.model_type}: config has none of {self.visual_token_attrs}; cannot find visual tokens")
-        return tuple(sorted(set(ids)))
+        return tuple(sorted(ids))
 
+
+_LLAVA_TOKENS = ("image_token_id",)
+_VIDEO_TOKENS = ("image_token_id", "video_token_id")
 
 FAMILIES: dict[str, Family] = {
-    "llava": Family("llava", "llava-hf/llava-1.5-7b-hf", ("image_token_id",)),
-    "llava_next": Family("llava_next", "llava-hf/llava-v1.6-vicuna-7b-hf", ("image_token_id",)),
+    f.model_type: f
+    for f in (
+        Family("llava", "llava-hf/llava-1.5-7b-hf", True, _LLAVA_TOKENS, 2, "clip"),
+        Family("llava_next", "llava-hf/llava-v1.6-vicuna-7b-hf", True, _LLAVA_TOKENS, 2, "clip", anyres=True),
+        Family("llava_next_video", "llava-hf/LLaVA-NeXT-Video-7B-hf", False, _VIDEO_TOKENS, 2, "clip"),
+        Family("llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf", False, _VIDEO_TOKENS, 2, "clip"),
+        Family("qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct", False, _VIDEO_TOKENS, 1, "qwen2_vl"),
+        Family("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct", False, _VIDEO_TOKENS, 1, "qwen2_5_vl"),
+        Family("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", False, _VIDEO_TOKENS, 1, None),
+    )
 }
 
 
-def family_of(model: nn.Module) -> Family:
-    """The :class:`Family` of a loaded model, or a ValueError naming the supported ones."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def _prunable() -> str:
+    return ", ".join(f"{f.model_type} (e.g. {f.example_checkpoint})" for f in FAMILIES.values() if f.prunable)
+
+
+def family_for(config: Any) -> Family:
+    """The :class:`Family` of a model config (or of a model, through ``.config``); a one-line
+    ValueError naming the supported families for anything else."""
+    what = type(config).__name__
+    config = getattr(config, "config", config)
+    model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        supported = ", ".join(f"{f.model_type} (e.g. {f.example_checkpoint})" for f in FAMILIES.values())
         raise ValueError(
-            f"model family {model_type!r} ({type(model).__name__}) is not supported yet; supported: {supported}"
+            f"model family {model_type!r} ({what}) is not supported yet; supported: {', '.join(FAMILIES)} "
+            f"(pruning: {_prunable()})"
         )
     return FAMILIES[model_type]
+
+
+def check_supported(config: Any, prune: PruneConfig) -> Family:
+    """Refuse, from the config alone, what cannot run: an unknown family, pruning a family the
+    hooks do not support, a prune layer outside this decoder (checked for ``none`` too: the
+    FLOPs accounting reads it). Returns the family."""
+    family = family_for(config)
+    config = getattr(config, "config", config)  # a model → its config
+    if prune.method != "none" and not family.prunable:
+        raise ValueError(
+            f"model family {family.model_type!r} is not supported yet for pruning (method {prune.method!r}); "
+            f"it runs with --method none; pruning supports: {_prunable()}"
+        )
+    check_prune_layer(prune.prune_layer, int(config.get_text_config().num_hidden_layers))  # FLOPs need it too
+    return family
+
+
+def default_visual_tokens(config: Any) -> int:
+    """Default number of visual tokens for one image, from a multimodal config (or a model
+    name, whose config is read: see :func:`ep_core.loading.load_model_config`):
+
+    * CLIP-style towers: P = (image_size / patch_size)² per crop (+1 with the ``full``
+      feature strategy); anyres families (LLaVA-NeXT) count 5 crops, the base image plus a
+      2×2 grid (an upper figure: the real count depends on the aspect ratio);
+    * Qwen-VL: a 448×448 image, (448 / patch)² / merge².
+
+    Raises ValueError for a text-only config or a family without a default.
+    """
+    if isinstance(config, (str, os.PathLike)):
+        from ep_core.loading import load_model_config
+
+        config = load_model_config(config)
+    model_type = getattr(config, "model_type", None)
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        raise ValueError(f"config of type {model_type!r} has no vision_config; give the number of visual tokens explicitly")
+    family = FAMILIES.get(model_type)
+    kind = family.vision if family is not None else None
+    if kind == "clip" and model_type in ("llava", "llava_next"):
+        return tokens_per_crop(config) * (5 if family.anyres else 1)
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        merge = int(vision.spatial_merge_size)
+        return (QWEN_DEFAULT_IMAGE_SIDE // int(vision.patch_size)) ** 2 // (merge * merge)
+    raise ValueError(f"no default visual-token count for model type {model_type!r}; give the number of visual tokens explicitly")
+
+
+def tokens_per_crop(config: Any) -> int:
+    """Visual tokens of one square crop of a CLIP-style tower: (image_size / patch)², +1 CLS
+    with the ``full`` feature-select strategy."""
+    vision = config.vision_config
+    per_crop = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":
+        per_crop += 1
+    return per_crop

@@ -10,7 +10,7 @@ Three conventions, all reported side by side by :func:`flops_report`:
    sees i+1 keys) and a SwiGLU FFN, layers < K on n tokens and layers ≥ K on n̂ tokens.
    Norms, RoPE, softmax, residual adds and biases are not counted (< 0.5 %).
 3. **With vision** (the calflops convention the paper's 68.2 % most likely used,
-   ALGORITHM.md §7): the exact LM count + the vision tower + the multimodal projector + the
+   docs/design.md §1): the exact LM count + the vision tower + the multimodal projector + the
    LM head over every position that reaches it (n before pruning, n̂ after).
 
 Symbols: d = hidden size, m = intermediate size, L = decoder layers, H = query heads,
@@ -25,6 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from ep_core.config import check_prune_layer
+from ep_core.families import FAMILIES, tokens_per_crop
 
 __all__ = [
     "FlopsReport",
@@ -98,7 +101,7 @@ def paper_prefill_flops(n: int, n_pruned: int, d: int, m: int, num_layers: int, 
 
     FastV's reduction is 1 − that / (L·F(n)); FastV uses n = image tokens only.
     """
-    _check_prune_layer(prune_layer, num_layers)
+    check_prune_layer(prune_layer, num_layers, analytic=True)
     return prune_layer * paper_layer_flops(n, d, m) + (num_layers - prune_layer) * paper_layer_flops(n_pruned, d, m)
 
 
@@ -128,7 +131,7 @@ def prefill_flops(dims: TextDims, n: int, n_pruned: int | None = None, prune_lay
     dims = text_dims(dims)
     if n_pruned is None:
         n_pruned = n
-    _check_prune_layer(prune_layer, dims.num_layers)
+    check_prune_layer(prune_layer, dims.num_layers, analytic=True)
     return prune_layer * layer_flops(n, dims) + (dims.num_layers - prune_layer) * layer_flops(n_pruned, dims)
 
 
@@ -145,7 +148,7 @@ def kv_cache_bytes(
     dims = text_dims(dims)
     if n_pruned is None:
         n_pruned = n
-    _check_prune_layer(prune_layer, dims.num_layers)
+    check_prune_layer(prune_layer, dims.num_layers, analytic=True)
     tokens = prune_layer * n + (dims.num_layers - prune_layer) * n_pruned
     return 2 * tokens * dims.num_kv_heads * dims.head_dim * dtype_bytes
 
@@ -163,7 +166,7 @@ def decode_flops_per_token(
     dims = text_dims(dims)
     if cache_len_pruned is None:
         cache_len_pruned = cache_len
-    _check_prune_layer(prune_layer, dims.num_layers)
+    check_prune_layer(prune_layer, dims.num_layers, analytic=True)
     d, hd = dims.hidden_size, dims.head_dim
     fixed = 2 * d * (2 * dims.num_heads * hd + 2 * dims.num_kv_heads * hd) + 6 * d * dims.intermediate_size
 
@@ -243,10 +246,23 @@ def _qwen_vit_flops(vision: Any, visual_tokens: int, windowed: bool) -> int:
     return embed + dense + attn + merger
 
 
-def _llava_crops(config: Any, visual_tokens: int) -> int:
+def _vision_kind(config: Any) -> str | None:
+    """The family table's vision kind; an unknown family with a CLIP-like vision config is
+    counted as ``clip``."""
+    family = FAMILIES.get(getattr(config, "model_type", ""))
+    if family is not None:
+        return family.vision
+    vision = config.vision_config
+    return "clip" if all(hasattr(vision, a) for a in ("image_size", "patch_size", "hidden_size", "intermediate_size")) else None
+
+
+def _crops(config: Any, visual_tokens: int) -> int:
+    """Crops behind ``visual_tokens``: round(N / P) for anyres families (base + grid),
+    ⌈N / P⌉ otherwise (several images), P = (image_size / patch)²."""
     vision = config.vision_config
     per_crop = (int(vision.image_size) // int(vision.patch_size)) ** 2
-    if getattr(config, "model_type", "") == "llava_next":
+    family = FAMILIES.get(getattr(config, "model_type", ""))
+    if family is not None and family.anyres:
         return max(1, round(visual_tokens / per_crop))
     return max(1, math.ceil(visual_tokens / per_crop)) if visual_tokens else 0
 
@@ -263,13 +279,11 @@ def vision_flops(config: Any, visual_tokens: int) -> int | None:
     vision = getattr(config, "vision_config", None)
     if vision is None or visual_tokens <= 0:
         return None if vision is None else 0
-    model_type = getattr(config, "model_type", "")
-    if model_type == "qwen2_5_vl":
-        return _qwen_vit_flops(vision, visual_tokens, windowed=True)
-    if model_type == "qwen2_vl":
-        return _qwen_vit_flops(vision, visual_tokens, windowed=False)
-    if all(hasattr(vision, a) for a in ("image_size", "patch_size", "hidden_size", "intermediate_size")):
-        return _clip_like_flops(vision, _llava_crops(config, visual_tokens))
+    kind = _vision_kind(config)
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        return _qwen_vit_flops(vision, visual_tokens, windowed=kind == "qwen2_5_vl")
+    if kind == "clip":
+        return _clip_like_flops(vision, _crops(config, visual_tokens))
     return None
 
 
@@ -283,18 +297,16 @@ def projector_flops(config: Any, visual_tokens: int) -> int | None:
     vision = getattr(config, "vision_config", None)
     if vision is None:
         return None
-    if visual_tokens <= 0 or getattr(config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl"):
+    if visual_tokens <= 0 or _vision_kind(config) in ("qwen2_vl", "qwen2_5_vl"):
         return 0
     if not all(hasattr(vision, a) for a in ("image_size", "patch_size", "hidden_size")):
         return None
     d = text_dims(config).hidden_size
     layers = getattr(config, "vision_feature_layer", -2)
     d_in = int(vision.hidden_size) * (len(layers) if isinstance(layers, (list, tuple)) else 1)
-    per_crop = (int(vision.image_size) // int(vision.patch_size)) ** 2
-    if getattr(config, "vision_feature_select_strategy", "default") == "full":
-        per_crop += 1
-    if getattr(config, "model_type", "") == "llava_next":
-        positions = _llava_crops(config, visual_tokens) * per_crop
+    family = FAMILIES.get(getattr(config, "model_type", ""))
+    if family is not None and family.anyres:
+        positions = _crops(config, visual_tokens) * tokens_per_crop(config)
     else:
         positions = visual_tokens
     return 2 * positions * (d_in * d + d * d)
@@ -374,7 +386,7 @@ def flops_report(
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if visual_tokens_kept > visual_tokens:
         raise ValueError(f"visual_tokens_kept ({visual_tokens_kept}) exceeds visual_tokens ({visual_tokens})")
-    _check_prune_layer(prune_layer, dims.num_layers)
+    check_prune_layer(prune_layer, dims.num_layers, analytic=True)
     n = text_tokens + visual_tokens
     n_hat = text_tokens + visual_tokens_kept
     if n == 0:
@@ -436,9 +448,3 @@ def flops_report(
         decode_flops_per_token_full=decode_flops_per_token(dims, n, n, 0),
         dtype_bytes=dtype_bytes,
     )
-
-
-def _check_prune_layer(prune_layer: int, num_layers: int) -> None:
-    if isinstance(prune_layer, bool) or not isinstance(prune_layer, int) or not 0 <= prune_layer <= num_layers:
-        raise ValueError(f"prune_layer must be an integer in [0, {num_layers}] for a {num_layers}-layer decoder, "
-                         f"got {prune_layer!r}")

@@ -31,10 +31,10 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
+from ep_core.accounting import sample_stats
+from ep_core.budget import keep_count, keep_count_for_ratio
 from ep_core.config import PruneConfig
-from ep_core.families import Family, family_of
-from ep_core.flops import flops_report
+from ep_core.families import Family, check_supported
 from ep_core.methods import RULES, Row
 
 UNSUPPORTED_ATTENTION = {"flex_attention": "its BlockMask cannot be cut to the kept tokens"}
@@ -62,19 +62,18 @@ class PruningHandle:
     def __init__(self, model: nn.Module, config: PruneConfig):
         self.model = model
         self.config = config
-        self.family: Family = family_of(model)
+        self.family: Family = check_supported(model, config)  # family, method, prune layer
         self.text_config = model.config.get_text_config()
         language_model = self.family.language_model(model)
         self.layers = language_model.layers
         self.final_norm = language_model.norm
         self.num_layers = len(self.layers)
-        self.visual_ids = torch.tensor(self.family.visual_token_ids(model))
+        self.visual_ids = torch.tensor(self.family.visual_token_ids(model.config))
         self._dtype_bytes = next(model.parameters()).element_size()
         self.rule = RULES.get(config.method)
         self.stats: list[dict] = []
         self._state: _Prefill | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        _check_prune_layer(config.prune_layer, self.num_layers)
         if self.rule is not None:  # method "none" only observes: it refuses nothing the model can do
             _refuse_unsupported(model, self.text_config)
 
@@ -310,26 +309,16 @@ class PruningHandle:
         else:
             kept_positions = unpadded_index[keep_row][valid[keep_row]]
             kept = int(state.is_visual[b][keep_row].sum())
-        k_layer = self.config.prune_layer
-        text_tokens = int(valid.sum()) - num_visual
-        flops = flops_report(self.model.config, num_visual, kept, text_tokens, k_layer, dtype_bytes=self._dtype_bytes)
-        return {
-            "method": self.config.method,
-            "visual_tokens": num_visual,
-            "visual_tokens_kept": kept,
-            "text_tokens": text_tokens,
-            "keep_ratio": kept / num_visual if num_visual else 1.0,
-            "budget": layer_averaged_budget(kept, num_visual, self.num_layers, k_layer),
-            "prune_layer": k_layer,
-            "num_layers": self.num_layers,
-            "kept_positions": kept_positions.tolist(),
-            "prefill_flops": flops.prefill_flops,
-            "prefill_flops_full": flops.prefill_flops_full,
-            "flops_reduction": flops.flops_reduction,
-            "flops_reduction_paper": flops.flops_reduction_paper,
-            "flops_reduction_with_vision": flops.flops_reduction_with_vision,
-            "kv_cache_bytes": flops.kv_cache_bytes,
-        }
+        return sample_stats(
+            self.model.config,
+            method=self.config.method,
+            visual_tokens=num_visual,
+            visual_tokens_kept=kept,
+            text_tokens=int(valid.sum()) - num_visual,
+            prune_layer=self.config.prune_layer,
+            dtype_bytes=self._dtype_bytes,
+            kept_positions=kept_positions.tolist(),
+        )
 
 
 def apply_pruning(model: nn.Module, config: PruneConfig) -> PruningHandle:
@@ -348,13 +337,6 @@ def apply_pruning(model: nn.Module, config: PruneConfig) -> PruningHandle:
 
 
 # ---------------------------------------------------------------------- refusals
-def _check_prune_layer(prune_layer: int, num_layers: int) -> None:
-    if not 1 <= prune_layer < num_layers:
-        raise ValueError(
-            f"prune_layer must be between 1 and {num_layers - 1} for this {num_layers}-layer decoder, got {prune_layer}"
-        )
-
-
 def _refuse_unsupported(model: nn.Module, text_config) -> None:
     implementation = text_config._attn_implementation or "eager"
     if implementation in UNSUPPORTED_ATTENTION:

@@ -1,28 +1,82 @@
-"""Load a multimodal model and its processor from a local path or a hub id.
+"""Model names → configs, models and processors: the one model-name resolution of every command.
 
-``load_model(name_or_path, dtype=..., device=..., attn_implementation=...)`` → ``(model,
-processor)``, the model in eval mode on ``device``. Weights load with
-``use_safetensors=True``; remote code runs only with ``trust_remote_code=True``. Families
-outside :data:`SUPPORTED_MODEL_TYPES` are refused with a one-line error before any weight is
-read.
+A model name is, in this order:
+
+1. ``demo``: the shipped demo model (``demo/shipped_model/``);
+2. a preset (``llava-1.5-7b``, … see :mod:`ep_core.presets`) or its hub id: the built-in
+   config, offline (:func:`load_model_config`); its weights load from that hub id;
+3. a local model directory (with a ``config.json``);
+4. a hub id (``owner/name``): needs the network or the local HF cache.
+
+``load_model(name, dtype=..., device=..., attn_implementation=...)`` → ``(model, processor)``
+in eval mode on ``device``. Weights load with ``use_safetensors=True``; remote code runs only
+with ``trust_remote_code=True``. Families outside :data:`ep_core.families.FAMILIES` are
+refused with a one-line error before any weight is read.
 """
 
 from __future__ import annotations
 
 import os
 
-# config.model_type of the families this project loads (image-text-to-text models).
-SUPPORTED_MODEL_TYPES = (
-    "llava",
-    "llava_next",
-    "llava_next_video",
-    "llava_onevision",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-)
+from ep_core.families import family_for
+from ep_core.presets import PRESET_CHECKPOINTS, PRESETS, preset_config, resolve_preset
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_model_name(name_or_path: str | os.PathLike) -> str:
+    """Where a model's files are: ``demo`` → the shipped demo model's directory; a preset
+    name → the hub id of the checkpoint it mirrors; anything else unchanged."""
+    from demo import MODEL_NAME, shipped_model_path
+
+    name = os.fspath(name_or_path)
+    if name == MODEL_NAME:
+        return shipped_model_path()
+    preset = resolve_preset(name)
+    if preset is not None and not os.path.isdir(name):
+        return PRESET_CHECKPOINTS[preset]
+    return name
+
+
+def load_model_config(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The transformers config of a model name (see the module docstring), without weights.
+
+    Raises a one-line ValueError when the name is none of those, naming the presets.
+    """
+    name = os.fspath(name_or_path)
+    presets = "presets: " + ", ".join(PRESETS)
+    if not name:
+        raise ValueError(f"no model given; use 'demo', a preset ({presets}) or a directory with a config.json")
+    if resolve_preset(name) is not None and not os.path.isdir(name):
+        return preset_config(name)
+
+    from transformers import AutoConfig
+
+    path = resolve_model_name(name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"cannot load model {path!r}: the directory has no config.json; use a model directory or a preset ({presets})")
+        try:
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - a malformed or unknown config
+            raise ValueError(f"cannot load model {path!r}: its config.json is unreadable ({_first_line(exc)})") from None
+    if os.path.exists(path):
+        raise ValueError(f"cannot load model {path!r}: it is a file; give a model directory with a config.json or a preset ({presets})")
+    parts = path.split("/")
+    if len(parts) == 2 and all(parts):
+        try:
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated repo …
+            raise ValueError(
+                f"cannot load model {path!r}: not a preset ({presets}), not a local directory, and the hub "
+                f"lookup failed ({type(exc).__name__}: {_first_line(exc)}; HF_HUB_OFFLINE set?)"
+            ) from None
+    raise ValueError(f"cannot load model {path!r}: not 'demo', a preset ({presets}), a model directory or a hub id (owner/name)")
+
+
+def model_type_of(name_or_path: str, *, trust_remote_code: bool = False) -> str:
+    """``config.model_type`` of a model name (reads the config only)."""
+    return load_model_config(name_or_path, trust_remote_code=trust_remote_code).model_type
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -48,24 +102,6 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
-def model_type_of(name_or_path: str, *, trust_remote_code: bool = False) -> str:
-    from transformers import AutoConfig
-
-    from ep_core.demo import resolve_model_name
-
-    name_or_path = resolve_model_name(name_or_path)  # "demo" → the shipped demo model
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        where = "directory has no readable config.json" if os.path.isdir(name_or_path) else (
-            "not a local directory, and the hub has no such model or is unreachable (HF_HUB_OFFLINE?)"
-        )
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot load model {name_or_path!r}: {where} ({first})") from None
-    return config.model_type
-
-
 def load_model(
     name_or_path: str,
     *,
@@ -77,21 +113,19 @@ def load_model(
     """``(model, processor)`` for a supported image-text model, in eval mode on ``device``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ep_core.demo import resolve_model_name
-
-    name_or_path = resolve_model_name(name_or_path)  # "demo" → the shipped demo model
-    model_type = model_type_of(name_or_path, trust_remote_code=trust_remote_code)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model {name_or_path!r} is a {model_type!r} model, which is not supported; "
-            f"supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    family_for(load_model_config(name_or_path, trust_remote_code=trust_remote_code))  # refuse before any weight
+    path = resolve_model_name(name_or_path)
     device = resolve_device(device)
     kwargs = {"dtype": resolve_dtype(dtype, device), "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     model.to(device)
     model.eval()
-    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, processor
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,4 +1,4 @@
-"""Offline model configs for the FLOPs calculator, and default visual-token counts.
+"""Offline model configs for the FLOPs calculator (``ep flops --model llava-1.5-7b``).
 
 The presets are the public ``config.json`` files of the checkpoints below, written out as
 plain dicts (every shape that matters for FLOPs is spelled out, not left to class defaults),
@@ -15,12 +15,12 @@ preset                        checkpoint it mirrors                  class
 
 The hub ids in the middle column are accepted as aliases of the presets (still offline).
 
-Default visual tokens per image (:func:`default_visual_tokens`):
+Default visual tokens per image (:func:`ep_core.families.default_visual_tokens`):
 
 * LLaVA-1.5: CLIP ViT-L/14 at 336 px → (336/14)² = 576 patch tokens (the CLS token is
   dropped by the ``default`` feature-select strategy).
 * LLaVA-1.6 (NeXT, anyres): **2880** = 5 CLIP crops × 576, i.e. the full 2×2 grid plus the
-  base image, which is the N that ALGORITHM.md §4.4 uses (k = ⌊(32·320 − 2·2880)/30⌋ = 149).
+  base image, which is the N that the EntropyPrune code uses for LLaVA-NeXT (k = ⌊(32·320 − 2·2880)/30⌋ = 149).
   The real count depends on the image's aspect ratio (unpadding plus one ``image_newline``
   token per row: a square 672×672 image gives 576 + 48·48 + 48 = 2928); pass the per-sample
   count when it matters.
@@ -32,7 +32,6 @@ Default visual tokens per image (:func:`default_visual_tokens`):
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 _CLIP_L_336: dict[str, Any] = {
@@ -169,32 +168,15 @@ PRESET_ALIASES: dict[str, str] = {
     "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b",
 }
 
-# Default visual tokens per image for each preset (see the module docstring).
-PRESET_VISUAL_TOKENS: dict[str, int] = {
-    "llava-1.5-7b": 576,
-    "llava-1.5-13b": 576,
-    "llava-v1.6-vicuna-7b": 2880,
-    "qwen2.5-vl-7b": 256,
-}
-
-QWEN_DEFAULT_IMAGE_SIDE = 448  # px; the image size behind Qwen's default of 256 tokens
+PRESET_CHECKPOINTS: dict[str, str] = {preset: hub_id for hub_id, preset in PRESET_ALIASES.items()}
 
 
-def preset_names() -> list[str]:
-    """The preset names, in a stable order."""
-    return list(PRESETS)
-
-
-def _resolve_preset(name: str) -> str | None:
-    if name in PRESETS:
-        return name
+def resolve_preset(name: str) -> str | None:
+    """The preset a name stands for (its own name, case-insensitively, or its hub id), or None."""
     if name in PRESET_ALIASES:
         return PRESET_ALIASES[name]
     lowered = name.lower()
-    for preset in PRESETS:
-        if preset == lowered:
-            return preset
-    return None
+    return lowered if lowered in PRESETS else None
 
 
 def _config_class(model_type: str):
@@ -206,7 +188,7 @@ def _config_class(model_type: str):
 
 def preset_config(name: str):
     """The transformers config object of a preset (a fresh object on every call)."""
-    preset = _resolve_preset(name)
+    preset = resolve_preset(name)
     if preset is None:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     data = copy.deepcopy(PRESETS[preset])
@@ -214,86 +196,3 @@ def preset_config(name: str):
     config = cls(**data)
     config._name_or_path = preset
     return config
-
-
-def load_model_config(name_or_path: str | os.PathLike):
-    """A transformers config for a preset name, a local model directory or a hub id.
-
-    Resolution order:
-
-    1. a preset name (or its hub id, see ``PRESET_ALIASES``) → the built-in config, offline;
-    2. an existing local directory with a ``config.json`` → ``AutoConfig.from_pretrained``;
-    3. something shaped like a hub id (``owner/name``) → ``AutoConfig.from_pretrained``,
-       which needs network access (or the local HF cache).
-
-    Raises:
-        ValueError: when none of these works; the message lists the presets.
-    """
-    name = os.fspath(name_or_path)
-    presets = "presets: " + ", ".join(PRESETS)
-    if not name:
-        raise ValueError(f"no model given; use a preset ({presets}) or a directory with a config.json")
-    if _resolve_preset(name) is not None:
-        return preset_config(name)
-
-    from transformers import AutoConfig
-
-    if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise ValueError(f"directory {name!r} has no config.json; use a model directory or a preset ({presets})")
-        try:
-            return AutoConfig.from_pretrained(name)
-        except Exception as exc:  # a malformed or unknown config
-            raise ValueError(f"could not read the config in {name!r}: {exc}") from exc
-    if os.path.exists(name):
-        raise ValueError(f"{name!r} is a file; give a model directory with a config.json or a preset ({presets})")
-
-    parts = name.split("/")
-    if len(parts) == 2 and all(parts):
-        try:
-            return AutoConfig.from_pretrained(name)
-        except Exception as exc:  # offline, unknown repo, gated repo …
-            raise ValueError(
-                f"unknown model {name!r}: not a preset ({presets}), not a local directory, and the hub "
-                f"lookup failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            ) from exc
-    raise ValueError(f"unknown model {name!r}: not a preset ({presets}) and not a directory with a config.json")
-
-
-def default_visual_tokens(config_or_name) -> int:
-    """Default number of visual tokens for one image.
-
-    Accepts a preset name / alias, or a transformers config. For a config:
-
-    * ``llava`` → (image_size / patch_size)², +1 with the ``full`` feature strategy;
-    * ``llava_next`` → 5 crops × that (base image + 2×2 grid, documented upper figure);
-    * ``qwen2_vl`` / ``qwen2_5_vl`` → a 448×448 image: (448 / patch)² / merge².
-
-    Raises:
-        ValueError: for a text-only or unknown family (pass the count explicitly).
-    """
-    if isinstance(config_or_name, (str, os.PathLike)):
-        preset = _resolve_preset(os.fspath(config_or_name))
-        if preset is not None:
-            return PRESET_VISUAL_TOKENS[preset]
-        config = load_model_config(config_or_name)
-    else:
-        config = config_or_name
-    model_type = getattr(config, "model_type", None)
-    vision = getattr(config, "vision_config", None)
-    if vision is None:
-        raise ValueError(
-            f"config of type {model_type!r} has no vision_config; give the number of visual tokens explicitly"
-        )
-    if model_type in ("llava", "llava_next"):
-        per_crop = (vision.image_size // vision.patch_size) ** 2
-        if getattr(config, "vision_feature_select_strategy", "default") == "full":
-            per_crop += 1
-        return per_crop if model_type == "llava" else 5 * per_crop
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        patch = vision.patch_size
-        merge = vision.spatial_merge_size
-        return (QWEN_DEFAULT_IMAGE_SIDE // patch) ** 2 // (merge * merge)
-    raise ValueError(
-        f"no default visual-token count for model type {model_type!r}; give the number of visual tokens explicitly"
-    )

@@ -85,8 +85,14 @@ def load_yaml_config(path: str) -> dict:
     return out
 
 
+_PRUNE_FLAGS = ("method", "budget", "keep_ratio", "prune_layer", "seed")
+
+
 def config_from_args(args: argparse.Namespace):
-    from pipelines.run import CaptionConfig
+    """The :class:`CaptionConfig` of the YAML file and flags (flags win); its pruning flags
+    become one ``PruneConfig``."""
+    from ep_core.config import PruneConfig
+    from pipelines.caption import CaptionConfig
 
     settings = load_yaml_config(args.config) if getattr(args, "config", None) else {}
     for name in _FLAGS:
@@ -96,60 +102,21 @@ def config_from_args(args: argparse.Namespace):
     missing = [n for n in ("model", "input", "output") if not settings.get(n)]
     if missing:
         raise ValueError(f"missing required setting(s): {', '.join('--' + m for m in missing)}")
-    return CaptionConfig(**{k: v for k, v in settings.items() if v is not None})
+    settings = {k: v for k, v in settings.items() if v is not None}
+    prune = {k: settings.pop(k) for k in _PRUNE_FLAGS if k in settings}
+    prune.setdefault("method", "none")
+    return CaptionConfig(prune=PruneConfig(**prune), **settings)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.run import run_caption
+    from pipelines.caption import CaptionJob
 
-    cfg = config_from_args(args)
-    # usage errors first, in one line, before a tracking store is opened
-    import os
-
-    from ep_core.loading import model_type_of
-
-    cfg.validate()
-    if not os.path.exists(cfg.input):
-        raise FileNotFoundError(f"input not found: {cfg.input}")
-    model_type_of(cfg.model)
-    tracker = _tracker(cfg, args)
-    params = {
-        "model": cfg.model, "method": cfg.method, "budget": cfg.budget, "keep_ratio": cfg.keep_ratio,
-        "prune_layer": cfg.prune_layer, "batch_size": cfg.batch_size, "dataset": cfg.input,
-        "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
-    }
-    with tracker.run(f"caption-{cfg.method}", params):
-        cfg.run_id = cfg.run_id or tracker.current_run_id  # output rows point at their MLflow run
-        summary = run_caption(
-            cfg, progress=lambda rows, seconds: tracker.metrics({"items_per_s": rows / seconds}, step=rows)
-        )
-        _record(tracker, cfg, summary)
+    job = CaptionJob(config_from_args(args))  # the preflight: usage errors in one line, before anything starts
+    summary, tracker = job.run_tracked(experiment=args.experiment or "caption", tracking=not args.no_tracking)
     if tracker.active:
         print(f"MLflow: run recorded in {tracker.uri} (experiment {tracker.experiment!r})", flush=True)
     print(summary.line(), flush=True)  # the summary stays the last line
     return 0 if summary.complete else 1
-
-
-def _tracker(cfg, args):
-    from pipelines.tracking import Tracker
-
-    return Tracker(cfg.output, getattr(args, "experiment", None) or "caption", enabled=not getattr(args, "no_tracking", False))
-
-
-def _record(tracker, cfg, summary) -> None:
-    """Metrics of this run's rows (not of rows an earlier run wrote) and its summary line."""
-    if not tracker.active:
-        return
-    import pyarrow.compute as pc
-
-    from pipelines.sink import read_output
-    from pipelines.tracking import output_metrics
-
-    table = read_output(cfg.output)
-    mine = table.filter(pc.equal(table.column("run_id"), summary.run_id)) if table.num_rows else table
-    metrics = output_metrics(mine)
-    metrics.update(items_per_s=summary.items_per_s, rows_total=summary.rows_total, rows_new=summary.rows_new)
-    tracker.metrics(metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

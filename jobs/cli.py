@@ -1,14 +1,41 @@
 """The ``ep`` console script: one sub-command per job module in ``jobs/``.
 
 Each job module exposes ``add_arguments(parser)`` and ``run(args) -> int``; heavy imports
-happen inside ``run`` so that ``ep --help`` stays fast.
+happen inside ``run`` so that ``ep --help`` stays fast. This is the edge where user-facing
+lines are set up: the library logs through ``logging``; :func:`setup_logging` sends its INFO
+lines to stdout and warnings and errors to stderr, as plain messages.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+
+PACKAGES = ("ep_core", "pipelines", "evaluation", "demo", "jobs", "bench")
+
+
+class _ConsoleHandler(logging.Handler):
+    """INFO and below to stdout, WARNING and above to stderr; the streams are looked up at each
+    line, so a caller that swaps ``sys.stdout`` (a test, a notebook) still sees them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not stop the job
+            self.handleError(record)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Route the project's loggers to the console (once per process)."""
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+            logger.addHandler(_ConsoleHandler())
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         return int(args._module.run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
@@ -49,6 +77,7 @@ def module_main(module, name: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{name}", description=module.__doc__.splitlines()[0])
     module.add_arguments(parser)
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

@@ -3,8 +3,8 @@
     ep flops --model llava-1.5-7b --budget 128 --text-tokens 57
     ep flops --model /path/to/model_dir --keep-ratio 0.25 --text-tokens 40 --prune-layer 1 --json
 
-``--model`` is a preset (see ``ep_core.presets``), a local directory with a config.json, or
-a hub id (needs network). Three conventions are printed (see ``ep_core.flops``): the
+``--model`` is ``demo``, a preset (see ``ep_core.presets``), a local directory with a
+config.json, or a hub id (needs network): the one resolution of ``ep_core.loading``. Three conventions are printed (see ``ep_core.flops``): the
 paper's formula, an exact LM count, and the exact count with the vision tower, projector
 and LM head (the calflops convention behind the paper's 68.2 %).
 """
@@ -17,7 +17,7 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="preset (llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, qwen2.5-vl-7b), "
+                        help="'demo', a preset (llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, qwen2.5-vl-7b), "
                              "a model directory with config.json, or a hub id")
     parser.add_argument("--budget", type=float, default=None,
                         help="layer-averaged visual tokens B (the papers' 192/128/64); "
@@ -36,8 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def compute(args: argparse.Namespace) -> dict:
     """The result dict of ``ep flops`` (also usable from Python with a Namespace)."""
     from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
+    from ep_core.config import check_prune_layer
+    from ep_core.families import default_visual_tokens
     from ep_core.flops import flops_report
-    from ep_core.presets import default_visual_tokens, load_model_config
+    from ep_core.loading import load_model_config
 
     if args.budget is not None and args.keep_ratio is not None:
         raise ValueError("give either --budget (layer-averaged visual tokens) or --keep-ratio, not both")
@@ -52,9 +54,7 @@ def compute(args: argparse.Namespace) -> dict:
 
     config = load_model_config(args.model)
     num_layers = int(config.get_text_config().num_hidden_layers)
-    if not 1 <= args.prune_layer < num_layers:
-        raise ValueError(f"--prune-layer must be in [1, {num_layers - 1}] for this {num_layers}-layer model, "
-                         f"got {args.prune_layer}")
+    check_prune_layer(args.prune_layer, num_layers)
     if args.visual_tokens is None:
         visual = default_visual_tokens(config)
     else:

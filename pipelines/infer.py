@@ -17,12 +17,15 @@ row lost, never the job. The same class runs without Ray (the bench's bare loop 
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 import traceback
 
 import pyarrow as pa
 
+from ep_core.accounting import sample_stats
+from ep_core.config import PruneConfig
+from ep_core.prompts import chat_prompt
 from pipelines.media import frames_of
 from pipelines.sink import to_table
 
@@ -35,38 +38,33 @@ _ROW_COLUMNS = (*_STATS_COLUMNS, "prefill_ms", "first_token_ids", "first_token_l
 # tensors that run along the text sequence (left-padded when collated); others concatenate.
 _SEQUENCE_KEYS = {"input_ids": "pad", "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
 
+log = logging.getLogger(__name__)
+
 
 class CaptionPredictor:
+    """The model actor: ``CaptionPredictor(model=NAME, prune=PruneConfig(...), ...)``."""
+
     def __init__(
         self,
         *,
         model: str,
-        method: str = "none",
-        budget: float | None = None,
-        keep_ratio: float | None = None,
-        prune_layer: int = 2,
-        seed: int = 0,
+        prune: PruneConfig = PruneConfig(method="none"),
         max_new_tokens: int = 32,
         dtype: str = "auto",
         device: str = "auto",
         torch_threads: int | None = None,
         run_id: str | None = None,
-        fault: str | None = None,
-        loaded=None,
     ):
         import torch
 
-        from ep_core.config import PruneConfig
+        from ep_core import apply_pruning
+        from ep_core.families import FAMILIES
+        from ep_core.loading import load_model
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
-        self.prune = PruneConfig(method=method, budget=budget, keep_ratio=keep_ratio, prune_layer=prune_layer, seed=seed)
-        if loaded is not None:
-            self.model, self.processor = loaded
-        else:
-            from ep_core.loading import load_model
-
-            self.model, self.processor = load_model(model, dtype=dtype, device=device)
+        self.prune = prune
+        self.model, self.processor = load_model(model, dtype=dtype, device=device)
         self.model_name = model
         self.max_new_tokens = max_new_tokens
         self.run_id = run_id
@@ -79,20 +77,16 @@ class CaptionPredictor:
                 self.model.config, "image_token_index", None
             )
         self.handle = None
-        from ep_core import apply_pruning
-        from ep_core.families import FAMILIES
-
-        if self.prune.method != "none" or getattr(self.model.config, "model_type", None) in FAMILIES:
+        family = FAMILIES.get(getattr(self.model.config, "model_type", None))
+        if prune.method != "none" or (family is not None and family.prunable):
             # method "none" too: the handle's per-sample stats carry token counts and FLOPs
-            self.handle = apply_pruning(self.model, self.prune)
+            self.handle = apply_pruning(self.model, prune)
         self._prefill = _PrefillTimer(self.model)
-        self._fault = _Fault(fault)
         self._flops_warned = False
 
     # ------------------------------------------------------------------ row plumbing
 
     def _base(self, row: dict) -> dict:
-        pruned = self.prune.method != "none"
         return {
             "sample_id": row["sample_id"],
             "source": row.get("source"),
@@ -101,18 +95,14 @@ class CaptionPredictor:
             "prompt": row.get("prompt"),
             "reference": row.get("reference"),
             "model": self.model_name,
-            "method": self.prune.method,
-            "budget": self.prune.budget,
-            "keep_ratio": self.prune.keep_ratio,
-            "prune_layer": self.prune.prune_layer if pruned else None,
+            **self.prune.row_fields(),
             "error": row.get("error"),
             "run_id": self.run_id,
         }
 
     def _encode(self, row: dict) -> dict:
         images = frames_of(row)
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": row["prompt"]}]
-        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        text = chat_prompt(self.processor, len(images), row["prompt"])
         return dict(self.processor(images=images, text=[text], return_tensors="pt"))
 
     def _collate(self, encs: list[dict]) -> dict:
@@ -172,28 +162,26 @@ class CaptionPredictor:
         """FLOPs columns from the config, for models the pruning hooks do not cover."""
         if info.get("visual_tokens") is None:
             return {}
-        from ep_core.flops import flops_report
-
         try:
-            report = flops_report(
+            stats = sample_stats(
                 self.model.config,
+                method=self.prune.method,
                 visual_tokens=info["visual_tokens"],
                 visual_tokens_kept=info["visual_tokens_kept"],
                 text_tokens=info["text_tokens"],
                 prune_layer=self.prune.prune_layer,
                 dtype_bytes=self.model.dtype.itemsize,
-            ).to_dict()
+            )
         except Exception as exc:  # noqa: BLE001 - FLOPs are a report column, not a reason to fail
             if not self._flops_warned:
                 self._flops_warned = True
-                print(f"[caption] FLOPs unavailable for this model ({type(exc).__name__}: {exc})", flush=True)
+                log.warning(f"[caption] FLOPs unavailable for this model ({type(exc).__name__}: {exc})")
             return {}
-        return {k: report.get(k) for k in _STATS_COLUMNS if k in report}
+        return {k: stats[k] for k in _STATS_COLUMNS}
 
     # ------------------------------------------------------------------ the batch
 
     def predict_rows(self, rows: list[dict]) -> list[dict]:
-        self._fault.tick()
         results = [self._base(r) for r in rows]
         groups: dict[int, list[tuple[int, dict]]] = {}
         for i, row in enumerate(rows):
@@ -270,24 +258,3 @@ class _PrefillTimer:
             self._sync()
             self.ms = (time.perf_counter() - self._start) * 1000.0
             self._armed = False
-
-
-class _Fault:
-    """Test-only fault switch: ``exit_after:N:MARKER`` ends the worker process hard on its
-    N-th batch, once (MARKER, a file path, records that it happened)."""
-
-    def __init__(self, spec: str | None):
-        self.calls = 0
-        self.after, self.marker = None, None
-        if spec:
-            kind, after, marker = spec.split(":", 2)
-            if kind != "exit_after":
-                raise ValueError(f"unknown fault {spec!r}")
-            self.after, self.marker = int(after), marker
-
-    def tick(self) -> None:
-        self.calls += 1
-        if self.after is not None and self.calls >= self.after and not os.path.exists(self.marker):
-            with open(self.marker, "w") as fh:
-                fh.write(str(os.getpid()))
-            os._exit(1)

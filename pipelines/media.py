@@ -26,6 +26,7 @@ import time
 import warnings
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -129,13 +130,10 @@ class VideoDecoder:
 
     The child is started on first use and restarted after it hangs (killed at the deadline)
     or dies (a segfault in the codec); each such event is reported for the one video only.
-    ``faults=True`` enables the test-only fault switch of the child (files named
-    ``*__hang__*`` hang, ``*__crash__*`` segfault).
     """
 
-    def __init__(self, timeout_s: float = DEFAULT_DECODE_TIMEOUT_S, faults: bool = False):
+    def __init__(self, timeout_s: float = DEFAULT_DECODE_TIMEOUT_S):
         self.timeout_s = timeout_s
-        self.faults = faults
         self._proc: subprocess.Popen | None = None
         self.restarts = 0
 
@@ -180,7 +178,7 @@ class VideoDecoder:
                 self.restarts += 1
             self._proc = self._start()
         proc = self._proc
-        request = {"path": path, "frames": frames, "max_side": max_side, "faults": self.faults}
+        request = {"path": path, "frames": frames, "max_side": max_side}
         deadline = time.monotonic() + self.timeout_s
         try:
             proc.stdin.write((json.dumps(request) + "\n").encode())
@@ -233,14 +231,14 @@ class VideoDecoder:
         return bytes(buf)
 
 
-_DECODERS: dict[tuple[float, bool], VideoDecoder] = {}
+_DECODERS: dict[float, VideoDecoder] = {}
 
 
-def shared_video_decoder(timeout_s: float, faults: bool = False) -> VideoDecoder:
+def shared_video_decoder(timeout_s: float) -> VideoDecoder:
     """One decoder per worker process (Ray reuses worker processes across tasks)."""
-    key = (float(timeout_s), bool(faults))
+    key = float(timeout_s)
     if key not in _DECODERS:
-        _DECODERS[key] = VideoDecoder(timeout_s, faults=faults)
+        _DECODERS[key] = VideoDecoder(timeout_s)
     return _DECODERS[key]
 
 
@@ -253,7 +251,6 @@ def decode_row(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int = DEFAULT_MAX_SIDE,
     timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
-    faults: bool = False,
 ) -> dict:
     """A source row plus ``pixels``/``shape`` (and ``frames`` = frames actually decoded), or
     plus ``error``. Never raises for bad input."""
@@ -265,7 +262,7 @@ def decode_row(
         if row["media_type"] == "image":
             arr = load_image(row["path"], max_pixels=max_pixels, max_side=max_side)[None]
         elif row["media_type"] == "video":
-            arr = shared_video_decoder(timeout_s, faults).decode(row["path"], int(row["frames"]), max_side=max_side)
+            arr = shared_video_decoder(timeout_s).decode(row["path"], int(row["frames"]), max_side=max_side)
             out["frames"] = int(arr.shape[0])
         else:
             raise MediaError(f"unsupported media type {row['media_type']!r}: {row['path']}")
@@ -285,3 +282,29 @@ def frames_of(row: dict) -> list[Image.Image]:
     n, h, w = row["shape"]
     arr = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(n, h, w, 3)
     return [Image.fromarray(f) for f in arr]
+
+
+# ----------------------------------------------------------------------------------- blocks
+
+DECODED_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("source", pa.string()),
+        ("path", pa.string()),
+        ("media_type", pa.string()),
+        ("frames", pa.int32()),
+        ("prompt", pa.string()),
+        ("reference", pa.string()),
+        ("error", pa.string()),
+        ("pixels", pa.large_binary()),
+        ("shape", pa.list_(pa.int32())),
+    ]
+)
+
+
+def decode_block(block: pa.Table, *, max_pixels: int, max_side: int, timeout_s: float) -> pa.Table:
+    """The decode stage of the caption job (a Ray Data CPU task): :func:`decode_row` on every
+    row of a block. This module imports neither torch nor transformers, so decode workers stay
+    light."""
+    rows = [decode_row(r, max_pixels=max_pixels, max_side=max_side, timeout_s=timeout_s) for r in block.to_pylist()]
+    return pa.Table.from_pylist([{k: r.get(k) for k in DECODED_SCHEMA.names} for r in rows], schema=DECODED_SCHEMA)

@@ -40,7 +40,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("latency_ms", pa.float64()),
         pa.field("error", pa.string()),
         pa.field("run_id", pa.string()),
-        # beyond the DESIGN.md §3 contract: what tracking needs
+        # beyond the docs/design.md §3 contract: what tracking needs
         pa.field("flops_reduction_paper", pa.float64()),
         pa.field("kv_cache_bytes", pa.int64()),
         pa.field("prefill_ms", pa.float64()),

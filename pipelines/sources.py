@@ -27,10 +27,6 @@ MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")
 DEFAULT_IMAGE_PROMPT = "Describe this image."
 DEFAULT_VIDEO_PROMPT = "Describe this video."
 
-# The columns of a source row (what the decode stage receives).
-SOURCE_COLUMNS = ("sample_id", "source", "path", "media_type", "frames", "prompt", "reference", "error")
-
-
 def media_type_of(path: str) -> str | None:
     ext = os.path.splitext(path)[1].lower()
     if ext in IMAGE_EXTS:

@@ -1,24 +1,26 @@
 """MLflow tracking, from the driver only: workers return figures, they never open a run.
 
 - Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<output>/mlflow.db`` (the
-  file store is deprecated in MLflow 3).
+  file store is deprecated in MLflow 3), whose artifacts go to ``<output>/mlartifacts``.
 - One experiment per job name; ``ep caption`` records one run, ``ep sweep`` one parent run
   with one child run per (method, keep ratio or budget).
 - Tracking never costs work: if the store or server cannot be reached, or a call fails half
-  way, :class:`Tracker` prints one clear line, switches itself off and the job goes on writing
+  way, :class:`Tracker` logs one clear warning, switches itself off and the job goes on writing
   its Parquet output.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 PARAM_KEYS = (
     "model", "method", "budget", "keep_ratio", "prune_layer", "batch_size", "dataset", "n", "seed", "max_new_tokens",
@@ -63,10 +65,9 @@ def _clean(values: dict, keys: tuple[str, ...]) -> dict:
 class Tracker:
     """Failure-tolerant MLflow logging for one job. Use ``enabled=False`` to switch it off."""
 
-    def __init__(self, output_dir: str | os.PathLike, experiment: str, *, enabled: bool = True, log=None):
+    def __init__(self, output_dir: str | os.PathLike, experiment: str, *, enabled: bool = True):
         self.uri = tracking_uri(output_dir)
         self.experiment = experiment
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.failure: str | None = None
         self.run_ids: list[str] = []
         self._mlflow = None
@@ -90,6 +91,10 @@ class Tracker:
             # this process would log into this job's store instead of its own default
             if user_uri is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
+                if mlflow.get_experiment_by_name(experiment) is None:
+                    # the default store keeps its artifacts beside it, not in ./mlruns of the cwd
+                    artifacts = (Path(output_dir).resolve() / "mlartifacts").as_uri()
+                    mlflow.create_experiment(experiment, artifact_location=artifacts)
             mlflow.set_experiment(experiment)
             self._mlflow = mlflow
         except Exception as exc:  # noqa: BLE001 - tracking must never stop the job
@@ -107,7 +112,7 @@ class Tracker:
     def _fail(self, why: str) -> None:
         self.failure = why
         self._mlflow = None
-        self.log(f"MLflow tracking failed: {why}. Outputs are still written; nothing else is lost.")
+        log.warning(f"MLflow tracking failed: {why}. Outputs are still written; nothing else is lost.")
 
     @contextmanager
     def run(self, name: str, params: dict | None = None, *, nested: bool = False) -> Iterator["Tracker"]:
@@ -151,6 +156,13 @@ class Tracker:
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._call("log_artifact", str(path), artifact_path)
 
+    def table(self, columns: dict[str, list], artifact_file: str) -> None:
+        """A table artifact of the active run (``mlflow.log_table``), shown as a table in the UI."""
+        self._call("log_table", data=columns, artifact_file=artifact_file)
+
+    def experiment_tag(self, key: str, value: str) -> None:
+        self._call("set_experiment_tag", key, value)
+
     def _call(self, name: str, *args, **kwargs) -> None:
         if not self.active:
             return
@@ -161,7 +173,7 @@ class Tracker:
 
 
 def run_params(values: dict) -> dict:
-    """The documented params of one configuration (DESIGN.md §3), None left out."""
+    """The documented params of one configuration (docs/design.md §3), None left out."""
     return _clean(values, PARAM_KEYS)
 
 

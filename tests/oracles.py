@@ -1,4 +1,4 @@
-"""Independent references the pruning hooks are checked against (DESIGN.md §4).
+"""Independent references the pruning hooks are checked against (docs/design.md §4).
 
 Nothing here imports ep_core's hooks: the references are built from the unpruned model.
 """

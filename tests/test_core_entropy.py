@@ -1,4 +1,4 @@
-"""Score fidelity (DESIGN.md §4.5) and budget conversions."""
+"""Score fidelity (docs/design.md §4.5) and budget conversions."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_token_entropy_centres_in_the_input_dtype_like_the_official_code():
 
 
 def test_token_entropy_is_not_trace_normalised():
-    """score(cA) = c·score(A) − c·ln c·tr(A)/ln H (ALGORITHM.md §4.1): scaling Q by √c."""
+    """score(cA) = c·score(A) − c·ln c·tr(A)/ln H (docs/design.md §1): scaling Q by √c."""
     torch.manual_seed(1)
     q = torch.randn(10, 8, 16, dtype=torch.float64)
     c = 4.0
@@ -120,8 +120,8 @@ def test_budget_clamps_and_round_trips():
     "call,match",
     [
         (lambda: keep_count(-1, 576, 32, 2), "budget must be >= 0"),
-        (lambda: keep_count(128, 576, 32, 0), "prune_layer must be in"),
-        (lambda: keep_count(128, 576, 32, 32), "prune_layer must be in"),
+        (lambda: keep_count(128, 576, 32, 0), "prune_layer must be between 1 and 31"),
+        (lambda: keep_count(128, 576, 32, 32), "prune_layer must be between 1 and 31"),
         (lambda: keep_count_for_ratio(1.5, 576), r"keep_ratio must be in \[0, 1\]"),
     ],
 )

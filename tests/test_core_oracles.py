@@ -1,4 +1,4 @@
-"""The correctness oracles of DESIGN.md §4 for every pruning method, on a tiny GQA LLaVA.
+"""The correctness oracles of docs/design.md §4 for every pruning method, on a tiny GQA LLaVA.
 
 1. keep-all identity, 2. masked reference, 3. batch invariance, 4. cache invariance
 (5. score fidelity lives in test_core_entropy.py).

@@ -11,8 +11,9 @@ import os
 import pytest
 import torch
 
-from pipelines.datasets import shapes as S
-from pipelines.quality import exact_match, object_f1, parse_caption
+from demo import world as S
+from demo.scoring import object_f1, parse_caption
+from pipelines.metrics import exact_match
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,12 +35,10 @@ def demo():
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
+    from pipelines.cluster import ray_session as session
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
-    yield ray
-    ray.shutdown()
+    with session(num_cpus=2):
+        yield
 
 
 def ask(model, processor, images, prompts, max_new_tokens=8):
@@ -60,7 +59,7 @@ def ask(model, processor, images, prompts, max_new_tokens=8):
 def test_demo_model_is_a_stock_llava_shipped_in_the_package(demo):
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    from ep_core.demo import demo_model_path
+    from demo import shipped_model_path as demo_model_path
 
     model, processor = demo
     assert isinstance(model, LlavaForConditionalGeneration) and isinstance(processor, LlavaProcessor)
@@ -104,7 +103,7 @@ def test_demo_model_answers_held_out_questions_above_a_floor(demo, held_out, tmp
     object by object (kind, colour, size and cell all right), one-word questions of every type,
     and the direction, colour and kind of the moving shape in held-out mp4s read back with
     decord. Captions scored against the wrong images are the control."""
-    from jobs.train_demo import decode_video
+    from pipelines.media import decode_row, frames_of
 
     model, processor = demo
     scenes, images, questions, clips = held_out
@@ -121,7 +120,7 @@ def test_demo_model_answers_held_out_questions_above_a_floor(demo, held_out, tmp
     for i, clip in enumerate(clips):
         path = S.write_video(str(tmp_path / f"clip{i}.mp4"), S.render_clip(clip))
         qa = S.video_questions(clip)[i % 3]  # direction, colour, kind of the moving shape
-        frames.append(decode_video(path, 4))
+        frames.append(frames_of(decode_row({"media_type": "video", "path": path, "frames": 4})))
         prompts.append(qa.question)
         answers.append(qa.answer)
     outs = ask(model, processor, frames, prompts)
@@ -149,7 +148,7 @@ def test_demo_model_needs_the_right_visual_tokens(demo, held_out):
 def test_object_coverage_keeping_everything_equals_the_uniform_reference():
     """``ep sweep --coverage``: keeping every token touches every object and keeps every
     centre, with exactly the reference shares; keeping a ninth keeps fewer of both."""
-    from jobs.sweep import object_coverage
+    from demo.coverage import object_coverage
 
     full, ninth = object_coverage("demo", [("none", None), ("random", 1.0), ("random", 1 / 9)], n=6)
     assert full["objects_touched"] == 1.0 and full["object_centres_kept"] == 1.0
@@ -187,7 +186,7 @@ def test_sweep_on_a_tiny_set_writes_a_well_formed_summary(ray_session, tmp_path)
     assert half["budget"] < none["budget"]
     assert (out / "quality_vs_flops.png").stat().st_size > 0
     # the quality in the summary is the one the rows give
-    from pipelines.quality import score_rows
+    from evaluation.scoring import score_rows
     from pipelines.sink import read_output
 
     assert score_rows(read_output(none["output"]).to_pylist())["quality"] == pytest.approx(none["quality"])
@@ -201,7 +200,9 @@ def test_demo_runs_end_to_end_reduced(ray_session, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--output", str(out), "--n", "2", "--videos", "1", "--keep-ratios", "0.33,0.11"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [(r["method"], r["keep_ratio"]) for r in summary] == [("none", 1.0), ("entropyprune", 0.33), ("entropyprune", 0.11)]
+    # every method at the first keep ratio, EntropyPrune also at the second
+    assert [(r["method"], r["keep_ratio"]) for r in summary] == [
+        ("none", 1.0), ("entropyprune", 0.33), ("entropyprune", 0.11), ("random", 0.33), ("fastv", 0.33), ("dart", 0.33)]
     for r in summary:
         files = [f for f in os.listdir(r["output"]) if f.endswith(".parquet")]
         rows = sum(pq.read_metadata(os.path.join(r["output"], f)).num_rows for f in files)
@@ -209,6 +210,7 @@ def test_demo_runs_end_to_end_reduced(ray_session, tmp_path, capsys):
     assert (out / "quality_vs_flops.png").exists() and (out / "mlflow.db").exists()
     text = capsys.readouterr().out
     assert "entropyprune" in text and "quality" in text
+    assert all(m in text for m in ("random", "fastv", "dart"))
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")

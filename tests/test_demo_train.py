@@ -3,6 +3,7 @@ steps of ``ep train-demo`` run and save a model that loads like any checkpoint."
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -11,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def test_packed_branches_equal_single_prompts():
-    from jobs.train_demo import Sampler, build_model, encode, encode_packed
+    from demo.model import build_model
+    from demo.train.batches import encode, encode_packed
+    from demo.train.sampler import Sampler
 
     torch.manual_seed(0)
     model, processor = build_model(seed=3)
@@ -39,8 +42,9 @@ def test_packed_branches_equal_single_prompts():
 
 
 def test_patch_targets_follow_the_drawn_objects():
-    from jobs.train_demo import AUX_TARGETS, OWNER, PATCH, patch_targets
-    from pipelines.datasets import shapes as S
+    from demo import world as S
+    from demo.model import PATCH
+    from demo.train.targets import AUX_TARGETS, OWNER, patch_targets
 
     grid = S.IMAGE_SIZE // PATCH
     for i in range(10):
@@ -76,8 +80,11 @@ def test_patch_targets_follow_the_drawn_objects():
 
 
 def test_look_targets_point_at_the_objects_each_answer_word_is_about():
-    from jobs.train_demo import LOOK_MODES, OWNER, Sampler, build_model, encode_packed
-    from pipelines.datasets import shapes as S
+    from demo import world as S
+    from demo.model import build_model
+    from demo.train.batches import encode_packed
+    from demo.train.sampler import Sampler
+    from demo.train.targets import LOOK_MODES, OWNER
 
     _, processor = build_model(seed=0)
     tok = processor.tokenizer
@@ -114,8 +121,11 @@ def test_content_questions_look_at_the_objects_their_words_name():
     """A question that names objects by content ("how many red shapes", "is the red circle left
     of the blue cross") gets content-head targets: the words that name the objects, and the
     image tokens of exactly the objects with those attributes (a pair: first, then second)."""
-    from jobs.train_demo import LOOK_MODES, OWNER, PATCH, Sampler, build_model, encode_packed
-    from pipelines.datasets import shapes as S
+    from demo import world as S
+    from demo.model import PATCH, build_model
+    from demo.train.batches import encode_packed
+    from demo.train.sampler import Sampler
+    from demo.train.targets import LOOK_MODES, OWNER
 
     _, processor = build_model(seed=0)
     tok = processor.tokenizer
@@ -165,7 +175,10 @@ def test_content_questions_look_at_the_objects_their_words_name():
 
 def test_look_supervision_recomputes_the_heads_real_attention():
     """The supervised head's probabilities are the ones the model computes (eager attention)."""
-    from jobs.train_demo import LookSupervision, Sampler, build_model, encode
+    from demo.model import build_model
+    from demo.train.batches import encode
+    from demo.train.look_supervision import LookSupervision
+    from demo.train.sampler import Sampler
 
     model, processor = build_model(seed=1)
     model.set_attn_implementation("eager")
@@ -186,8 +199,10 @@ def test_look_supervision_recomputes_the_heads_real_attention():
     look.remove()
 
 
-def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path, capsys, monkeypatch):
+def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path, caplog, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # a store of its own under --log-dir
+    caplog.set_level(logging.INFO, logger="demo.train")  # the job's progress lines are log records
+    from demo.model import build_model
     from ep_core.loading import load_model
     from jobs.train_demo import main
 
@@ -195,16 +210,13 @@ def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path, capsys, mo
     code = main(["--output", str(out), "--steps", "6", "--vision-steps", "2", "--vision-batch-size", "2", "--batch-size", "2", "--questions", "2", "--video-every", "3",
                  "--video-batch-size", "1", "--eval-every", "6", "--eval-generate", "4", "--threads", "1", "--log-dir", str(tmp_path / "log"), "--lr", "3e-3"])
     assert code == 0
-    text = capsys.readouterr().out
-    lines = text.splitlines()
+    lines = caplog.messages
     losses = [float(line.split(" loss ")[1].split()[0]) for line in lines if line.startswith("[train-demo] step ") and " loss " in line]
     assert losses and losses[0] > 3.0  # step 0 of a fresh model: about ln(vocab)
     assert any(line.startswith("[train-demo] vision step 0 loss") for line in lines)
     assert any("val_caption_object_f1=" in line for line in lines)  # greedy answers scored at validation
     model, processor = load_model(str(out), dtype="float32", device="cpu")
     # the training-only probes are not saved: exactly the weights of a stock LLaVA of this config
-    from jobs.train_demo import build_model
-
     assert set(model.state_dict()) == set(build_model(seed=0)[0].state_dict())
     assert model.config.text_config.num_attention_heads == 16
     assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
@@ -215,7 +227,11 @@ def test_count_questions_teach_an_even_split_over_the_first_token_and_the_named_
     """A count row's content loss is the cross-entropy between the content heads' real
     attention (eager) and the uniform distribution over its targets, so it is smallest when the
     first token gets exactly 1/(n+1) of the attention: what says n."""
-    from jobs.train_demo import LOOK_MODES, LookSupervision, Sampler, build_model, encode_packed
+    from demo.model import build_model
+    from demo.train.batches import encode_packed
+    from demo.train.look_supervision import LookSupervision
+    from demo.train.sampler import Sampler
+    from demo.train.targets import LOOK_MODES
 
     model, processor = build_model(seed=1)
     model.set_attn_implementation("eager")
@@ -242,3 +258,15 @@ def test_count_questions_teach_an_even_split_over_the_first_token_and_the_named_
     # and the bound it is pushed to: the entropy of the even split, reached by that split only
     assert float(loss) > float(-(target * torch.log(target.clamp_min(1e-12))).sum(-1).mean())
     look.remove()
+
+
+def test_build_model_overrides_entries_of_the_shipped_architecture():
+    """``text`` / ``vision`` replace single entries of TEXT / VISION; the rest stays the recipe's."""
+    from demo.model import TEXT, VISION, build_model
+
+    model, _ = build_model(seed=0, text={"hidden_size": 256}, vision={"num_hidden_layers": 2})
+    text, vision = model.config.text_config, model.config.vision_config
+    assert text.hidden_size == 256 and vision.num_hidden_layers == 2
+    assert all(getattr(text, k) == v for k, v in TEXT.items() if k != "hidden_size")
+    assert all(getattr(vision, k) == v for k, v in VISION.items() if k != "num_hidden_layers")
+    assert model.model.multi_modal_projector.linear_2.out_features == 256

@@ -2,7 +2,7 @@
 
 Oracles: hand arithmetic of the formulas on small numbers, torch's FlopCounterMode on tiny
 real transformers modules (eager attention, so it counts the full n×n products), the
-FastV-formula table of HF_INTEGRATION.md §5, and the paper's 68.2 % (ALGORITHM.md §7).
+FastV-formula table, and the paper's 68.2 % (docs/design.md §1).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from ep_core.flops import (
     text_dims,
     vision_flops,
 )
-from ep_core.presets import PRESETS, default_visual_tokens, load_model_config
+from ep_core.families import default_visual_tokens
+from ep_core.loading import load_model_config
+from ep_core.presets import PRESETS
 from jobs.cli import main as ep_main
 
 
@@ -298,7 +300,7 @@ def test_cli_reproduces_the_papers_68_2_percent(capsys):
                 "kv_cache_bytes", "kv_cache_bytes_full"):
         assert key in r
     assert r["visual_tokens"] == 576
-    assert r["visual_tokens_kept"] == (32 * 128 - 2 * 576) // 30  # ALGORITHM.md §4.4
+    assert r["visual_tokens_kept"] == (32 * 128 - 2 * 576) // 30  # docs/design.md §1
     assert r["flops_reduction_with_vision"] == pytest.approx(0.682, abs=0.02)
     assert r["flops_reduction_with_vision"] < r["flops_reduction"]
     cfg = load_model_config("llava-1.5-7b")

@@ -10,7 +10,16 @@ from PIL import Image
 
 from pipelines.media import VideoDecoder, decode_row, frames_of, load_image, to_rgb
 from pipelines.sources import scan
-from pipelines.testing import make_corpus, moving_square_frames, write_avi
+from tests.media_fixtures import make_corpus, moving_square_frames, write_avi
+
+
+@pytest.fixture
+def faulty_decoder(monkeypatch):
+    """Video decoding through the test child that hangs / crashes on the fault files."""
+    import pipelines.media as media
+
+    monkeypatch.setattr(media, "_CHILD_SCRIPT", os.path.join(os.path.dirname(__file__), "faulty_video_child.py"))
+    monkeypatch.setattr(media, "_DECODERS", {})
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +28,13 @@ def corpus(tmp_path_factory):
     return str(root), make_corpus(str(root))
 
 
-def test_corpus_decodes_with_errors_exactly_where_the_input_is_bad(corpus):
+def test_corpus_decodes_with_errors_exactly_where_the_input_is_bad(corpus, faulty_decoder):
     root, expect = corpus
     rows = scan(root, frames=4).rows
     assert sorted(os.path.relpath(r["path"], root) for r in rows) == sorted(expect)
     for row in rows:
         rel = os.path.relpath(row["path"], root)
-        out = decode_row(row, max_side=256, timeout_s=3.0, faults=True)
+        out = decode_row(row, max_side=256, timeout_s=3.0)
         if expect[rel]:
             assert out["error"] and out["pixels"] is None, rel
             assert row["path"] in out["error"], f"{rel}: error names no path: {out['error']}"
@@ -89,9 +98,9 @@ def test_video_frames_are_uniformly_spaced(tmp_path):
         decoder.close()
 
 
-def test_hanging_or_crashing_decoder_costs_one_row(corpus):
+def test_hanging_or_crashing_decoder_costs_one_row(corpus, faulty_decoder):
     root, _ = corpus
-    decoder = VideoDecoder(timeout_s=2.0, faults=True)
+    decoder = VideoDecoder(timeout_s=2.0)
     try:
         with pytest.raises(Exception, match="timed out after 2 s"):
             decoder.decode(os.path.join(root, "bad/decoder__hang__.avi"), 4)
@@ -101,3 +110,15 @@ def test_hanging_or_crashing_decoder_costs_one_row(corpus):
         assert decoder.decode(os.path.join(root, "video/short.avi"), 8).shape[0] == 3
     finally:
         decoder.close()
+
+
+def test_the_decode_stage_imports_no_model_libraries():
+    """Decode tasks run ``pipelines.media.decode_block``; importing torch or transformers there
+    makes every decode worker slow to start and heavy (it stalled recovery after a node loss)."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipelines.media; print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]"

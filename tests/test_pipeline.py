@@ -19,17 +19,27 @@ import pytest
 from PIL import Image
 
 from pipelines.sink import OUTPUT_SCHEMA, part_files, read_output
-from pipelines.testing import make_corpus, save_tiny_llava, write_manifest
+from tests import faults
+from tests.media_fixtures import make_corpus, save_tiny_llava, write_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def worker_exit_spec(tmp_path_factory) -> str:
+    """Write ``N MARKER`` here to make a model worker die on its N-th batch (tests/faults.py)."""
+    return str(tmp_path_factory.mktemp("faults") / "worker_exit")
+
+
+@pytest.fixture(scope="module")
+def ray_session(worker_exit_spec):
+    """Ray with the test faults installed in every worker: the decoder hangs / crashes on the
+    corpus's fault files, a model worker dies when ``worker_exit_spec`` says so."""
     import ray
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env=faults.ray_runtime_env(worker_exit_spec))
     yield ray
     ray.shutdown()
 
@@ -40,11 +50,9 @@ def tiny_model(tmp_path_factory):
     return save_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")))
 
 
-def caption(args: list[str], monkeypatch=None, faults: str = "") -> int:
+def caption(args: list[str]) -> int:
     from jobs.caption import main
 
-    if monkeypatch is not None:
-        monkeypatch.setenv("EP_TEST_FAULTS", faults)
     return main(args)
 
 
@@ -85,7 +93,7 @@ def test_bad_and_odd_corpus_end_to_end_then_resume(ray_session, tiny_model, tmp_
     args = ["--model", tiny_model, "--input", manifest, "--output", out, "--method", "random", "--keep-ratio", "0.5",
             "--frames", "3", "--batch-size", "4", "--max-new-tokens", "3", "--decode-timeout", "3", "--flush-rows", "8"]
 
-    assert caption(args, monkeypatch, faults="decoder") == 0
+    assert caption(args) == 0
     printed = capsys.readouterr().out
     summary = printed.strip().splitlines()[-1]
     n_bad = sum(expect.values()) + 1
@@ -119,7 +127,7 @@ def test_bad_and_odd_corpus_end_to_end_then_resume(ray_session, tiny_model, tmp_
 
     # the same command again: nothing to do, nothing written
     files = part_files(out)
-    assert caption(args, monkeypatch) == 0
+    assert caption(args) == 0
     assert "0 to process" in capsys.readouterr().out
     assert part_files(out) == files
 
@@ -128,21 +136,26 @@ def test_bad_and_odd_corpus_end_to_end_then_resume(ray_session, tiny_model, tmp_
     os.remove(files[0])
     missing = lost - set(read_output(out).column("sample_id").to_pylist())
     assert missing
-    assert caption(args, monkeypatch, faults="decoder") == 0
+    assert caption(args) == 0
     assert f"{len(missing)} to process" in capsys.readouterr().out
     assert_exactly_once(out, lost)
 
 
-def test_worker_dying_mid_run_loses_and_duplicates_nothing(ray_session, tiny_model, tmp_path, monkeypatch):
+def test_worker_dying_mid_run_loses_and_duplicates_nothing(ray_session, tiny_model, tmp_path, worker_exit_spec):
     inputs = image_dir(str(tmp_path / "imgs"), 16)
     out = str(tmp_path / "out")
     marker = str(tmp_path / "worker-died")
     args = ["--model", tiny_model, "--input", inputs, "--output", out, "--batch-size", "2", "--max-new-tokens", "2",
             "--flush-rows", "2"]
-    rc = caption(args, monkeypatch, faults=f"exit_after:3:{marker}")
-    assert os.path.exists(marker), "the fault switch did not fire"
+    with open(worker_exit_spec, "w") as fh:
+        fh.write(f"3 {marker}")
+    try:
+        rc = caption(args)
+    finally:
+        os.remove(worker_exit_spec)
+    assert os.path.exists(marker), "the fault did not fire"
     if rc != 0:  # Ray restarts the actor and retries its batch; if it did not, a rerun finishes
-        assert caption(args, monkeypatch) == 0
+        assert caption(args) == 0
     from pipelines.sources import scan
 
     assert_exactly_once(out, {r["sample_id"] for r in scan(inputs).rows})
@@ -154,7 +167,7 @@ def test_driver_killed_hard_then_rerun_completes_exactly_once(ray_session, tiny_
     args = ["--model", tiny_model, "--input", inputs, "--output", out, "--batch-size", "2", "--max-new-tokens", "8",
             "--flush-rows", "2"]
     address = ray_session.get_runtime_context().gcs_address
-    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", EP_TEST_FAULTS="")
+    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.caption", *args, "--address", address],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -175,7 +188,7 @@ def test_driver_killed_hard_then_rerun_completes_exactly_once(ray_session, tiny_
 
     all_ids = {r["sample_id"] for r in scan(inputs).rows}
     assert 0 < written < len(all_ids), "the driver was not killed mid-run"
-    assert caption(args, monkeypatch) == 0
+    assert caption(args) == 0
     assert_exactly_once(out, all_ids)
     assert json.load(open(os.path.join(out, "_job.json")))["model"] == tiny_model
 
@@ -193,7 +206,7 @@ def test_caption_run_is_tracked_and_a_down_server_costs_no_work(ray_session, tin
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
     down = str(tmp_path / "down")
-    assert caption(base + ["--output", down], monkeypatch) == 0
+    assert caption(base + ["--output", down]) == 0
     err = capsys.readouterr().err
     assert err.count("MLflow tracking failed") == 1 and dead in err
     assert len(read_output(down)) == 6 and read_output(down).column("error").null_count == 6
@@ -201,7 +214,7 @@ def test_caption_run_is_tracked_and_a_down_server_costs_no_work(ray_session, tin
     # the default store: sqlite:///<output>/mlflow.db, one run with params and metrics
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     out = str(tmp_path / "tracked")
-    assert caption(base + ["--output", out, "--experiment", "unit-caption"], monkeypatch) == 0
+    assert caption(base + ["--output", out, "--experiment", "unit-caption"]) == 0
     assert "MLflow: run recorded" in capsys.readouterr().out
     client = MlflowClient(f"sqlite:///{os.path.abspath(out)}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("unit-caption").experiment_id])

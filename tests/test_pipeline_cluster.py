@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -22,7 +21,7 @@ from PIL import Image
 
 from pipelines.sink import part_files, read_output
 from pipelines.sources import scan
-from pipelines.testing import save_tiny_llava
+from tests.media_fixtures import save_tiny_llava
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +57,7 @@ def test_two_node_cluster_losing_its_worker_node_mid_run(tiny_model, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.run import CaptionConfig, run_caption
+    from pipelines.caption import CaptionConfig, run_caption
 
     inputs = image_dir(str(tmp_path / "imgs"), 40)
     out = str(tmp_path / "out")
@@ -81,12 +80,12 @@ def test_two_node_cluster_losing_its_worker_node_mid_run(tiny_model, tmp_path):
         killer.start()
         cfg = CaptionConfig(model=tiny_model, input=inputs, output=out, batch_size=2, max_new_tokens=6, flush_rows=2,
                             workers=2)
-        summary = run_caption(cfg, log=lambda m: None)
+        summary = run_caption(cfg, quiet=True)
         killer.join(timeout=60)
         assert removed.is_set()
         assert len([n for n in ray.nodes() if n["Alive"]]) == 1
         if not summary.complete:  # if Ray could not recover every block, the rerun finishes the job
-            summary = run_caption(cfg, log=lambda m: None)
+            summary = run_caption(cfg, quiet=True)
         assert summary.complete
     finally:
         ray.shutdown()

@@ -70,7 +70,7 @@ def test_yaml_config_mirrors_flags_and_rejects_unknown_keys(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     cfg = config_from_args(parser.parse_args(["--config", str(good), "--batch-size", "2"]))
-    assert (cfg.model, cfg.keep_ratio, cfg.method, cfg.batch_size) == ("m", 0.25, "random", 2)
+    assert (cfg.model, cfg.prune.keep_ratio, cfg.prune.method, cfg.batch_size) == ("m", 0.25, "random", 2)
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: m\nbatchsize: 4\n")
     with pytest.raises(ValueError, match="unknown key 'batchsize'"):

@@ -1,13 +1,17 @@
-"""Quality metrics against hand-computed oracles."""
+"""Quality metrics against hand-computed oracles: ``pipelines.metrics`` (generic),
+``demo.scoring`` (shapes captions) and ``evaluation.scoring`` (dispatch by reference)."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
-from pipelines.datasets import shapes as S
-from pipelines.quality import exact_match, normalize, object_f1, parse_caption, score_row, score_rows, token_f1
+from demo import world as S
+from demo.scoring import object_f1, parse_caption
+from evaluation.scoring import score_row, score_rows
+from pipelines.metrics import exact_match, f1_of_counts, normalize, token_f1
 
 
 def test_exact_match_normalises_case_punctuation_and_space():
@@ -45,6 +49,13 @@ def test_object_f1_hand_computed():
     assert object_f1([a, a], [a]) == pytest.approx(2 * 0.5 * 1 / 1.5)
     # one wrong field (position) is a miss
     assert object_f1([("small", "red", "circle", 0, 1)], [a]) == 0.0
+
+
+def test_f1_of_counts_hand_computed():
+    # pred {x×2, y}, ref {x, z×2}: 1 matched, P = 1/3, R = 1/3, F1 = 1/3
+    assert f1_of_counts(Counter("xxy"), Counter("xzz")) == pytest.approx(1 / 3)
+    assert f1_of_counts(Counter(), Counter()) == 1.0
+    assert f1_of_counts(Counter("x"), Counter()) == 0.0 and f1_of_counts(Counter(), Counter("x")) == 0.0
 
 
 def test_token_f1_hand_computed():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.quality import agreement_with_full, first_token_kl, mean_first_token_kl
+from pipelines.metrics import agreement_with_full, first_token_kl, mean_first_token_kl
 
 
 def test_agreement_counts_identical_outputs_over_common_ids():
@@ -45,7 +45,7 @@ def test_first_token_kl_with_truncation_is_finite_and_grows_with_disagreement():
 
 
 def test_compare_with_full_matches_rows_by_sample_id():
-    from pipelines.quality import compare_with_full
+    from pipelines.metrics import compare_with_full
 
     top = _topk(np.arange(5.0), 5)
     other = _topk(-np.arange(5.0), 5)

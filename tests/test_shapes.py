@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from pipelines.datasets import shapes as S
-from pipelines.quality import parse_caption
+from demo import world as S
+from demo.scoring import parse_caption
 
 PALETTE = {name: np.array(rgb, dtype=float) for name, rgb in S.COLORS.items()}
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipelines.sources import DEFAULT_IMAGE_PROMPT, DEFAULT_VIDEO_PROMPT, scan
-from pipelines.testing import write_manifest
+from tests.media_fixtures import write_manifest
 
 
 @pytest.fixture()

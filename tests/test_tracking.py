@@ -57,12 +57,17 @@ def _check_runs(client: MlflowClient, experiment: str) -> None:
 
 def test_default_store_is_sqlite_beside_the_outputs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    tracker = Tracker(tmp_path, "unit-sweep")
-    _record_sweep(tracker, tmp_path)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # artifacts must not land in the working directory
+    out = tmp_path / "out"
+    assert tracking_uri(out) == f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    tracker = Tracker(out, "unit-sweep")
+    _record_sweep(tracker, out)
     assert tracker.failure is None
-    assert (tmp_path / "mlflow.db").exists()
-    _check_runs(MlflowClient(tracking_uri(tmp_path)), "unit-sweep")
+    assert (out / "mlflow.db").exists()
+    _check_runs(MlflowClient(tracking_uri(out)), "unit-sweep")
+    assert list(elsewhere.iterdir()) == [] and list((out / "mlartifacts").rglob("cost_quality.png"))
 
 
 def test_plot_is_a_png(tmp_path):
@@ -109,11 +114,12 @@ def test_real_tracking_server_over_http(tmp_path, monkeypatch, mlflow_server):
     _check_runs(MlflowClient(mlflow_server), "server-sweep")
 
 
-def test_server_down_is_one_clear_line_and_no_exception(tmp_path, monkeypatch):
+def test_server_down_is_one_clear_line_and_no_exception(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
-    lines: list[str] = []
-    tracker = Tracker(tmp_path, "down", log=lines.append)
-    _record_sweep(tracker, tmp_path)  # must not raise
+    with caplog.at_level("WARNING", logger="pipelines.tracking"):
+        tracker = Tracker(tmp_path, "down")
+        _record_sweep(tracker, tmp_path)  # must not raise
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.tracking"]
     assert not tracker.active
     assert len(lines) == 1 and "MLflow tracking failed" in lines[0] and "unreachable" in lines[0]
     assert "Outputs are still written" in lines[0]
@@ -127,7 +133,7 @@ def sweep_inputs(tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from pipelines.testing import save_tiny_llava
+    from tests.media_fixtures import save_tiny_llava
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     root = tmp_path_factory.mktemp("sweep_inputs")
@@ -148,12 +154,14 @@ def _sweep(model: str, manifest: str, out: Path) -> int:
 
 
 def _check_sweep_runs(client: MlflowClient) -> None:
-    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    experiment = client.get_experiment_by_name("sweep")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # a classic ML experiment
+    runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = {r.data.params["method"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert len(parents) == 1 and set(children) == {"none", "entropyprune"}
     parent = parents[0]
-    assert {"summary.json", "quality_vs_flops.png", "outputs_sample.parquet"} <= {
+    assert {"summary.json", "quality_vs_flops.png", "outputs_sample.parquet", "summary_table.json"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)
     }
     pruned, full = children["entropyprune"], children["none"]
@@ -165,7 +173,7 @@ def _check_sweep_runs(client: MlflowClient) -> None:
     assert full.data.metrics["agreement_with_full"] == 1.0 and full.data.metrics["first_token_kl"] == 0.0
     assert pruned.data.metrics["visual_tokens_kept_mean"] == 0.5 * full.data.metrics["visual_tokens_kept_mean"]
     assert pruned.data.metrics["kv_cache_bytes_mean"] < full.data.metrics["kv_cache_bytes_mean"]
-    assert [a.path for a in client.list_artifacts(pruned.info.run_id)] == [f"entropyprune@0.50.parquet"]
+    assert [a.path for a in client.list_artifacts(pruned.info.run_id)] == ["entropyprune@0.50.parquet"]
 
 
 def test_sweep_recorded_in_the_default_store_and_on_a_server(sweep_inputs, tmp_path, monkeypatch, mlflow_server):

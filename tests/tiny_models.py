@@ -1,4 +1,4 @@
-"""Tiny random LLaVA models built offline from configs (HF_INTEGRATION.md §4).
+"""Tiny random LLaVA models built offline from configs.
 
 GQA (4 query heads, 2 KV heads), 4 decoder layers so that K=2 leaves layers on both sides,
 a word-level tokenizer and a real ``LlavaProcessor``; no hub access.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -17,37 +16,19 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
+
+from demo.model import CHAT_TEMPLATE, word_level_tokenizer
+from ep_core.prompts import chat_prompt
 
 WORDS = (
     "a an the of is what in this image describe picture color shape red green blue circle square "
     "triangle left right top bottom how many there are one two three yes no and with small large"
 ).split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-    "{% if c['type']=='image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS + ["USER", ":", "ASSISTANT", "?", ".", ","])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    return fast
+def build_tokenizer():
+    return word_level_tokenizer(WORDS + ["USER", ":", "ASSISTANT", "?", ".", ","])
 
 
 def build_tiny_llava(
@@ -115,13 +96,7 @@ def random_images(n: int, size: int = 16, seed: int = 0) -> list[Image.Image]:
 
 
 def make_inputs(processor: LlavaProcessor, prompts: list[str], images: list[Image.Image]) -> dict:
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-            add_generation_prompt=True,
-        )
-        for p in prompts
-    ]
+    texts = [chat_prompt(processor, 1, p) for p in prompts]
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
 
 

@@ -1,4 +1,4 @@
-"""DART: keep the visual tokens least duplicated with a few pivot tokens (ALGORITHM.md §9).
+"""DART: keep the visual tokens least duplicated with a few pivot tokens.
 
 1. Pivots: the ``min(4, k)`` visual tokens and the (up to) 4 text tokens after the last
    visual token with the largest L1 norm ‖k_j‖₁ of their post-RoPE layer K−1 keys.

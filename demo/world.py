@@ -26,7 +26,7 @@ direction, colour and kind of the moving shape; the caption is ``small red circl
 
 :func:`build_set` writes a split to a folder with a ``manifest.jsonl`` (``path``, ``prompt``,
 ``reference``) that ``ep caption`` and ``ep sweep`` read; references are JSON objects that
-:mod:`pipelines.quality` scores against.
+:mod:`evaluation.scoring` scores against.
 """
 
 from __future__ import annotations
@@ -374,19 +374,9 @@ def video_questions(clip: Clip) -> list[QA]:
 
 
 def write_video(path: str, frames: list[np.ndarray], fps: int = VIDEO_FPS) -> str:
-    """Write ``frames`` as an mp4 (MPEG-4 part 2, high quality) with PyAV; returns ``path``.
+    """Write ``frames`` as an mp4 (MPEG-4 part 2, high quality) with PyAV; returns ``path``."""
+    import av
 
-    Without PyAV the frames go to a Motion-JPEG AVI next to ``path`` (``.avi``) instead, and
-    that path is returned; decord reads both.
-    """
-    try:
-        import av
-    except ImportError:  # pragma: no cover - av is a dependency; keep a way out without it
-        from pipelines.testing import write_avi
-
-        alt = os.path.splitext(path)[0] + ".avi"
-        write_avi(alt, frames, fps=fps)
-        return alt
     h, w = frames[0].shape[:2]
     with av.open(path, "w", format="mp4") as container:
         stream = container.add_stream("mpeg4", rate=fps)
@@ -476,7 +466,7 @@ def build_set(
     for i in range(n_videos):
         clip = make_clip(rng_for(split, seed, i, stream=1))
         rel = os.path.join("videos", f"{split}_{seed}_{i:05d}.mp4")
-        rel = os.path.relpath(write_video(os.path.join(root, rel), render_clip(clip)), root)
+        write_video(os.path.join(root, rel), render_clip(clip))
         qa = video_questions(clip)[i % 3]
         rows.append({"path": rel, "prompt": qa.question, "reference": {"task": "video", "answer": qa.answer, "qtype": qa.qtype}})
         if video_captions:

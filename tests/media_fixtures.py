@@ -1,5 +1,5 @@
-"""Test and benchmark fixtures made on the spot: odd and broken media, tiny videos, a saved
-tiny model. Nothing is downloaded.
+"""Test fixtures made on the spot: odd and broken media, tiny videos, manifests, a saved tiny
+model. Nothing is downloaded.
 
 Videos are written as Motion-JPEG AVI by a small RIFF writer here (no FFmpeg binary needed);
 decord reads them like any other file.
@@ -86,7 +86,7 @@ def _rgb(size=(24, 16), seed=0) -> Image.Image:
 def make_corpus(root: str, *, videos: bool = True, faults: bool = True) -> dict[str, bool]:
     """Write odd and broken inputs under ``root``; returns {relative path: expect an error}.
 
-    ``faults`` adds videos that hang or crash the decoder (they need the test fault switch).
+    ``faults`` adds videos that hang or crash the decoder (``tests/faulty_video_child.py``).
     """
     os.makedirs(root, exist_ok=True)
     expect: dict[str, bool] = {}
@@ -180,12 +180,7 @@ def write_manifest(path: str, rows: list[dict]) -> str:
 
 def save_tiny_llava(path: str, **kwargs) -> str:
     """Build the tiny random LLaVA of ``tests/tiny_models.py`` and save model + processor."""
-    import sys
-
-    tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
-    from tiny_models import build_tiny_llava
+    from tests.tiny_models import build_tiny_llava
 
     model, processor = build_tiny_llava(**kwargs)
     model.save_pretrained(path)

@@ -1,17 +1,20 @@
 """The captioning job: sources → CPU decode tasks → model actor pool → Parquet, on Ray Data.
 
-:func:`run_caption` is what ``ep caption`` and ``python -m jobs.caption`` call. The driver
-scans the inputs, drops the sample ids already in the output directory, streams the rest
-through Ray Data and commits the results in atomic part files as they arrive (see
-``pipelines.sink``): a rerun after a crash or a kill processes only what is missing.
+:class:`CaptionJob` is what ``ep caption`` runs. Constructing it is the preflight: the input
+exists, and the model's config alone (no weights, no Ray) says that the family supports the
+method and the prune layer fits the decoder. :meth:`CaptionJob.run` then scans the inputs,
+drops the sample ids already in the output directory, streams the rest through Ray Data and
+commits the results in atomic part files as they arrive (``pipelines.sink``): a rerun after a
+crash or a kill processes only what is missing. :meth:`CaptionJob.run_tracked` does the same
+inside one MLflow run.
 
-Ray starts locally unless ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets)
-names a cluster. Model actors ask for one GPU each when the cluster has GPUs, else run on CPU.
+Ray is joined or started by ``pipelines.cluster.ray_session``. Model actors ask for one GPU
+each when the cluster has GPUs, else run on CPU.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import os
 import sys
 import time
@@ -20,38 +23,24 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_row
+from ep_core.config import PruneConfig
+from pipelines.cluster import ray_session
+from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_block
 from pipelines.sink import ParquetSink, check_job, done_ids
 from pipelines.sources import scan
 
-DECODED_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("source", pa.string()),
-        ("path", pa.string()),
-        ("media_type", pa.string()),
-        ("frames", pa.int32()),
-        ("prompt", pa.string()),
-        ("reference", pa.string()),
-        ("error", pa.string()),
-        ("pixels", pa.large_binary()),
-        ("shape", pa.list_(pa.int32())),
-    ]
-)
-
+log = logging.getLogger(__name__)
 
 @dataclass
 class CaptionConfig:
-    """Everything a captioning job needs; ``ep caption`` flags and YAML keys map 1:1 onto it."""
+    """Everything a captioning job needs. ``ep caption`` flags and YAML keys map onto it; the
+    pruning flags (method, budget, keep ratio, prune layer, seed) travel as one
+    :class:`~ep_core.config.PruneConfig` in ``prune``. Values are checked on construction."""
 
     model: str
     input: str
     output: str
-    method: str = "none"
-    budget: float | None = None
-    keep_ratio: float | None = None
-    prune_layer: int = 2
-    seed: int = 0
+    prune: PruneConfig = field(default_factory=lambda: PruneConfig(method="none"))
     prompt: str | None = None
     max_new_tokens: int = 32
     frames: int = 8
@@ -69,13 +58,12 @@ class CaptionConfig:
     num_cpus: int | None = None  # CPUs of a Ray instance started locally (default: all)
     run_id: str | None = None
 
-    def validate(self) -> None:
-        from ep_core.config import PruneConfig
-
+    def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
-        PruneConfig(self.method, self.budget, self.keep_ratio, self.prune_layer, self.seed)
+        if not isinstance(self.prune, PruneConfig):
+            raise TypeError(f"prune must be a PruneConfig, got {type(self.prune).__name__}")
         for name in ("max_new_tokens", "frames", "batch_size", "workers", "max_side", "max_pixels", "flush_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -87,8 +75,13 @@ class CaptionConfig:
 
     def job_identity(self) -> dict:
         """What the rows of an output directory depend on (a rerun must match it)."""
-        keys = ("model", "method", "budget", "keep_ratio", "prune_layer", "seed", "max_new_tokens", "max_side")
-        return {k: getattr(self, k) for k in keys}
+        return {"model": self.model, **self.prune.to_dict(), "max_new_tokens": self.max_new_tokens,
+                "max_side": self.max_side}
+
+    def run_params(self) -> dict:
+        """The MLflow params of a caption run (docs/design.md §3)."""
+        return {"model": self.model, **self.prune.to_dict(), "batch_size": self.batch_size, "dataset": self.input,
+                "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass
@@ -130,111 +123,101 @@ def _decode_memory(cfg: CaptionConfig) -> int:
     return int(max(256 << 20, 2 * pixels))
 
 
-def _decode_batch(batch: pa.Table, *, max_pixels: int, max_side: int, timeout_s: float, faults: bool) -> pa.Table:
-    rows = [
-        decode_row(r, max_pixels=max_pixels, max_side=max_side, timeout_s=timeout_s, faults=faults)
-        for r in batch.to_pylist()
-    ]
-    return pa.Table.from_pylist([{k: r.get(k) for k in DECODED_SCHEMA.names} for r in rows], schema=DECODED_SCHEMA)
+class CaptionJob:
+    """One captioning job. Constructing it is the preflight: everything the config and the
+    model's config.json can tell (no weights, no Ray) is checked here, so that a usage error
+    costs seconds and one line. :meth:`run` then streams the inputs through Ray Data."""
 
+    def __init__(self, cfg: CaptionConfig):
+        from ep_core.families import check_supported
+        from ep_core.loading import load_model_config
 
-def _test_faults() -> tuple[bool, str | None]:
-    """``EP_TEST_FAULTS`` (tests only): ``decoder`` arms the decoder fault switch,
-    ``exit_after:N:MARKER`` makes a model worker die once on its N-th batch."""
-    spec = os.environ.get("EP_TEST_FAULTS", "")
-    parts = [p for p in spec.split(",") if p]
-    actor = next((p for p in parts if p.startswith("exit_after:")), None)
-    return "decoder" in parts, actor
+        if not os.path.exists(cfg.input):
+            raise FileNotFoundError(f"input not found: {cfg.input}")
+        check_supported(load_model_config(cfg.model), cfg.prune)  # family, method and prune layer
+        self.cfg = cfg
 
+    def run(self, *, progress=None, quiet: bool = False) -> Summary:
+        """Run (or resume) the job; returns its summary. Bad inputs become error rows.
 
-def _ensure_ray(cfg: CaptionConfig, log) -> bool:
-    """Connect to / start Ray; True if this call started it (and should shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"address": address, "log_to_driver": True, "logging_level": "WARNING"}
-    if address is None:
-        kwargs["address"] = "local"  # a new local instance, never a stale one found on disk
-        kwargs["num_cpus"] = cfg.num_cpus
-        log("[caption] starting a local Ray instance (use --address or RAY_ADDRESS to join a cluster)")
-    else:
-        log(f"[caption] joining the Ray cluster at {address}")
-    ray.init(**kwargs)
-    return True
-
-
-def run_caption(cfg: CaptionConfig, *, log=None, progress=None) -> Summary:
-    """Run (or resume) a captioning job; returns its summary. Bad inputs become error rows.
-
-    ``progress(rows_written, seconds)``, if given, is called on the driver whenever progress
-    is printed (the caption job logs it to MLflow as stepped throughput)."""
-    log = log or (lambda msg: print(msg, flush=True))
-    cfg.validate()
-    scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames)
-    from ep_core.loading import model_type_of
-
-    model_type_of(cfg.model)  # a wrong model path fails here, in one line, before Ray starts
-    check_job(cfg.output, cfg.job_identity())
-    run_id = cfg.run_id or uuid.uuid4().hex[:12]
-    before = done_ids(cfg.output)
-    todo = [r for r in scanned.rows if r["sample_id"] not in before]
-    summary = Summary(
-        rows_total=len(scanned.rows),
-        rows_before=len(scanned.rows) - len(todo),
-        output=cfg.output,
-        run_id=run_id,
-    )
-    notes = []
-    if scanned.skipped_files:
-        notes.append(f"{scanned.skipped_files} files that are neither images nor videos skipped")
-    if scanned.duplicates:
-        notes.append(f"{scanned.duplicates} duplicate manifest rows kept once")
-    log(
-        f"[caption] {len(scanned.rows)} inputs, {summary.rows_before} already in {cfg.output}, "
-        f"{len(todo)} to process" + (f" ({'; '.join(notes)})" if notes else "")
-    )
-    if not todo:
+        ``progress(rows_written, seconds)``, if given, is called on the driver whenever progress
+        is reported (the caption job logs it to MLflow as stepped throughput). ``quiet`` logs
+        the progress lines at DEBUG instead of INFO (the sweep runs many jobs)."""
+        cfg = self.cfg
+        say = log.debug if quiet else log.info
+        scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames)
+        check_job(cfg.output, cfg.job_identity())
+        run_id = cfg.run_id or uuid.uuid4().hex[:12]
+        before = done_ids(cfg.output)
+        todo = [r for r in scanned.rows if r["sample_id"] not in before]
+        summary = Summary(
+            rows_total=len(scanned.rows),
+            rows_before=len(scanned.rows) - len(todo),
+            output=cfg.output,
+            run_id=run_id,
+        )
+        notes = []
+        if scanned.skipped_files:
+            notes.append(f"{scanned.skipped_files} files that are neither images nor videos skipped")
+        if scanned.duplicates:
+            notes.append(f"{scanned.duplicates} duplicate manifest rows kept once")
+        say(
+            f"[caption] {len(scanned.rows)} inputs, {summary.rows_before} already in {cfg.output}, "
+            f"{len(todo)} to process" + (f" ({'; '.join(notes)})" if notes else "")
+        )
+        if todo:
+            with ray_session(cfg.address, cfg.num_cpus, quiet=quiet):
+                _stream(cfg, todo, before, run_id, summary, say, progress)
         return summary
 
-    started_ray = _ensure_ray(cfg, log)
-    try:
-        _stream(cfg, todo, before, run_id, summary, log, progress)
-    finally:
-        if started_ray:
-            import ray
 
-            ray.shutdown()
-    return summary
+    def run_tracked(self, *, experiment: str = "caption", tracking: bool = True):
+        """:meth:`run` inside one MLflow run (``pipelines.tracking``: params from the config,
+        stepped items/s while it runs, then the cost metrics of the rows this run wrote).
+        Returns ``(summary, tracker)``; a tracking failure never stops the job."""
+        import pyarrow.compute as pc
+
+        from pipelines.sink import read_output
+        from pipelines.tracking import Tracker, output_metrics
+
+        cfg = self.cfg
+        tracker = Tracker(cfg.output, experiment, enabled=tracking)
+        with tracker.run(f"caption-{cfg.prune.method}", cfg.run_params()):
+            cfg.run_id = cfg.run_id or tracker.current_run_id  # output rows point at their MLflow run
+            summary = self.run(progress=lambda rows, seconds: tracker.metrics({"items_per_s": rows / seconds}, step=rows))
+            if tracker.active:
+                table = read_output(cfg.output)
+                mine = table.filter(pc.equal(table.column("run_id"), summary.run_id)) if table.num_rows else table
+                tracker.metrics(output_metrics(mine) | {"items_per_s": summary.items_per_s,
+                                                         "rows_total": summary.rows_total, "rows_new": summary.rows_new})
+        return summary, tracker
 
 
-def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str, summary: Summary, log, progress) -> None:
+def run_caption(cfg: CaptionConfig, *, progress=None, quiet: bool = False) -> Summary:
+    """``CaptionJob(cfg).run(...)``: preflight, then run (or resume) the job."""
+    return CaptionJob(cfg).run(progress=progress, quiet=quiet)
+
+
+def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str, summary: Summary, say, progress) -> None:
     import ray
 
-    decoder_faults, actor_fault = _test_faults()
+    from pipelines.infer import CaptionPredictor
+
     gpus = cfg.num_gpus
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     where = f"{cfg.workers} model worker(s) with {gpus:g} GPU each" if gpus else f"{cfg.workers} model worker(s) on CPU"
-    log(f"[caption] {where}, batch size {cfg.batch_size}, method {cfg.method}")
+    say(f"[caption] {where}, batch size {cfg.batch_size}, method {cfg.prune.method}")
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     n_blocks = max(1, min(len(todo) // cfg.batch_size, 20_000))
-    from pipelines.infer import CaptionPredictor
-
     ds = ray.data.from_items(todo, override_num_blocks=n_blocks)
     ds = ds.map_batches(
-        _decode_batch,
+        decode_block,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={
-            "max_pixels": cfg.max_pixels,
-            "max_side": cfg.max_side,
-            "timeout_s": cfg.decode_timeout,
-            "faults": decoder_faults,
-        },
+        fn_kwargs={"max_pixels": cfg.max_pixels, "max_side": cfg.max_side, "timeout_s": cfg.decode_timeout},
         num_cpus=1,
         # What one decode task holds (the decoded pixels of a block). Resource requests that
         # differ from the model stage's also keep Ray Data from fusing decoding into the
@@ -245,17 +228,12 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         CaptionPredictor,
         fn_constructor_kwargs={
             "model": cfg.model,
-            "method": cfg.method,
-            "budget": cfg.budget,
-            "keep_ratio": cfg.keep_ratio,
-            "prune_layer": cfg.prune_layer,
-            "seed": cfg.seed,
+            "prune": cfg.prune,
             "max_new_tokens": cfg.max_new_tokens,
             "dtype": cfg.dtype,
             "device": "cuda" if gpus else "cpu",
             "torch_threads": None if gpus else max(1, int(cfg.cpus_per_worker)),
             "run_id": run_id,
-            "fault": actor_fault,
         },
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
@@ -292,7 +270,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
             if now - last_log >= 10.0 or (buffered == 0 and now - last_log >= 2.0):
                 last_log = now
                 rate = sink.rows_written / (now - start) if now > start else 0.0
-                log(
+                say(
                     f"[caption] {summary.rows_before + sink.rows_written}/{summary.rows_total} rows written, "
                     f"{sink.errors_written} errors, {rate:.2f} items/s"
                 )
@@ -303,7 +281,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         flush()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         summary.failure = f"{type(exc).__name__}: {first}"
-        log(f"[caption] the job failed ({summary.failure}); rows already written are kept")
+        say(f"[caption] the job failed ({summary.failure}); rows already written are kept")
     summary.seconds = time.monotonic() - start
     summary.rows_new = sink.rows_written
     summary.errors_new = sink.errors_written
@@ -312,7 +290,3 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     if first_batch is not None and sink.rows_written > first_batch[1]:
         summary.extra["first_output_s"] = first_batch[0]
         summary.extra["steady_items_per_s"] = (sink.rows_written - first_batch[1]) / (summary.seconds - first_batch[0])
-
-
-def config_fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(CaptionConfig)}

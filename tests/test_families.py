@@ -1,0 +1,74 @@
+"""The family table is the single answer to "is this model supported", and every command
+resolves model names the same way (``demo``, presets, directories, hub ids)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ep_core.config import PruneConfig
+from ep_core.families import FAMILIES, check_supported, default_visual_tokens, family_for
+from ep_core.loading import load_model_config, resolve_model_name
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_every_family_of_the_table_has_what_the_code_reads():
+    for model_type, family in FAMILIES.items():
+        assert family.model_type == model_type
+        assert family.default_prune_layer >= 1 and family.visual_token_attrs
+    prunable = {t for t, f in FAMILIES.items() if f.prunable}
+    assert prunable == {"llava", "llava_next"}
+    assert FAMILIES["qwen2_5_vl"].default_prune_layer == 1 and FAMILIES["llava"].default_prune_layer == 2
+
+
+def test_check_supported_refuses_from_the_config_alone():
+    qwen = load_model_config("qwen2.5-vl-7b")  # a preset: offline, no weights
+    assert check_supported(qwen, PruneConfig("none")).model_type == "qwen2_5_vl"
+    with pytest.raises(ValueError, match="'qwen2_5_vl' is not supported yet for pruning.*pruning supports: llava"):
+        check_supported(qwen, PruneConfig("entropyprune", keep_ratio=0.5, prune_layer=1))
+    llava = load_model_config("llava-1.5-7b")
+    with pytest.raises(ValueError, match="between 1 and 31 for this 32-layer decoder, got 32"):
+        check_supported(llava, PruneConfig("fastv", keep_ratio=0.5, prune_layer=32))
+    assert check_supported(llava, PruneConfig("fastv", keep_ratio=0.5, prune_layer=31)) is FAMILIES["llava"]
+    text_only = type("Config", (), {"model_type": "llama"})()
+    with pytest.raises(ValueError, match="'llama' .* is not supported yet; supported: llava"):
+        family_for(text_only)
+
+
+def test_one_name_resolution_for_every_command():
+    from demo import shipped_model_path
+
+    assert resolve_model_name("demo") == shipped_model_path()
+    assert resolve_model_name("llava-1.5-7b") == "llava-hf/llava-1.5-7b-hf"  # a preset's weights
+    assert resolve_model_name("some/hub-id") == "some/hub-id"
+    demo = load_model_config("demo")
+    assert demo.model_type == "llava" and default_visual_tokens(demo) == 144 == default_visual_tokens("demo")
+
+
+def test_ep_flops_resolves_demo_like_every_other_command(capsys):
+    from jobs.cli import main
+
+    assert main(["flops", "--model", "demo", "--keep-ratio", "0.33", "--text-tokens", "20", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["visual_tokens"], r["visual_tokens_kept"], r["num_layers"]) == (144, 48, 6)
+
+
+def test_caption_preflight_refuses_unsupported_pruning_before_ray(tmp_path, capsys):
+    import ray
+
+    from jobs.cli import main
+
+    (tmp_path / "in").mkdir()
+    args = ["caption", "--model", "qwen2.5-vl-7b", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
+    assert main(args + ["--method", "entropyprune", "--keep-ratio", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ep caption: error: model family 'qwen2_5_vl' is not supported yet for pruning")
+    assert err.count("\n") == 1
+    assert main(["caption", "--model", "demo", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+                 "--method", "dart", "--keep-ratio", "0.5", "--prune-layer", "6"]) == 2
+    assert "between 1 and 5 for this 6-layer decoder, got 6" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "o").exists()  # nothing written, no tracking store opened
