@@ -74,12 +74,10 @@ def build_model(seed: int = 0, *, text: dict | None = None, vision: dict | None 
     (e.g. ``text={"hidden_size": 256}``); without them this is the shipped architecture."""
     import torch
     from transformers import (
-        CLIPImageProcessorPil,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaProcessor,
     )
 
     tok = build_tokenizer()
@@ -108,17 +106,24 @@ def build_model(seed: int = 0, *, text: dict | None = None, vision: dict | None 
     gen.suppress_tokens = [config.image_token_id]
     gen.max_new_tokens = 64
     gen.do_sample = False
-    processor = LlavaProcessor(
+    return model, llava_processor(tok, IMAGE_SIZE, PATCH)
+
+
+def llava_processor(tokenizer, image_size: int, patch_size: int):
+    """A real ``LlavaProcessor`` for square ``image_size`` pictures cut in ``patch_size`` patches
+    (CLIP resize and crop, the CLS token dropped, :data:`CHAT_TEMPLATE`)."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    return LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
         ),
-        tokenizer=tok,
-        patch_size=PATCH,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
-    return model, processor
 
 
 def save(model, processor, out_dir: str) -> None:

@@ -149,6 +149,7 @@ def run_sweep(
     """Run every configuration through the pipeline on one Ray session; the summary list
     (with the comparison against the unpruned configuration, when there is one)."""
     from ep_core.config import PruneConfig
+    from ep_core.families import check_supported
     from ep_core.loading import load_model_config
     from pipelines.caption import CaptionConfig, run_caption
     from pipelines.cluster import ray_session
@@ -156,11 +157,14 @@ def run_sweep(
     from pipelines.tracking import output_metrics
 
     model_config = load_model_config(model)
-    num_layers = getattr(model_config, "text_config", model_config).num_hidden_layers
+    num_layers = model_config.get_text_config().num_hidden_layers
+    prunes = [PruneConfig(method=method, keep_ratio=ratio, prune_layer=prune_layer, seed=seed) for method, ratio in configs]
+    for prune in prunes:  # every usage error before Ray starts
+        check_supported(model_config, prune)
     summary = []
     tables = []  # per configuration: its output rows (a pyarrow table)
     with ray_session(address, num_cpus, label="sweep"):
-        for method, ratio in configs:
+        for (method, ratio), prune in zip(configs, prunes):
             tag = f"{method}_{'all' if ratio is None else f'{ratio:g}'}"
             run_dir = os.path.join(output, "runs", tag)
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: items/s must measure this run
@@ -168,7 +172,7 @@ def run_sweep(
                 model=model,
                 input=manifest,
                 output=run_dir,
-                prune=PruneConfig(method=method, keep_ratio=ratio, prune_layer=prune_layer, seed=seed),
+                prune=prune,
                 max_new_tokens=max_new_tokens,
                 frames=frames,
                 batch_size=batch_size,
@@ -267,13 +271,10 @@ class SweepReport:
 def sweep(s: SweepSettings) -> SweepReport:
     """``ep sweep``: the dataset, every configuration, ``summary.json``, the plot, the MLflow
     runs and, with ``coverage`` on shapes, ``OUTPUT/coverage.json`` (``demo.coverage``)."""
-    from ep_core.loading import model_type_of
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configs = configurations(parse_list(s.methods), parse_list(s.keep_ratios, float))
     os.makedirs(s.output, exist_ok=True)
     manifest = prepare_dataset(s.dataset, os.path.join(s.output, "data"), n=s.n, videos=s.videos, seed=s.seed)
-    model_type_of(s.model)  # a wrong model fails here, in one line
     start = time.monotonic()
     summary = run_sweep(
         model=s.model,

@@ -72,3 +72,13 @@ def test_caption_preflight_refuses_unsupported_pruning_before_ray(tmp_path, caps
     assert "between 1 and 5 for this 6-layer decoder, got 6" in capsys.readouterr().err
     assert not ray.is_initialized()
     assert not (tmp_path / "o").exists()  # nothing written, no tracking store opened
+
+
+def test_sweep_preflight_refuses_before_ray(tmp_path, capsys):
+    import ray
+
+    from jobs.cli import main
+
+    assert main(["sweep", "--model", "demo", "--n", "2", "--prune-layer", "6", "--output", str(tmp_path / "s")]) == 2
+    assert "between 1 and 5 for this 6-layer decoder" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "s" / "runs").exists()

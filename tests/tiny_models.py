@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -18,7 +17,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from demo.model import CHAT_TEMPLATE, word_level_tokenizer
+from demo.model import CHAT_TEMPLATE, llava_processor, word_level_tokenizer
 from ep_core.prompts import chat_prompt
 
 WORDS = (
@@ -77,17 +76,7 @@ def build_tiny_llava(
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = None  # random weights: never stop early, compare full lengths
     model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> would be a new "visual" slot
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-        ),
-        tokenizer=tok,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
-    return model, processor
+    return model, llava_processor(tok, image_size, patch_size)
 
 
 def random_images(n: int, size: int = 16, seed: int = 0) -> list[Image.Image]:
