@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from evaluation.mlflow_runs import log_sweep
 from evaluation.report import plot
@@ -239,7 +239,7 @@ class SweepSettings:
     seed: int = 1
     methods: str = "none,entropyprune,random,fastv,dart"
     keep_ratios: str = "1.0,0.33,0.11"
-    prune_layer: int = 2
+    prune_layer: int | str = 2  # or "auto" (ep_core.ecl.resolve_prune_layer)
     frames: int = 4
     max_new_tokens: int = 64
     batch_size: int = 8
@@ -248,6 +248,7 @@ class SweepSettings:
     address: str | None = None
     random_seed: int = 0
     coverage: bool = False
+    profile: str | None = None  # with prune_layer "auto": the profile file
 
 
 @dataclass
@@ -271,7 +272,10 @@ class SweepReport:
 def sweep(s: SweepSettings) -> SweepReport:
     """``ep sweep``: the dataset, every configuration, ``summary.json``, the plot, the MLflow
     runs and, with ``coverage`` on shapes, ``OUTPUT/coverage.json`` (``demo.coverage``)."""
+    from ep_core.ecl import resolve_prune_layer
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    s = replace(s, prune_layer=resolve_prune_layer(s.prune_layer, s.model, s.profile))
     configs = configurations(parse_list(s.methods), parse_list(s.keep_ratios, float))
     os.makedirs(s.output, exist_ok=True)
     manifest = prepare_dataset(s.dataset, os.path.join(s.output, "data"), n=s.n, videos=s.videos, seed=s.seed)

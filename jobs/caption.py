@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import prune_layer_arg
+
 # flag → (type, help); every flag is also a YAML key. Defaults live in CaptionConfig.
 _FLAGS: dict[str, tuple[type, str]] = {
     "model": (str, "local model directory or hub id (LLaVA / Qwen-VL families)"),
@@ -25,7 +27,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "method": (str, "pruning method: none, entropyprune, random, fastv, dart (default none)"),
     "budget": (float, "layer-averaged visual-token budget B (the papers' 192/128/64)"),
     "keep_ratio": (float, "share of visual tokens kept after the prune layer, 0..1"),
-    "prune_layer": (int, "decoder layer K where pruning happens (default 2)"),
+    "prune_layer": (prune_layer_arg, "decoder layer K where pruning happens (default 2), or 'auto': K from the calibration profile (ep calibrate), else the family's default"),
+    "profile": (str, "with --prune-layer auto: the profile file to read (default: the model's profile written by ep calibrate)"),
     "seed": (int, "seed of the random method (default 0)"),
     "prompt": (str, "prompt for rows without one (default: a captioning prompt)"),
     "max_new_tokens": (int, "tokens to generate per input (default 32)"),
@@ -79,8 +82,9 @@ def load_yaml_config(path: str) -> dict:
                 if kind is int and (isinstance(value, bool) or float(value) != int(value)):
                     raise ValueError
                 value = kind(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{key} in {path} must be {kind.__name__}, got {value!r}") from None
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                what = "an integer or 'auto'" if kind is prune_layer_arg else kind.__name__
+                raise ValueError(f"{key} in {path} must be {what}, got {value!r}") from None
         out[name] = value
     return out
 
@@ -105,6 +109,11 @@ def config_from_args(args: argparse.Namespace):
     settings = {k: v for k, v in settings.items() if v is not None}
     prune = {k: settings.pop(k) for k in _PRUNE_FLAGS if k in settings}
     prune.setdefault("method", "none")
+    profile = settings.pop("profile", None)
+    if "prune_layer" in prune or profile is not None:
+        from ep_core.ecl import resolve_prune_layer
+
+        prune["prune_layer"] = resolve_prune_layer(prune.get("prune_layer", "auto"), settings["model"], profile)
     return CaptionConfig(prune=PruneConfig(**prune), **settings)
 
 

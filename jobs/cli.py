@@ -17,11 +17,15 @@ PACKAGES = ("ep_core", "pipelines", "evaluation", "demo", "jobs", "bench")
 
 
 class _ConsoleHandler(logging.Handler):
-    """INFO and below to stdout, WARNING and above to stderr; the streams are looked up at each
-    line, so a caller that swaps ``sys.stdout`` (a test, a notebook) still sees them."""
+    """INFO and below to stdout (to stderr when ``info_to_stderr``: a job whose stdout is JSON),
+    WARNING and above to stderr; the streams are looked up at each line, so a caller that swaps
+    ``sys.stdout`` (a test, a notebook) still sees them."""
+
+    info_to_stderr = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+        quiet_stdout = self.info_to_stderr or record.levelno >= logging.WARNING
+        stream = sys.stderr if quiet_stdout else sys.stdout
         try:
             stream.write(self.format(record) + "\n")
             stream.flush()
@@ -29,8 +33,10 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Route the project's loggers to the console (once per process)."""
+def setup_logging(level: int = logging.INFO, *, info_to_stderr: bool = False) -> None:
+    """Route the project's loggers to the console (once per process); ``info_to_stderr`` keeps
+    stdout for a job's machine-readable output (``--json``)."""
+    _ConsoleHandler.info_to_stderr = info_to_stderr
     for name in PACKAGES:
         logger = logging.getLogger(name)
         logger.setLevel(level)
@@ -43,9 +49,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("jobs.bench", "benchmarks that print measured ratios"),
     "caption": ("jobs.caption", "caption images and videos to Parquet with a (pruned) model on Ray Data"),
     "sweep": ("jobs.sweep", "quality, FLOPs and speed per pruning method and keep ratio on the same inputs"),
+    "calibrate": ("jobs.calibrate", "measure the layer-wise matrix entropy of visual tokens and the collapse layer K"),
     "demo": ("jobs.demo", "the main job offline on the shipped demo model: Parquet, MLflow, plot, table"),
     "train-demo": ("jobs.train_demo", "train the shipped demo LLaVA on CPU on the shapes world"),
 }
+
+
+def prune_layer_arg(text: str) -> int | str:
+    """argparse type of ``--prune-layer``: an integer K or ``auto`` (``ep_core.ecl``)."""
+    from ep_core.ecl import parse_prune_layer
+
+    try:
+        return parse_prune_layer(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

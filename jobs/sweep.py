@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import prune_layer_arg
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="model path or hub id; 'demo' = the shipped demo model (default)")
@@ -32,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="shapes: seed of the test split (default 1; training never sees the test split)")
     parser.add_argument("--methods", default="none,entropyprune,random,fastv,dart", help="comma-separated methods")
     parser.add_argument("--keep-ratios", default="1.0,0.33,0.11", help="comma-separated keep ratios after the prune layer")
-    parser.add_argument("--prune-layer", type=int, default=2, help="decoder layer K where pruning happens (default 2)")
+    parser.add_argument("--prune-layer", type=prune_layer_arg, default=2,
+                        help="decoder layer K where pruning happens (default 2), or 'auto': K from the calibration profile (ep calibrate), else the family's default")
+    parser.add_argument("--profile", default=None, help="with --prune-layer auto: the profile file to read (default: the model's profile)")
     parser.add_argument("--output", required=True, help="output directory (data, runs/, summary.json, mlflow.db)")
     parser.add_argument("--frames", type=int, default=4, help="frames decoded per video (default 4, as the demo model was trained)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per input (default 64: a full dense caption)")
@@ -54,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         methods=args.methods, keep_ratios=args.keep_ratios, prune_layer=args.prune_layer, frames=args.frames,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, workers=args.workers,
         num_cpus=args.num_cpus, address=args.address, random_seed=args.random_seed, coverage=args.coverage,
+        profile=args.profile,
     ))
     print(format_table(report.summary), flush=True)
     by_type = format_by_type(report.summary)
