@@ -155,3 +155,12 @@ def test_prune_layer_auto_takes_k_from_the_profile_or_the_family_default(tmp_pat
     other = _write_profile(tmp_path / "qwen.json", 1, model_type="qwen2_5_vl")
     with pytest.raises(ValueError, match="is for a 'qwen2_5_vl' model"):
         config_from_args(parser.parse_args(base + ["--prune-layer", "auto", "--profile", other]))
+
+
+def test_streaming_reduction_on_llava_next_anyres():
+    from tests.tiny_models import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next()
+    inputs = make_inputs(processor, ["describe this image", "what color"], random_images(2, size=16, seed=1))
+    measured = layer_entropies(model, [inputs])
+    np.testing.assert_allclose(measured["mean"], _naive(model, inputs, "hidden").mean(0), rtol=1e-5, atol=1e-6)
