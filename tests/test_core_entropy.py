@@ -128,3 +128,9 @@ def test_budget_clamps_and_round_trips():
 def test_budget_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("ratio, n, kept", [(0.33, 144, 48), (0.3, 16, 5), (0.25, 576, 144), (0.5, 3, 2), (0.11, 144, 16)])
+def test_keep_ratio_rounds_half_up_not_down(ratio, n, kept):
+    """k = ⌊r·N + ½⌋: 0.33·144 = 47.52 → 48 (the README's example), 0.3·16 = 4.8 → 5."""
+    assert keep_count_for_ratio(ratio, n) == kept

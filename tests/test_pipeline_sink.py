@@ -106,3 +106,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "input not found" in capsys.readouterr().err
     assert main(["--model", "m", "--input", str(tmp_path / "in"), "--output", "o", "--method", "random"]) == 2
     assert "needs a budget" in capsys.readouterr().err
+
+
+def test_a_write_that_dies_halfway_leaves_no_visible_part_and_a_clean_rerun(tmp_path, monkeypatch):
+    """A crash while a part is written: readers never see a half file, the rerun writes it whole."""
+    import pipelines.sink as sink_module
+
+    rows = [{"sample_id": f"s{i}", "output": f"o{i}"} for i in range(4)]
+    real_write = pq.write_table
+
+    def dies_halfway(table, where, **kwargs):
+        real_write(table, where, **kwargs)
+        with open(where, "r+b") as fh:
+            fh.truncate(os.path.getsize(where) // 2)
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(sink_module.pq, "write_table", dies_halfway)
+    with pytest.raises(OSError, match="disk went away"):
+        ParquetSink(str(tmp_path), "r1").write(to_table(rows))
+    monkeypatch.setattr(sink_module.pq, "write_table", real_write)
+    from pipelines.sink import part_files
+
+    assert part_files(str(tmp_path)) == [] and len(read_output(str(tmp_path))) == 0
+    ParquetSink(str(tmp_path), "r2").write(to_table(rows))  # the rerun
+    assert sorted(read_output(str(tmp_path)).column("sample_id").to_pylist()) == ["s0", "s1", "s2", "s3"]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # the stale temporary is gone

@@ -57,3 +57,10 @@ def test_compare_with_full_matches_rows_by_sample_id():
     assert result["agreement_with_full"] == 0.5
     assert result["first_token_kl"] == pytest.approx(first_token_kl(top, other) / 2)
     assert compare_with_full(full, full) == {"agreement_with_full": 1.0, "first_token_kl": 0.0}
+
+
+def test_first_token_kl_floors_a_token_missing_from_the_pruned_top_k_at_its_smallest_logprob():
+    full = ([1, 2], [math.log(0.6), math.log(0.4)])
+    pruned = ([1, 3], [math.log(0.5), math.log(0.3)])  # token 2 is not in the pruned top-k
+    expected = 0.6 * (math.log(0.6) - math.log(0.5)) + 0.4 * (math.log(0.4) - math.log(0.3))  # floor: log 0.3
+    assert first_token_kl(full, pruned) == pytest.approx(expected, rel=1e-12)

@@ -195,3 +195,38 @@ def test_a_job_does_not_leak_its_store_into_the_next(tmp_path, monkeypatch):
     Tracker(tmp_path / "a", "first")
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert Tracker(tmp_path / "b", "second").uri == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
+
+
+def test_a_tracking_failure_in_the_middle_of_a_job_is_one_line_and_the_job_goes_on(tmp_path, monkeypatch, caplog):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(tmp_path, "mid-job")
+    assert tracker.active
+
+    def store_gone(*args, **kwargs):
+        raise ConnectionError("tracking store went away")
+
+    with caplog.at_level("WARNING", logger="pipelines.tracking"):
+        with tracker.run("caption", {"model": "tiny"}):
+            monkeypatch.setattr(mlflow, "log_metrics", store_gone)
+            tracker.metrics({"items_per_s": 1.0})  # must not raise
+            tracker.metrics({"items_per_s": 2.0})  # already off: no second line
+            tracker.artifact(tmp_path / "nothing.txt")
+            reached = True
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.tracking"]
+    assert reached and not tracker.active
+    assert len(lines) == 1 and "log_metrics failed" in lines[0] and "went away" in lines[0]
+
+
+def test_output_metrics_count_error_rows_as_errors():
+    from pipelines.sink import to_table
+    from pipelines.tracking import output_metrics
+
+    rows = [{"sample_id": "a", "output": "x", "visual_tokens_kept": 10},
+            {"sample_id": "b", "error": "cannot decode image: b.png"},
+            {"sample_id": "c", "error": "file not found: c.png"},
+            {"sample_id": "d", "output": "y", "visual_tokens_kept": 20}]
+    metrics = output_metrics(to_table(rows))
+    assert (metrics["rows"], metrics["errors"]) == (4, 2)
+    assert metrics["visual_tokens_kept_mean"] == 15  # means over the rows that produced an output
