@@ -131,3 +131,34 @@ def test_a_write_that_dies_halfway_leaves_no_visible_part_and_a_clean_rerun(tmp_
     ParquetSink(str(tmp_path), "r2").write(to_table(rows))  # the rerun
     assert sorted(read_output(str(tmp_path)).column("sample_id").to_pylist()) == ["s0", "s1", "s2", "s3"]
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # the stale temporary is gone
+
+
+def test_first_token_logprobs_are_the_prefills_not_a_later_steps(tmp_path):
+    """The stored top-k is the first generated token's distribution: its argmax is the first
+    token generated, and its values equal a direct prefill forward's log-softmax."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pipelines.infer import CaptionPredictor
+    from pipelines.media import decode_row
+    from tests.media_fixtures import save_tiny_llava
+
+    model_dir = save_tiny_llava(str(tmp_path / "m"))
+    path = str(tmp_path / "x.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+    row = decode_row({"sample_id": "x", "source": path, "path": path, "media_type": "image", "frames": 1,
+                      "prompt": "describe this image"})
+    predictor = CaptionPredictor(model=model_dir, max_new_tokens=4, device="cpu")
+    out = predictor.predict_rows([row])[0]
+    enc = predictor._encode(row)
+    with torch.inference_mode():
+        logits = predictor.model(**enc).logits[0, -1].float()
+        logits[predictor.model.generation_config.suppress_tokens] = float("-inf")  # as generate does
+        logprobs = torch.log_softmax(logits, dim=-1)
+        first = predictor.model.generate(**enc, max_new_tokens=1, do_sample=False)[0, -1]
+    top = logprobs.topk(len(out["first_token_ids"]))
+    assert out["first_token_ids"][0] == int(first) == int(top.indices[0])
+    np.testing.assert_allclose(out["first_token_logprobs"], top.values.numpy(), atol=1e-5)
+    # near-equal logits of a random model may swap places: each stored id has its own logprob
+    np.testing.assert_allclose(out["first_token_logprobs"], logprobs[out["first_token_ids"]].numpy(), atol=1e-5)
