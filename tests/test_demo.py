@@ -190,6 +190,13 @@ def test_sweep_on_a_tiny_set_writes_a_well_formed_summary(ray_session, tmp_path)
     from pipelines.sink import read_output
 
     assert score_rows(read_output(none["output"]).to_pylist())["quality"] == pytest.approx(none["quality"])
+    # each configuration is compared with the unpruned one, from the rows it wrote
+    from pipelines.metrics import compare_with_full
+
+    expected = compare_with_full(read_output(none["output"]).to_pylist(), read_output(half["output"]).to_pylist())
+    assert half["first_token_kl"] == pytest.approx(expected["first_token_kl"]) and half["first_token_kl"] > 0
+    assert half["agreement_with_full"] == pytest.approx(expected["agreement_with_full"])
+    assert none["agreement_with_full"] == 1.0 and none["first_token_kl"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_demo_runs_end_to_end_reduced(ray_session, tmp_path, capsys):

@@ -162,3 +162,35 @@ def test_first_token_logprobs_are_the_prefills_not_a_later_steps(tmp_path):
     np.testing.assert_allclose(out["first_token_logprobs"], top.values.numpy(), atol=1e-5)
     # near-equal logits of a random model may swap places: each stored id has its own logprob
     np.testing.assert_allclose(out["first_token_logprobs"], logprobs[out["first_token_ids"]].numpy(), atol=1e-5)
+
+
+def test_a_row_that_breaks_generate_costs_that_row_only(tmp_path):
+    """A batch whose ``generate`` raises is retried row by row: the poisoned row gets an error,
+    the others their outputs (the fault is injected by wrapping the model's ``generate``)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.infer import CaptionPredictor
+    from pipelines.media import decode_row
+    from tests.media_fixtures import save_tiny_llava
+
+    predictor = CaptionPredictor(model=save_tiny_llava(str(tmp_path / "m")), max_new_tokens=2, device="cpu")
+    poison = predictor.processor.tokenizer.convert_tokens_to_ids("many")
+    real_generate = predictor.model.generate
+
+    def generate(**inputs):
+        if (inputs["input_ids"] == poison).any():
+            raise RuntimeError("this row breaks the kernel")
+        return real_generate(**inputs)
+
+    predictor.model.generate = generate
+    rows = []
+    for i, prompt in enumerate(["describe this image", "how many", "what color"]):
+        path = str(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+        rows.append(decode_row({"sample_id": str(i), "source": path, "path": path, "media_type": "image",
+                                "frames": 1, "prompt": prompt}))
+    out = predictor.predict_rows(rows)
+    assert [r.get("output") is not None for r in out] == [True, False, True]
+    assert "this row breaks the kernel" in out[1]["error"] and out[1]["error"].endswith("1.png")
+    assert out[0]["error"] is None and out[2]["error"] is None
