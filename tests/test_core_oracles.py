@@ -192,3 +192,21 @@ def test_llava_next_masked_reference_and_cache_invariance(tiny_next, method):
     assert torch.equal(pruned.sequences, reference.sequences)
     for a, b in zip(pruned.scores, reference.scores):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_a_prompt_ending_in_the_image_keeps_its_last_position(tiny, method):
+    """The last prompt token produces the next-token logits: even when it is a visual token it
+    is never dropped, and the pruned model still equals the masked reference."""
+    model, processor = tiny
+    batch = processor(images=random_images(1, seed=4), text=["USER: describe <image>"], return_tensors="pt")
+    assert batch["input_ids"][0, -1] == model.config.image_token_id  # the prompt ends in a visual token
+    with apply_pruning(model, PruneConfig(method, keep_ratio=0.1, prune_layer=2)) as handle:
+        pruned = _generate(model, batch)
+        stats = handle.stats
+    length = batch["input_ids"].shape[1]
+    assert length - 1 in stats[0]["kept_positions"] and stats[0]["visual_tokens_kept"] < stats[0]["visual_tokens"]
+    reference = _masked_reference_generate(model, batch, stats)
+    assert torch.equal(pruned.sequences, reference.sequences)
+    for a, b in zip(pruned.scores, reference.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
