@@ -214,3 +214,25 @@ def test_method_none_only_observes(tiny, batch):
         with torch.no_grad():
             model(**batch, past_key_values=cache, use_cache=True)
         assert [s["visual_tokens_kept"] for s in handle.stats] == [s["visual_tokens"] for s in handle.stats] == [16, 16]
+
+
+def test_fastv_ignores_padded_keys_even_when_they_would_take_the_attention():
+    """A hand-built row: a padded key with a huge logit in one head would flip FastV's choice
+    if it took part in the softmax. Softmax over the valid keys (A, B and the last token):
+    head 0 [1, 0, 0], head 1 [0, 2, 0] → mean attention A 0.341 < B 0.500: B is kept."""
+    import math
+
+    from ep_core.methods import Row, fastv
+
+    r2 = math.sqrt(2.0)  # the score divides by √hd, hd = 2
+    keys = torch.tensor([
+        [[0.0, 0.0], [0.0, 10 * r2]],  # position 0: padding, logit 10 in head 1
+        [[r2, 0.0], [0.0, 0.0]],  # A: logit 1 in head 0
+        [[0.0, 0.0], [0.0, 2 * r2]],  # B: logit 2 in head 1
+        [[0.0, 0.0], [0.0, 0.0]],  # the last prompt token
+    ])
+    queries = torch.zeros(4, 2, 2)
+    queries[3, 0, 0] = queries[3, 1, 1] = 1.0
+    row = Row(visual_pos=torch.tensor([1, 2]), valid=torch.tensor([False, True, True, True]), seed=0,
+              queries=queries, keys=keys, cos=torch.ones(4, 2), sin=torch.zeros(4, 2))
+    assert fastv.select(row, 1).tolist() == [1]  # B (index 1 of visual_pos); with the padded key: A
