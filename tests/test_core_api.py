@@ -236,3 +236,45 @@ def test_fastv_ignores_padded_keys_even_when_they_would_take_the_attention():
     row = Row(visual_pos=torch.tensor([1, 2]), valid=torch.tensor([False, True, True, True]), seed=0,
               queries=queries, keys=keys, cos=torch.ones(4, 2), sin=torch.zeros(4, 2))
     assert fastv.select(row, 1).tolist() == [1]  # B (index 1 of visual_pos); with the padded key: A
+
+
+def _numpy_dart(keys, hidden, cos, sin, visual_pos, valid, k, pivots=4):
+    """DART's selection re-derived in NumPy from the captured keys and hidden states: image and
+    text pivots by the L1 norm of the post-RoPE keys, then, pivot by pivot, the least similar
+    (cosine) remaining visual tokens."""
+    half = keys.shape[-1] // 2
+    rotated = np.concatenate([-keys[..., half:], keys[..., :half]], axis=-1)
+    norm = np.abs(keys * cos[:, None, :] + rotated * sin[:, None, :]).sum(axis=(1, 2))
+    image_pivots = list(np.argsort(-norm[visual_pos], kind="stable")[: min(pivots, k)])
+    text = [t for t in range(len(valid)) if valid[t] and t > visual_pos[-1]]
+    text_pivots = sorted(text, key=lambda t: -norm[t])[:pivots]
+    unit = hidden / np.linalg.norm(hidden, axis=1, keepdims=True)
+    vectors = [unit[visual_pos[i]] for i in image_pivots] + [unit[t] for t in text_pivots]
+    kept, available = list(image_pivots), set(range(len(visual_pos))) - set(image_pivots)
+    share, extra = divmod(k - len(image_pivots), len(vectors))
+    for i, v in enumerate(vectors):
+        for _ in range(share + (i < extra)):
+            best = min(available, key=lambda j: float(unit[visual_pos[j]] @ v))
+            kept.append(best)
+            available.remove(best)
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("k", [1, 5, 13, 20])
+def test_dart_selection_equals_an_independent_numpy_computation(k):
+    from ep_core.methods import Row, dart
+
+    g = torch.Generator().manual_seed(k)
+    length, heads, head_dim, width = 34, 2, 4, 16
+    visual_pos = torch.arange(4, 28)  # text before (positions 1..3, 0 is padding) and after the image
+    valid = torch.ones(length, dtype=torch.bool)
+    valid[0] = False
+    keys = torch.randn(length, heads, head_dim, generator=g)
+    keys[1:4] *= 5  # text *before* the image has the largest keys: it must not be a text pivot
+    hidden = torch.randn(length, width, generator=g)
+    angles = torch.rand(length, head_dim // 2, generator=g) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    row = Row(visual_pos=visual_pos, valid=valid, seed=0, keys=keys, hidden=hidden, cos=cos, sin=sin)
+    ours = sorted(dart.select(row, k).tolist())
+    assert len(ours) == k == len(set(ours))
+    assert ours == _numpy_dart(keys.numpy(), hidden.numpy(), cos.numpy(), sin.numpy(), visual_pos.numpy(), valid.numpy(), k)
