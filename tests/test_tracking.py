@@ -70,9 +70,24 @@ def test_default_store_is_sqlite_beside_the_outputs(tmp_path, monkeypatch):
     assert list(elsewhere.iterdir()) == [] and list((out / "mlartifacts").rglob("cost_quality.png"))
 
 
-def test_plot_is_a_png(tmp_path):
+def test_plot_draws_one_line_per_method_and_the_unpruned_point(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    drawn = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), real_savefig(fig, *a, **k)))
     path = cost_quality_plot(SUMMARY, tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = drawn
+    flops_panel, speed_panel = fig.axes
+    for panel, x_key in ((flops_panel, "flops_reduction"), (speed_panel, "items_per_s")):
+        lines = {line.get_label(): line for line in panel.get_lines()}
+        assert set(lines) == {"entropyprune", "random"}  # one line per pruning method
+        ep = [r for r in SUMMARY if r["method"] == "entropyprune"]
+        assert list(lines["entropyprune"].get_xdata()) == sorted(r[x_key] for r in ep)
+        assert list(lines["entropyprune"].get_ydata()) == [r["quality"] for r in sorted(ep, key=lambda r: r[x_key])]
+        (star,) = panel.collections  # the unpruned configuration
+        assert star.get_offsets().tolist() == [[SUMMARY[0][x_key], SUMMARY[0]["quality"]]]
 
 
 @pytest.fixture()
