@@ -23,6 +23,7 @@ from evaluation.report import examples_markdown
 from evaluation.sweep import (
     Configuration,
     SweepReport,
+    check_configurations,
     configurations,
     parse_list,
     prepare_dataset,
@@ -61,13 +62,12 @@ class DemoSettings:
 def run_demo(s: DemoSettings) -> SweepReport:
     """The demo end to end (see the module docstring); ``seconds`` counts from drawing the set."""
     from demo import MODEL_NAME, shipped_model_path
-    from ep_core.loading import model_type_of
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if s.model == MODEL_NAME and not os.path.isfile(os.path.join(shipped_model_path(), "config.json")):
         raise FileNotFoundError(f"the demo model is missing from {shipped_model_path()}; train it with: ep train-demo")
-    model_type_of(s.model)
     configs = demo_configurations(s.method, parse_list(s.keep_ratios, float))
+    check_configurations(s.model, configs, s.prune_layer, 0)
     start = time.monotonic()
     os.makedirs(s.output, exist_ok=True)
     manifest = prepare_dataset("shapes", os.path.join(s.output, "data"), n=s.n, videos=s.videos, seed=s.seed)

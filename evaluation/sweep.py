@@ -64,6 +64,20 @@ def configurations(methods: list[str], keep_ratios: list[float]) -> list[Configu
     return list(dict.fromkeys(out))
 
 
+def check_configurations(model: str, configs: list[Configuration], prune_layer: int, seed: int) -> list:
+    """The ``PruneConfig`` of every configuration, each checked against the model's config
+    alone (family, method, prune layer): a usage error in one line, before data or Ray."""
+    from ep_core.config import PruneConfig
+    from ep_core.families import check_supported
+    from ep_core.loading import load_model_config
+
+    model_config = load_model_config(model)
+    prunes = [PruneConfig(method=method, keep_ratio=ratio, prune_layer=prune_layer, seed=seed) for method, ratio in configs]
+    for prune in prunes:
+        check_supported(model_config, prune)
+    return prunes
+
+
 def prepare_dataset(dataset: str, data_dir: str, *, n: int, videos: int | None, seed: int) -> str:
     """The manifest to sweep over: ``shapes`` draws ``n`` test images and ``videos`` clips
     (default ``n // 2``) from ``seed`` into ``data_dir``; anything else is an existing
@@ -148,19 +162,14 @@ def run_sweep(
 ) -> list[dict]:
     """Run every configuration through the pipeline on one Ray session; the summary list
     (with the comparison against the unpruned configuration, when there is one)."""
-    from ep_core.config import PruneConfig
-    from ep_core.families import check_supported
     from ep_core.loading import load_model_config
     from pipelines.caption import CaptionConfig, run_caption
     from pipelines.cluster import ray_session
     from pipelines.sink import read_output
     from pipelines.tracking import output_metrics
 
-    model_config = load_model_config(model)
-    num_layers = model_config.get_text_config().num_hidden_layers
-    prunes = [PruneConfig(method=method, keep_ratio=ratio, prune_layer=prune_layer, seed=seed) for method, ratio in configs]
-    for prune in prunes:  # every usage error before Ray starts
-        check_supported(model_config, prune)
+    num_layers = load_model_config(model).get_text_config().num_hidden_layers
+    prunes = check_configurations(model, configs, prune_layer, seed)  # every usage error before Ray starts
     summary = []
     tables = []  # per configuration: its output rows (a pyarrow table)
     with ray_session(address, num_cpus, label="sweep"):
@@ -277,6 +286,7 @@ def sweep(s: SweepSettings) -> SweepReport:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     s = replace(s, prune_layer=resolve_prune_layer(s.prune_layer, s.model, s.profile))
     configs = configurations(parse_list(s.methods), parse_list(s.keep_ratios, float))
+    check_configurations(s.model, configs, s.prune_layer, s.random_seed)
     os.makedirs(s.output, exist_ok=True)
     manifest = prepare_dataset(s.dataset, os.path.join(s.output, "data"), n=s.n, videos=s.videos, seed=s.seed)
     start = time.monotonic()

@@ -120,23 +120,24 @@ class Tracker:
         if not self.active:
             yield self
             return
+        mlflow = self._mlflow  # kept: a failure inside the run switches tracking off, the run must still end
         try:
-            active = self._mlflow.start_run(run_name=name, nested=nested)
-            self.run_ids.append(active.info.run_id)
-            if params:
-                self._mlflow.log_params({k: v for k, v in params.items() if v is not None})
+            active = mlflow.start_run(run_name=name, nested=nested)
         except Exception as exc:  # noqa: BLE001
             self._fail(f"could not start run {name!r}: {exc}")
             yield self
             return
+        self.run_ids.append(active.info.run_id)
         try:
+            if params:
+                self.params(params)
             yield self
         finally:
             try:
-                if self._mlflow is not None:
-                    self._mlflow.end_run()
+                mlflow.end_run()  # even after a failure: no run is left active in this process
             except Exception as exc:  # noqa: BLE001
-                self._fail(f"could not end run {name!r}: {exc}")
+                if self.active:
+                    self._fail(f"could not end run {name!r}: {exc}")
 
     def params(self, values: dict) -> None:
         values = {k: v for k, v in values.items() if v is not None}

@@ -81,4 +81,6 @@ def test_sweep_preflight_refuses_before_ray(tmp_path, capsys):
 
     assert main(["sweep", "--model", "demo", "--n", "2", "--prune-layer", "6", "--output", str(tmp_path / "s")]) == 2
     assert "between 1 and 5 for this 6-layer decoder" in capsys.readouterr().err
-    assert not ray.is_initialized() and not (tmp_path / "s" / "runs").exists()
+    assert not ray.is_initialized() and not (tmp_path / "s").exists()  # nothing drawn, nothing started
+    assert main(["demo", "--prune-layer", "6", "--output", str(tmp_path / "d")]) == 2
+    assert "between 1 and 5" in capsys.readouterr().err and not (tmp_path / "d").exists()

@@ -232,6 +232,7 @@ def test_a_tracking_failure_in_the_middle_of_a_job_is_one_line_and_the_job_goes_
     lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.tracking"]
     assert reached and not tracker.active
     assert len(lines) == 1 and "log_metrics failed" in lines[0] and "went away" in lines[0]
+    assert mlflow.active_run() is None  # the run was ended: the next job in this process can track
 
 
 def test_output_metrics_count_error_rows_as_errors():
