@@ -238,6 +238,46 @@ def test_fastv_ignores_padded_keys_even_when_they_would_take_the_attention():
     assert fastv.select(row, 1).tolist() == [1]  # B (index 1 of visual_pos); with the padded key: A
 
 
+def _numpy_fastv(queries, keys, cos, sin, visual_pos, valid, k):
+    """FastV re-derived in NumPy: post-RoPE query of the last valid token against every valid
+    post-RoPE key (GQA keys repeated), softmax at temperature √hd per head, mean over heads,
+    the k visual tokens with the most attention."""
+    def rope(x, c, s):
+        half = x.shape[-1] // 2
+        return x * c[:, None, :] + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * s[:, None, :]
+
+    last = np.nonzero(valid)[0][-1]
+    q = rope(queries[last : last + 1], cos[last : last + 1], sin[last : last + 1])[0]  # [H, hd]
+    kk = np.repeat(rope(keys, cos, sin), q.shape[0] // keys.shape[1], axis=1)  # [T, H, hd]
+    logits = np.einsum("hd,thd->ht", q, kk) / np.sqrt(q.shape[-1])
+    logits[:, ~valid] = -np.inf
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    attention = (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0)
+    return set(np.argsort(-attention[visual_pos], kind="stable")[:k].tolist())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fastv_selection_equals_a_numpy_reference_at_the_right_temperature(seed):
+    """Large random logits (std ≈ 3), H = 4 ≠ hd = 8 and GQA: the kept set depends on the
+    softmax temperature, so a wrong scale (× √hd, or √H) changes it."""
+    from ep_core.methods import Row, fastv
+
+    rng = np.random.default_rng(seed)
+    T, H, Hkv, hd, k = 24, 4, 2, 8, 6
+    queries = rng.normal(0, 3, (T, H, hd)).astype(np.float32)
+    keys = rng.normal(0, 1, (T, Hkv, hd)).astype(np.float32)
+    angles = np.arange(T)[:, None] * (1.0 / 10000 ** (np.arange(0, hd, 2) / hd))[None, :]
+    cos = np.concatenate([np.cos(angles)] * 2, axis=-1).astype(np.float32)
+    sin = np.concatenate([np.sin(angles)] * 2, axis=-1).astype(np.float32)
+    valid = np.ones(T, dtype=bool)
+    valid[:3] = False  # left padding
+    visual_pos = np.arange(5, 19)
+    row = Row(visual_pos=torch.from_numpy(visual_pos), valid=torch.from_numpy(valid), seed=0,
+              queries=torch.from_numpy(queries), keys=torch.from_numpy(keys), cos=torch.from_numpy(cos),
+              sin=torch.from_numpy(sin))
+    assert set(fastv.select(row, k).tolist()) == _numpy_fastv(queries, keys, cos, sin, visual_pos, valid, k)
+
+
 def _numpy_dart(keys, hidden, cos, sin, visual_pos, valid, k, pivots=4):
     """DART's selection re-derived in NumPy from the captured keys and hidden states: image and
     text pivots by the L1 norm of the post-RoPE keys, then, pivot by pivot, the least similar
@@ -271,6 +311,7 @@ def test_dart_selection_equals_an_independent_numpy_computation(k):
     valid[0] = False
     keys = torch.randn(length, heads, head_dim, generator=g)
     keys[1:4] *= 5  # text *before* the image has the largest keys: it must not be a text pivot
+    keys[27] *= 8  # nor the image's last token, whose key beats every text token after it
     hidden = torch.randn(length, width, generator=g)
     angles = torch.rand(length, head_dim // 2, generator=g) * 3
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
