@@ -163,8 +163,11 @@ def run(args: argparse.Namespace) -> dict:
         bare, idle = [], []
         keep_all = PruneConfig(method="entropyprune", keep_ratio=1.0, prune_layer=k)
         for _ in range(args.pairs):
+            # each side runs a prefill right before its steps (a prefill leaves the CPU's caches
+            # cold for the next steps: both sides must pay it alike)
+            _prefill(model, feed)
             bare.append(_steps(model, copy.deepcopy(cache), token, mask, steps, device))
-            with apply_pruning(model, keep_all) as handle:
+            with apply_pruning(model, keep_all):
                 _prefill(model, feed)  # the handle's prefill state (nothing to prune)
                 idle.append(_steps(model, copy.deepcopy(cache), token, mask, steps, device))
         del cache

@@ -164,3 +164,23 @@ def test_a_failed_bench_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     results = bench_all.run_benches(["decode", "pipeline"], quick=True)
     assert results["decode"]["error"] == "RuntimeError: boom"
     assert results["pipeline"]["bench"] == "bench.pipeline"
+
+
+def test_bench_all_only_reruns_a_subset_and_keeps_the_other_results(tmp_path, monkeypatch):
+    runs = []
+
+    def fake_run_benches(names, quick):
+        runs.append(list(names))
+        return {name: {"bench": name, "round": len(runs)} for name in names}
+
+    monkeypatch.setattr(bench_all, "run_benches", fake_run_benches)
+    out = tmp_path / "o"
+    assert ep_main(["bench", "all", "--output", str(out)]) == 0
+    assert ep_main(["bench", "all", "--only", "decode", "--output", str(out)]) == 0
+    benches = json.loads((out / "bench_all.json").read_text())["benches"]
+    assert runs == [list(bench_all.BENCH_ORDER), ["decode"]]
+    assert set(benches) == set(bench_all.BENCH_ORDER)
+    assert benches["decode"]["round"] == 2 and benches["prefill"]["round"] == 1
+    # a --quick rerun does not mix with a full run's results
+    assert ep_main(["bench", "all", "--quick", "--only", "decode", "--output", str(out)]) == 0
+    assert list(json.loads((out / "bench_all.json").read_text())["benches"]) == ["decode"]

@@ -12,7 +12,9 @@ from ep_core import keep_count, keep_count_for_ratio, layer_averaged_budget, mat
 from tests.oracles import numpy_token_entropy
 
 
-@pytest.mark.parametrize("shape", [(7, 4, 8), (3, 5, 32, 16), (576, 32, 128)])
+# (7, 2, 8): two heads is the smallest valid count; (3, 4, 192): a head dim above 128 that 128
+# does not divide is scored as it is (no grouping)
+@pytest.mark.parametrize("shape", [(7, 4, 8), (3, 5, 32, 16), (576, 32, 128), (7, 2, 8), (3, 4, 192)])
 def test_token_entropy_matches_numpy_float64(shape):
     torch.manual_seed(0)
     q = torch.randn(*shape, dtype=torch.float64) * torch.rand(*shape[:-2], 1, 1, dtype=torch.float64) * 3

@@ -91,6 +91,19 @@ def test_score_rows_metrics_errors_and_headline():
     assert out["quality"] == pytest.approx((1 / 3 + 1.0) / 2)
 
 
+def test_score_rows_scores_error_rows_as_wrong_even_with_an_output_and_goes_past_unscorable_rows():
+    vqa = json.dumps({"task": "vqa", "answer": "red"})
+    rows = [
+        {"output": "anything", "reference": None, "error": None},  # nothing to score against: skipped
+        {"output": "red", "reference": vqa, "error": "generation failed (timeout)"},  # an error row scores 0
+        {"output": None, "reference": vqa, "error": "decode failed"},
+        {"output": "blue", "reference": vqa, "error": None},
+    ]
+    out = score_rows(rows)
+    assert out["errors"] == 2
+    assert out["vqa_accuracy"] == 0.0 and out["n_vqa_accuracy"] == 3  # its output "red" is not read
+
+
 def test_plain_references_from_a_user_manifest():
     rows = [
         {"output": "Yes.", "reference": "yes", "error": None},

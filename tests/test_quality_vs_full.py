@@ -64,3 +64,29 @@ def test_first_token_kl_floors_a_token_missing_from_the_pruned_top_k_at_its_smal
     pruned = ([1, 3], [math.log(0.5), math.log(0.3)])  # token 2 is not in the pruned top-k
     expected = 0.6 * (math.log(0.6) - math.log(0.5)) + 0.4 * (math.log(0.4) - math.log(0.3))  # floor: log 0.3
     assert first_token_kl(full, pruned) == pytest.approx(expected, rel=1e-12)
+
+
+def test_first_token_kl_of_a_certain_token_and_of_an_empty_pruned_top_k():
+    # p_full = 1 (log-prob 0): KL = 1 · (0 − (−1)) = 1
+    assert first_token_kl(([5], [0.0]), ([5, 6], [-1.0, -2.0])) == pytest.approx(1.0)
+    # nothing stored for the pruned run: every full-model token is at the −∞ floor
+    assert first_token_kl(([5], [0.0]), ([], [])) == math.inf
+
+
+def test_mean_first_token_kl_is_none_without_common_samples():
+    assert mean_first_token_kl({"a": ([1], [0.0])}, {"b": ([1], [0.0])}) is None
+
+
+def test_compare_with_full_skips_rows_without_stored_first_tokens():
+    """Rows written before the first-token columns existed (output set, ids null) are left out
+    of the KL, not read as top-k lists."""
+    from pipelines.metrics import compare_with_full
+
+    def row(i, out, ids, lps):
+        return {"sample_id": i, "output": out, "first_token_ids": ids, "first_token_logprobs": lps}
+
+    full = [row("a", "x", [1, 2], [-0.1, -2.4]), row("old", "y", None, None)]
+    pruned = [row("a", "x", [2, 1], [-0.2, -1.8]), row("old", "y", None, None)]
+    result = compare_with_full(full, pruned)
+    assert result["agreement_with_full"] == 1.0
+    assert result["first_token_kl"] == pytest.approx(first_token_kl(([1, 2], [-0.1, -2.4]), ([2, 1], [-0.2, -1.8])))

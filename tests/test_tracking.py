@@ -32,10 +32,13 @@ def _free_port() -> int:
 def _record_sweep(tracker: Tracker, out: Path) -> None:
     plot = cost_quality_plot(SUMMARY, out / "cost_quality.png", title="test sweep")
     with tracker.run("sweep", {"model": "tiny", "dataset": "unit", "n": 4}):
+        tracker.experiment_tag("ep.kind", "unit-sweep")
         for row in SUMMARY:
             with tracker.run(f"{row['method']}@{row['keep_ratio']}", run_params({**row, "model": "tiny"}), nested=True):
                 tracker.metrics(run_metrics(row))
         tracker.artifact(plot)
+        tracker.table({"method": [r["method"] for r in SUMMARY], "quality": [r["quality"] for r in SUMMARY]},
+                      "summary_table.json")
 
 
 def _check_runs(client: MlflowClient, experiment: str) -> None:
@@ -52,7 +55,8 @@ def _check_runs(client: MlflowClient, experiment: str) -> None:
     assert child.data.params["method"] == "entropyprune" and child.data.params["keep_ratio"] == "0.11"
     assert child.data.metrics["quality"] == pytest.approx(0.6)
     assert child.data.metrics["flops_reduction"] == pytest.approx(0.7)
-    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["cost_quality.png"]
+    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id)) == ["cost_quality.png", "summary_table.json"]
+    assert exp.tags["ep.kind"] == "unit-sweep"
 
 
 def test_default_store_is_sqlite_beside_the_outputs(tmp_path, monkeypatch):
@@ -246,3 +250,25 @@ def test_output_metrics_count_error_rows_as_errors():
     metrics = output_metrics(to_table(rows))
     assert (metrics["rows"], metrics["errors"]) == (4, 2)
     assert metrics["visual_tokens_kept_mean"] == 15  # means over the rows that produced an output
+
+
+def test_output_metrics_are_means_over_the_rows_with_an_output():
+    """Every cost metric by hand; the error rows carry values that would move each mean."""
+    from pipelines.sink import to_table
+    from pipelines.tracking import output_metrics
+
+    def row(i, error=None, **values):
+        return {"sample_id": i, "output": None if error else "x", "error": error, **values}
+
+    costs = dict(prefill_ms=99.0, visual_tokens=999, visual_tokens_kept=999, flops_reduction=0.99,
+                 flops_reduction_paper=0.99, kv_cache_bytes=999_999)
+    rows = [row("a", prefill_ms=10.0, visual_tokens=144, visual_tokens_kept=48, flops_reduction=0.4,
+                flops_reduction_paper=0.5, kv_cache_bytes=1000),
+            row("b", prefill_ms=30.0, visual_tokens=576, visual_tokens_kept=64, flops_reduction=0.6,
+                flops_reduction_paper=0.7, kv_cache_bytes=3000),
+            row("c", error="generation failed (OutOfMemoryError)", **costs)]
+    assert output_metrics(to_table(rows)) == pytest.approx({
+        "rows": 3, "errors": 1, "prefill_ms_per_item": 20.0, "visual_tokens_mean": 360.0,
+        "visual_tokens_kept_mean": 56.0, "flops_reduction": 0.5, "flops_reduction_paper": 0.6,
+        "kv_cache_bytes_mean": 2000.0,
+    })
