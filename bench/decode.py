@@ -141,13 +141,8 @@ def run(args: argparse.Namespace) -> dict:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     budgets = int_list(args.budgets, "--budgets")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    shape = shaped_model.SHAPES[args.shape]
-    device = args.device or shaped_model.default_device()
-    dtype = shaped_model.dtype_for(device, args.dtype)
-    model = shaped_model.build(shape, args.layers, dtype=dtype, device=device)
-    shaped_model.memoize_image_features(model)
+    shape, device, model = shaped_model.from_args(args)
+    dtype = next(model.parameters()).dtype
     dims = TextDims.from_config(model.config)
     visual, text, k = shape.visual_tokens, args.text_tokens, shape.prune_layer
     dtype_bytes = next(model.parameters()).element_size()

@@ -118,13 +118,8 @@ def run(args: argparse.Namespace) -> dict:
     check_args(args)
     budgets = int_list(args.budgets, "--budgets")
     batches = int_list(args.batches, "--batches")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    shape = shaped_model.SHAPES[args.shape]
-    device = args.device or shaped_model.default_device()
-    dtype = shaped_model.dtype_for(device, args.dtype)
-    model = shaped_model.build(shape, args.layers, dtype=dtype, device=device)
-    shaped_model.memoize_image_features(model)
+    shape, device, model = shaped_model.from_args(args)
+    dtype = next(model.parameters()).dtype
     dims = TextDims.from_config(model.config)
     visual, text, k = shape.visual_tokens, args.text_tokens, shape.prune_layer
 

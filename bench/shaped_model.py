@@ -162,3 +162,15 @@ def dtype_for(device: str, name: str | None) -> torch.dtype:
     if name not in choices:
         raise ValueError(f"--dtype must be one of {', '.join(choices)}, got {name!r}")
     return choices[name]
+
+
+def from_args(args):
+    """``(shape, device, model)`` for a bench's ``--shape --layers --device --dtype --threads``:
+    torch threads set, the model built with its image features memoised."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    shape = SHAPES[args.shape]
+    device = args.device or default_device()
+    model = build(shape, args.layers, dtype=dtype_for(device, args.dtype), device=device)
+    memoize_image_features(model)
+    return shape, device, model
