@@ -135,7 +135,6 @@ def run(args: argparse.Namespace) -> dict:
     from ep_core.flops import TextDims
     from ep_core.hooks import apply_pruning
 
-    args.pairs = getattr(args, "pairs", 3)
     check_args(args)
     for name in ("batch", "new_tokens"):
         if getattr(args, name) < 1:
