@@ -141,7 +141,6 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     budgets = int_list(args.budgets, "--budgets")
     shape, device, model = shaped_model.from_args(args)
-    dtype = next(model.parameters()).dtype
     dims = TextDims.from_config(model.config)
     visual, text, k = shape.visual_tokens, args.text_tokens, shape.prune_layer
     dtype_bytes = next(model.parameters()).element_size()
@@ -196,15 +195,8 @@ def run(args: argparse.Namespace) -> dict:
             })
     return {
         "bench": "decode",
-        "shape": shape.name,
-        "layers": args.layers,
-        "prune_layer": k,
-        "visual_tokens": visual,
-        "text_tokens": text,
+        **shaped_model.settings(args, shape, device, model),
         "new_tokens": steps,
-        "pairs": args.pairs,
-        "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
         "goal_hook_cost_share": GOAL_HOOK_SHARE,
         "hook_cost_share": max(r["hook_cost_share"] for r in results),
         "hook_cost_share_ab": round(dispatch_share, 5),

@@ -119,7 +119,6 @@ def run(args: argparse.Namespace) -> dict:
     budgets = int_list(args.budgets, "--budgets")
     batches = int_list(args.batches, "--batches")
     shape, device, model = shaped_model.from_args(args)
-    dtype = next(model.parameters()).dtype
     dims = TextDims.from_config(model.config)
     visual, text, k = shape.visual_tokens, args.text_tokens, shape.prune_layer
 
@@ -158,14 +157,7 @@ def run(args: argparse.Namespace) -> dict:
                 })
     return {
         "bench": "prefill",
-        "shape": shape.name,
-        "layers": args.layers,
-        "prune_layer": k,
-        "visual_tokens": visual,
-        "text_tokens": text,
-        "pairs": args.pairs,
-        "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
+        **shaped_model.settings(args, shape, device, model),
         "goal_efficiency": GOAL_EFFICIENCY,
         "min_efficiency": min(r["efficiency"] for r in results),
         "results": results,

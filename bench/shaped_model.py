@@ -174,3 +174,17 @@ def from_args(args):
     model = build(shape, args.layers, dtype=dtype_for(device, args.dtype), device=device)
     memoize_image_features(model)
     return shape, device, model
+
+
+def settings(args, shape: Shape, device: str, model) -> dict:
+    """The settings a shaped-model bench reports beside its figures."""
+    return {
+        "shape": shape.name,
+        "layers": args.layers,
+        "prune_layer": shape.prune_layer,
+        "visual_tokens": shape.visual_tokens,
+        "text_tokens": args.text_tokens,
+        "pairs": args.pairs,
+        "device": device,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
