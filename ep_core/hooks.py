@@ -18,7 +18,11 @@
      tokens from the full prompt length, and layer 0's cache (which ``generate`` reads) is full.
 
 Kept tokens keep their original positions. Text tokens (padding included) are always kept, so
-each row keeps ``T − N + k`` tokens and the batch stays rectangular.
+row b keeps ``P_b = T − N_b + k_b`` tokens. Rows may keep different numbers (different
+visual-token counts, e.g. LLaVA-NeXT's anyres): the batch after layer K has
+``P = max_b P_b`` slots, each row's kept tokens right-aligned, and the ``P − P_b`` filler
+slots on the left masked out as keys in every layer ≥ K, prefill and decode (each filler
+query sees only itself, so no attention row is empty).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ep_core.accounting import sample_stats
 from ep_core.budget import keep_count, keep_count_for_ratio
 from ep_core.config import PruneConfig
 from ep_core.families import Family, check_supported
-from ep_core.methods import RULES, Row
+from ep_core.methods import RULES, Candidates, Row
 
 UNSUPPORTED_ATTENTION = {"flex_attention": "its BlockMask cannot be cut to the kept tokens"}
 
@@ -51,9 +55,13 @@ class _Prefill:
     row_seeds: list[int] = field(default_factory=list)
     captured: dict[str, torch.Tensor] = field(default_factory=dict)  # q_proj / k_proj outputs
     full_len: int = 0
-    keep: torch.Tensor | None = None  # [B, P] sorted positions reaching layer K; None = no pruning
+    keep: torch.Tensor | None = None  # [B, P] positions reaching layer K (filler first); None = no pruning
+    slot_valid: torch.Tensor | None = None  # [B, P] bool, False at filler slots
+    has_filler: bool = False  # some row keeps fewer than P tokens
+    layer_dtype: torch.dtype = torch.float32  # hidden-state dtype (for masks built from scratch)
     layer_kwargs: dict = field(default_factory=dict)  # gathered cos/sin, mask, position ids
-    decode_mask: tuple = (None, None)  # (the decode step's full mask, its cut) shared by layers >= K
+    decode_kv: int = 0  # key length of the current decode step in the full (layer < K) cache
+    step_mask: tuple | None = None  # (the decode step's mask for layers >= K,), computed once per step
 
 
 class PruningHandle:
@@ -127,6 +135,8 @@ class PruningHandle:
                 )
             if self._state is not None:
                 self._state.phase = "decode"
+                self._state.decode_kv = past + (input_ids.shape[1] if input_ids is not None else 1)
+                self._state.step_mask = None
             return
         if input_ids is None:
             if pruning:
@@ -166,17 +176,23 @@ class PruningHandle:
             row_seeds=self._row_seeds(input_ids, valid, pixel_values) if self.config.method == "random" else [],
         )
         if self.rule is None:
-            self.stats = [self._row_stats(b, None) for b in range(batch)]
+            self.stats = self._all_row_stats(None, None)
 
     def _row_seeds(self, input_ids, valid, pixel_values) -> list[int]:
-        """Per-sample seeds: config seed + the sample's tokens (+ its image when one per row)."""
+        """Per-sample seeds: config seed + the sample's tokens (+ its image when one per row).
+
+        The image is hashed without trailing all-zero patches: LLaVA-NeXT's processor zero-pads
+        every image to the batch's largest patch count, and the seed must not depend on the batch.
+        """
         seeds = []
         one_image_per_row = isinstance(pixel_values, torch.Tensor) and pixel_values.shape[0] == input_ids.shape[0]
-        for b in range(input_ids.shape[0]):
+        ids, valid = input_ids.cpu(), valid.cpu()
+        pixels = pixel_values.detach().float().cpu() if one_image_per_row else None
+        for b in range(ids.shape[0]):
             digest = hashlib.blake2b(str(self.config.seed).encode(), digest_size=8)
-            digest.update(input_ids[b][valid[b]].cpu().numpy().tobytes())
-            if one_image_per_row:
-                digest.update(pixel_values[b].detach().float().cpu().numpy().tobytes())
+            digest.update(ids[b][valid[b]].numpy().tobytes())
+            if pixels is not None:
+                digest.update(_strip_zero_patches(pixels[b]).numpy().tobytes())
             seeds.append(int.from_bytes(digest.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF)
         return seeds
 
@@ -205,11 +221,10 @@ class PruningHandle:
                 kwargs.update(state.layer_kwargs)
                 return args, kwargs
             if state.phase == "decode" and state.keep is not None:
-                mask = kwargs.get("attention_mask")
-                if isinstance(mask, torch.Tensor):
-                    if state.decode_mask[0] is not mask:  # cut once per step, not once per layer
-                        state.decode_mask = (mask, _cut_key_columns(mask, state.keep, state.full_len))
-                    kwargs["attention_mask"] = state.decode_mask[1]
+                if state.step_mask is None:  # cut once per step, not once per layer
+                    state.step_mask = (self._decode_mask(state, kwargs.get("attention_mask")),)
+                if state.step_mask[0] is not None:
+                    kwargs["attention_mask"] = state.step_mask[0]
                     return args, kwargs
             return None
 
@@ -218,15 +233,20 @@ class PruningHandle:
     def _prune(self, state: _Prefill, args: tuple, kwargs: dict):
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, length = hidden.shape[:2]
+        if state.keep is None and state.phase == "continue":
+            return None
         if state.phase == "continue":
             extra = torch.arange(state.full_len, length, device=hidden.device).expand(batch, -1)
-            keep = torch.cat([state.keep, extra], dim=1) if state.keep is not None else None
+            keep = torch.cat([state.keep, extra], dim=1)
+            slot_valid = torch.cat([state.slot_valid, torch.ones_like(extra, dtype=torch.bool)], dim=1)
         else:
-            keep = self._select(state, hidden, kwargs)
+            selection = self._select(state, hidden, kwargs)
             state.captured.clear()
-            state.keep = keep
-        if keep is None:
-            return None
+            if selection is None:
+                return None
+            keep, slot_valid, state.has_filler = selection
+            state.layer_dtype = hidden.dtype
+            state.keep, state.slot_valid = keep, slot_valid
 
         cos, sin = kwargs["position_embeddings"]
         kwargs["position_embeddings"] = (_gather_tokens(cos, keep), _gather_tokens(sin, keep))
@@ -235,10 +255,12 @@ class PruningHandle:
         elif isinstance(kwargs.get("position_ids"), torch.Tensor):
             kwargs["position_ids"] = _gather_positions(kwargs["position_ids"], keep)
         mask = kwargs.get("attention_mask")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise RuntimeError(f"cannot prune with a {type(mask).__name__} attention mask (flex attention?)")
         if mask is not None:
-            if not isinstance(mask, torch.Tensor):
-                raise RuntimeError(f"cannot prune with a {type(mask).__name__} attention mask (flex attention?)")
-            kwargs["attention_mask"] = _cut_mask(mask, keep)
+            kwargs["attention_mask"] = _cut_mask(mask, keep, slot_valid if state.has_filler else None)
+        elif state.has_filler:  # the backend skipped the mask (no padding): the filler needs one
+            kwargs["attention_mask"] = _build_mask(keep[:, :, None], keep, slot_valid, self.text_config._attn_implementation, hidden.dtype)
         state.layer_kwargs = {k: kwargs[k] for k in ("position_embeddings", "position_ids", "attention_mask") if k in kwargs}
         hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
         args = (hidden, *args[1:]) if args else args
@@ -246,50 +268,86 @@ class PruningHandle:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _select(self, state: _Prefill, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
-        """Keep positions ``[B, P]`` (sorted), or None when no row drops anything."""
+    def _select(self, state: _Prefill, hidden: torch.Tensor, kwargs: dict):
+        """``(keep [B, P], slot_valid [B, P], has_filler)``, or None when no row drops anything.
+
+        Row b keeps its ``P_b = T − N_b + k_b`` tokens in ascending order in the last ``P_b``
+        slots of ``P = max_b P_b``; the first ``P − P_b`` slots (filler) hold dropped positions
+        and are masked. One device sync for the counts, one for the stats.
+        """
+        batch, length = hidden.shape[:2]
+        counts = state.is_visual.sum(1).tolist()
+        ks = [self._keep_count(n) for n in counts]
+        if all(k == n for k, n in zip(ks, counts)):
+            self.stats = self._all_row_stats(None, None)
+            return None
+        kept_visual = self._kept_visual(state, hidden, kwargs, counts, ks)  # [B, T] bool
+        keep_mask = ~state.is_visual | kept_visual
+        sizes = [length - n + k for n, k in zip(counts, ks)]
+        slots = max(sizes)
+        # a stable sort puts each row's dropped positions first and its kept ones last, in order
+        order = torch.sort(keep_mask.to(torch.int8), dim=1, stable=True)
+        keep = order.indices[:, length - slots :]
+        slot_valid = order.values[:, length - slots :].bool()
+        self.stats = self._all_row_stats(keep, slot_valid)
+        return keep, slot_valid, min(sizes) < slots
+
+    def _kept_visual(self, state: _Prefill, hidden: torch.Tensor, kwargs: dict, counts: list[int], ks: list[int]):
+        """``[B, T]`` bool: the visual tokens each row keeps (``ks[b]`` of its ``counts[b]``)."""
         batch, length = hidden.shape[:2]
         text_cfg = self.text_config
         head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
         captured = state.captured
-        cos, sin = kwargs["position_embeddings"]
         needs = self.rule.NEEDS
-        normed = self.final_norm(hidden) if "hidden" in needs else None
-
-        keeps, drops = [], []
-        self.stats = []
-        for b in range(batch):
-            visual_pos = state.is_visual[b].nonzero()[:, 0]
-            k = self._keep_count(len(visual_pos))
-            kept_visual = visual_pos
-            if k < len(visual_pos):
-                row = Row(
-                    visual_pos=visual_pos,
-                    valid=state.valid[b],
-                    seed=state.row_seeds[b] if state.row_seeds else 0,
-                    queries=captured["queries"][b].view(length, -1, head_dim) if "queries" in needs else None,
-                    keys=captured["keys"][b].view(length, -1, head_dim) if "keys" in needs else None,
-                    cos=cos[min(b, cos.shape[0] - 1)],
-                    sin=sin[min(b, sin.shape[0] - 1)],
-                    hidden=normed[b] if normed is not None else None,
-                )
-                chosen = self.rule.select(row, k)
-                kept_visual = visual_pos[chosen]
-            keep_row = ~state.is_visual[b]
-            keep_row[kept_visual] = True
-            keeps.append(keep_row.nonzero()[:, 0])
-            drops.append(len(visual_pos) - k)
-            self.stats.append(self._row_stats(b, keeps[-1]))
-        if len(set(drops)) > 1:
-            counts = [int(state.is_visual[b].sum()) for b in range(batch)]
-            raise ValueError(
-                f"rows of this batch have different visual-token counts {counts}, so they would keep different "
-                "numbers of tokens; batch samples with equal visual-token counts together (the pipeline does) "
-                "or use batch size 1"
+        queries = captured["queries"].view(batch, length, -1, head_dim) if "queries" in needs else None
+        if hasattr(self.rule, "select_batch"):  # the whole batch at once, no sync
+            width = max(counts)
+            order = torch.sort(state.is_visual.to(torch.int8), dim=1, stable=True)
+            candidates = Candidates(
+                visual_pos=order.indices[:, length - width :],
+                visual_valid=order.values[:, length - width :].bool(),
+                ks=torch.tensor(ks, device=hidden.device),
+                queries=queries,
             )
-        if drops[0] == 0:
+            chosen = self.rule.select_batch(candidates)  # [B, width] bool
+            kept = torch.zeros_like(state.is_visual)
+            return kept.scatter_(1, candidates.visual_pos, chosen & candidates.visual_valid)
+
+        cos, sin = kwargs["position_embeddings"]
+        normed = self.final_norm(hidden) if "hidden" in needs else None
+        keys = captured["keys"].view(batch, length, -1, head_dim) if "keys" in needs else None
+        kept = state.is_visual.clone()
+        is_visual = state.is_visual.cpu()
+        for b in range(batch):
+            if ks[b] == counts[b]:
+                continue
+            visual_pos = is_visual[b].nonzero()[:, 0].to(hidden.device)
+            row = Row(
+                visual_pos=visual_pos,
+                valid=state.valid[b],
+                seed=state.row_seeds[b] if state.row_seeds else 0,
+                queries=queries[b] if queries is not None else None,
+                keys=keys[b] if keys is not None else None,
+                cos=cos[min(b, cos.shape[0] - 1)],
+                sin=sin[min(b, sin.shape[0] - 1)],
+                hidden=normed[b] if normed is not None else None,
+            )
+            kept[b, visual_pos] = False
+            kept[b, visual_pos[self.rule.select(row, ks[b])]] = True
+        return kept
+
+    def _decode_mask(self, state: _Prefill, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The decode step's mask for layers ≥ K: key columns ``keep`` + generated positions."""
+        if not isinstance(mask, torch.Tensor) and not state.has_filler:
             return None
-        return torch.stack(keeps)
+        kv_full = mask.shape[-1] if isinstance(mask, torch.Tensor) else state.decode_kv
+        generated = torch.arange(state.full_len, kv_full, device=state.keep.device).expand(state.keep.shape[0], -1)
+        columns = torch.cat([state.keep, generated], dim=1)
+        column_valid = torch.cat([state.slot_valid, torch.ones_like(generated, dtype=torch.bool)], dim=1)
+        if isinstance(mask, torch.Tensor):
+            return _cut_key_columns(mask, columns, column_valid if state.has_filler else None)
+        query = torch.full((columns.shape[0], 1, 1), kv_full - 1, device=columns.device)
+        return _build_mask(query, columns, column_valid, self.text_config._attn_implementation, state.layer_dtype)
 
     def _keep_count(self, num_visual: int) -> int:
         if self.config.budget is not None:
@@ -298,17 +356,26 @@ class PruningHandle:
             return keep_count_for_ratio(self.config.keep_ratio, num_visual)
         return num_visual
 
-    def _row_stats(self, b: int, keep_row: torch.Tensor | None) -> dict:
+    def _all_row_stats(self, keep: torch.Tensor | None, slot_valid: torch.Tensor | None) -> list[dict]:
+        """``handle.stats``: one dict per row, computed on host copies (one transfer)."""
         state = self._state
-        valid = state.valid[b]
-        num_visual = int(state.is_visual[b].sum())
+        valid, is_visual = state.valid.cpu(), state.is_visual.cpu()
+        if keep is not None:
+            keep, slot_valid = keep.cpu(), slot_valid.cpu()
+        return [
+            self._row_stats(valid[b], is_visual[b], keep[b][slot_valid[b]] if keep is not None else None)
+            for b in range(valid.shape[0])
+        ]
+
+    def _row_stats(self, valid: torch.Tensor, is_visual: torch.Tensor, keep_row: torch.Tensor | None) -> dict:
+        num_visual = int(is_visual.sum())
         unpadded_index = valid.long().cumsum(0) - 1
         if keep_row is None:
             kept_positions = unpadded_index[valid]
             kept = num_visual
         else:
             kept_positions = unpadded_index[keep_row][valid[keep_row]]
-            kept = int(state.is_visual[b][keep_row].sum())
+            kept = int(is_visual[keep_row].sum())
         return sample_stats(
             self.model.config,
             method=self.config.method,
@@ -375,25 +442,66 @@ def _gather_positions(position_ids: torch.Tensor, keep: torch.Tensor) -> torch.T
     return position_ids.expand(keep.shape[0], -1).gather(1, keep)
 
 
-def _cut_mask(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Cut a prefill mask to the kept tokens: 4-D ``[B|1, h, T, T]`` on rows and columns,
+def _cut_mask(mask: torch.Tensor, keep: torch.Tensor, slot_valid: torch.Tensor | None) -> torch.Tensor:
+    """Cut a prefill mask to the kept slots: 4-D ``[B|1, h, T, T]`` on rows and columns,
     2-D ``[B, T]`` (flash attention) on columns. Cutting a causal+padding mask to a sorted
-    subset gives exactly the causal+padding mask of that subset."""
+    subset gives exactly the causal+padding mask of that subset. Filler slots
+    (``slot_valid`` False) are then masked as keys; each filler query keeps its diagonal."""
     batch, kept = keep.shape
     if mask.dim() == 2:
-        return mask.gather(1, keep)
+        return _mask_keys(mask.gather(1, keep), slot_valid)
     mask = mask.expand(batch, -1, -1, -1)
     heads, kv = mask.shape[1], mask.shape[3]
     rows = mask.gather(2, keep[:, None, :, None].expand(batch, heads, kept, kv))
-    return rows.gather(3, keep[:, None, None, :].expand(batch, heads, kept, kept))
+    cut = rows.gather(3, keep[:, None, None, :].expand(batch, heads, kept, kept))
+    if slot_valid is None:
+        return cut
+    diagonal = torch.eye(kept, dtype=torch.bool, device=keep.device)
+    return _mask_keys(cut, slot_valid[:, None, None, :] | diagonal)
 
 
-def _cut_key_columns(mask: torch.Tensor, keep: torch.Tensor, full_len: int) -> torch.Tensor:
+def _cut_key_columns(mask: torch.Tensor, columns: torch.Tensor, column_valid: torch.Tensor | None) -> torch.Tensor:
     """Decode-step mask ``[B|1, h, q, kv_full]`` (or 2-D ``[B, kv_full]``) → the key columns
-    the pruned cache holds: ``keep`` plus every position generated after the prompt."""
-    generated = torch.arange(full_len, mask.shape[-1], device=mask.device).expand(keep.shape[0], -1)
-    columns = torch.cat([keep, generated], dim=1)
+    the pruned cache holds (``keep`` plus every generated position), filler columns masked."""
     if mask.dim() == 2:
-        return mask.gather(1, columns)
-    mask = mask.expand(keep.shape[0], -1, -1, -1)
-    return mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+        return _mask_keys(mask.gather(1, columns), column_valid)
+    mask = mask.expand(columns.shape[0], -1, -1, -1)
+    cut = mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+    return _mask_keys(cut, column_valid[:, None, None, :] if column_valid is not None else None)
+
+
+def _mask_keys(mask: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` with every entry where ``allowed`` (broadcast) is False masked: False for a
+    bool mask, 0 for a 2-D integer padding mask, the dtype's minimum for an additive float mask."""
+    if allowed is None:
+        return mask
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    if mask.dim() == 2:
+        return mask * allowed.to(mask.dtype)
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+def _build_mask(query_pos, key_pos, key_valid, implementation: str | None, dtype: torch.dtype) -> torch.Tensor:
+    """A mask where the backend passed none (no padding): the 2-D ``key_valid`` for flash
+    attention, else ``[B, 1, q, kv]`` causal on positions (``key_pos ≤ query_pos``) over the
+    valid keys, plus the diagonal when q = kv (a filler query may precede every kept key);
+    bool for sdpa, additive float for eager."""
+    if _uses_flash_masks(implementation):
+        return key_valid
+    allowed = (key_pos[:, None, :] <= query_pos) & key_valid[:, None, :]
+    if query_pos.shape[1] == key_pos.shape[1]:
+        allowed |= torch.eye(key_pos.shape[1], dtype=torch.bool, device=key_pos.device)
+    allowed = allowed[:, None]
+    if (implementation or "eager") == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def _strip_zero_patches(pixels: torch.Tensor) -> torch.Tensor:
+    """``pixels [patches, ...]`` without its trailing all-zero patches (a batch's padding);
+    any other shape unchanged."""
+    if pixels.dim() < 4:
+        return pixels
+    nonzero = pixels.flatten(1).ne(0).any(dim=1).nonzero()
+    return pixels[: int(nonzero[-1]) + 1] if len(nonzero) else pixels[:0]

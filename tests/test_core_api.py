@@ -187,7 +187,7 @@ def test_static_cache_at_run_time_is_refused_before_any_compute(tiny, batch):
     assert counter.calls == 0
 
 
-def test_rows_with_different_visual_counts_are_refused(tiny):
+def test_rows_with_different_visual_counts_keep_their_own_share(tiny):
     model, processor = tiny
     images = random_images(3, seed=5)
     texts = [
@@ -201,9 +201,9 @@ def test_rows_with_different_visual_counts_are_refused(tiny):
         ),
     ]
     mixed = processor(images=[images[:2], images[2:]], text=texts, return_tensors="pt", padding=True)
-    with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.5)):
-        with pytest.raises(ValueError, match=r"different visual-token counts \[32, 16\].*equal visual-token counts"):
-            model.generate(**mixed, max_new_tokens=2)
+    with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.5)) as handle:
+        model.generate(**mixed, max_new_tokens=2)
+    assert [(s["visual_tokens"], s["visual_tokens_kept"]) for s in handle.stats] == [(32, 16), (16, 8)]
 
 
 def test_method_none_only_observes(tiny, batch):
@@ -319,3 +319,28 @@ def test_dart_selection_equals_an_independent_numpy_computation(k):
     ours = sorted(dart.select(row, k).tolist())
     assert len(ours) == k == len(set(ours))
     assert ours == _numpy_dart(keys.numpy(), hidden.numpy(), cos.numpy(), sin.numpy(), visual_pos.numpy(), valid.numpy(), k)
+
+
+def test_filler_slots_are_hidden_keys_and_never_empty_queries():
+    """Row 0 keeps 3 tokens, row 1 keeps 4: row 0's slot 0 is filler at position 0, before every
+    kept key. Prefill masks (cut from the backend's, or built where it gave none) hide the filler
+    column from every other query and leave no query row empty; decode masks hide it too."""
+    from ep_core.hooks import _build_mask, _cut_key_columns, _cut_mask
+
+    keep = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    slot_valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].expand(2, 1, 5, 5)
+    additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+    built = {name: _build_mask(keep[:, :, None], keep, slot_valid, name, torch.float32) for name in ("sdpa", "eager")}
+    for mask in (_cut_mask(causal, keep, slot_valid), _cut_mask(additive, keep, slot_valid), *built.values()):
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        assert allowed.any(dim=-1).all()  # no empty query row
+        assert not allowed[0, 0, 1:, 0].any() and allowed[1, 0, 1:, 0].all()  # the filler key hidden in row 0 only
+        assert torch.equal(allowed[:, :, 1:, 1:], causal[:, :, 1:4, 1:4])  # the rest is the causal mask
+    assert torch.equal(_cut_mask(torch.ones(2, 5, dtype=torch.long), keep, slot_valid), slot_valid.long())
+    columns = torch.cat([keep, torch.tensor([[5], [5]])], dim=1)
+    column_valid = torch.cat([slot_valid, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    decode = _cut_key_columns(torch.ones(2, 1, 1, 6, dtype=torch.bool), columns, column_valid)
+    assert torch.equal(decode[:, 0, 0], column_valid)
+    decode_built = _build_mask(torch.full((2, 1, 1), 5), columns, column_valid, "sdpa", torch.float32)
+    assert torch.equal(decode_built[:, 0, 0], column_valid)

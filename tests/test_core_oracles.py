@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ep_core import PruneConfig, apply_pruning
 from tests.oracles import FLASH_LIKE, install_masked_reference, padded_kept_mask
@@ -210,3 +212,144 @@ def test_a_prompt_ending_in_the_image_keeps_its_last_position(tiny, method):
     assert torch.equal(pruned.sequences, reference.sequences)
     for a, b in zip(pruned.scores, reference.scores):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- mixed visual-token counts
+MIXED_SIZES = [(20, 20), (30, 12), (12, 30)]  # LLaVA-NeXT anyres: 88, 52 and 56 visual tokens
+MIXED_PROMPTS = ["describe this image", "what color is the circle", "how many red square are there ?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_next_mixed():
+    from tests.tiny_models import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next()
+    rng = np.random.default_rng(7)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in MIXED_SIZES]
+    batch = make_inputs(processor, MIXED_PROMPTS, images)
+    counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert len(set(counts)) == len(counts), counts  # every row its own visual-token count
+    assert (batch["attention_mask"] == 0).any()
+    return model, processor, images, batch
+
+
+@pytest.fixture(params=BACKENDS)
+def next_mixed(request, tiny_next_mixed):
+    model = tiny_next_mixed[0]
+    model.set_attn_implementation({"text_config": request.param, "vision_config": "sdpa"})
+    yield tiny_next_mixed
+    model.set_attn_implementation("sdpa")
+
+
+def _equal_length_mixed_batch(processor):
+    """Tiny LLaVA rows of 2 images and of 1 image, with text making them equally long: no
+    padding, so sdpa and flash attention get no mask at all, and pruning must build one.
+    The prompts start with the image (BOS removed), so a dropped first visual token has no
+    earlier key: its filler slot is a query row that only the diagonal keeps non-empty."""
+    texts = ["<image> <image> describe", "<image> describe " + "red " * 16]
+    images = random_images(3, seed=8)
+    groups = [images[:2], images[2:]]
+
+    def encode(texts, groups):
+        batch = processor(images=groups, text=texts, return_tensors="pt", padding=True)
+        assert bool((batch["input_ids"][:, 0] == processor.tokenizer.bos_token_id).all())
+        batch["input_ids"], batch["attention_mask"] = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:]
+        return batch
+
+    batch = encode(texts, groups)
+    assert bool(batch["attention_mask"].all()), "the rows must be equally long"
+    return batch, [encode([t], [g]) for t, g in zip(texts, groups)]
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+@pytest.mark.parametrize("keep", [dict(keep_ratio=0.3), dict(budget=48)])  # budget: k = 2B − N
+def test_mixed_counts_masked_reference_and_cache_invariance(next_mixed, method, keep):
+    """Rows keeping different numbers of tokens share one generate: each equals the unpruned
+    model with its own dropped keys masked, cached or not."""
+    model, _, _, batch = next_mixed
+    with apply_pruning(model, PruneConfig(method, **keep)) as handle:
+        pruned = _generate(model, batch)
+        stats = handle.stats
+        uncached = _generate(model, batch, use_cache=False)
+    kept = [s["visual_tokens_kept"] for s in stats]
+    assert len(set(kept)) == len(kept) and all(s["visual_tokens_kept"] < s["visual_tokens"] for s in stats)
+    assert torch.equal(pruned.sequences, uncached.sequences)
+    for a, b in zip(pruned.scores, uncached.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    reference = _masked_reference_generate(model, batch, stats)
+    assert torch.equal(pruned.sequences, reference.sequences)
+    for a, b in zip(pruned.scores, reference.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_mixed_counts_batch_invariance(next_mixed, method):
+    """Each row of a left-padded batch of different visual-token counts (and zero-padded
+    anyres patches) is pruned and decoded exactly as alone."""
+    model, processor, images, batch = next_mixed
+    with apply_pruning(model, PruneConfig(method, keep_ratio=0.3)) as handle:
+        together = _generate(model, batch)
+        batch_stats = handle.stats
+        for i, (prompt, image) in enumerate(zip(MIXED_PROMPTS, images)):
+            alone = _generate(model, make_inputs(processor, [prompt], [image]))
+            assert handle.stats[0]["kept_positions"] == batch_stats[i]["kept_positions"]
+            assert torch.equal(alone.sequences[0, -NEW_TOKENS:], together.sequences[i, -NEW_TOKENS:])
+            for a, b in zip(alone.scores, together.scores):
+                torch.testing.assert_close(a[0], b[i], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["none", *PRUNING_METHODS])
+def test_mixed_counts_keep_all_is_bit_identical(next_mixed, method):
+    model, _, _, batch = next_mixed
+    reference = _generate(model, batch)
+    config = PruneConfig(method, keep_ratio=1.0) if method != "none" else PruneConfig("none")
+    with apply_pruning(model, config):
+        pruned = _generate(model, batch)
+    assert torch.equal(pruned.sequences, reference.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(pruned.scores, reference.scores))
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_mixed_counts_without_any_padding(model, tiny, method):
+    """Equal lengths, different visual-token counts: the backend passes no mask (sdpa, flash)
+    and the filler slots still must not be seen, in prefill and in every decode step."""
+    _, processor = tiny
+    batch, rows = _equal_length_mixed_batch(processor)
+    masks = []
+    with apply_pruning(model, PruneConfig(method, keep_ratio=0.3)) as handle:
+        spy = model.model.language_model.layers[2].register_forward_pre_hook(
+            lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True
+        )  # registered after the pruning hooks: sees the mask they hand to layer K
+        together = _generate(model, batch)
+        spy.remove()
+        stats = handle.stats
+        uncached = _generate(model, batch, use_cache=False)
+        for i, row in enumerate(rows):
+            alone = _generate(model, row)
+            assert torch.equal(alone.sequences[0, -NEW_TOKENS:], together.sequences[i, -NEW_TOKENS:])
+            for a, b in zip(alone.scores, together.scores):
+                torch.testing.assert_close(a[0], b[i], atol=2e-5, rtol=1e-5)
+    assert [s["visual_tokens"] for s in stats] == [32, 16] and stats[0]["visual_tokens_kept"] != stats[1]["visual_tokens_kept"]
+    assert len(masks) == NEW_TOKENS and all(m is not None for m in masks)  # built where the backend gave none
+    for mask in masks:  # no query row without a key (an empty row is NaN on some kernels)
+        if mask.dim() == 4:
+            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            assert allowed.any(dim=-1).all()
+    assert torch.equal(together.sequences, uncached.sequences)
+    reference = _masked_reference_generate(model, batch, stats)
+    assert torch.equal(together.sequences, reference.sequences)
+    for a, b in zip(together.scores, reference.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_random_seed_does_not_depend_on_the_batch_padding_of_pixels(tiny_next_mixed):
+    """A forward pass hands the zero-padded anyres patches to the hooks: the same image must
+    get the same random subset alone and in a batch padded to a larger patch count."""
+    model, processor, images, batch = tiny_next_mixed
+    assert batch["pixel_values"].shape[1] > make_inputs(processor, MIXED_PROMPTS[1:2], images[1:2])["pixel_values"].shape[1]
+    with apply_pruning(model, PruneConfig("random", keep_ratio=0.3)) as handle, torch.no_grad():
+        model(**batch)
+        together = handle.stats
+        for i in (1, 2):
+            model(**make_inputs(processor, [MIXED_PROMPTS[i]], [images[i]]))
+            assert handle.stats[0]["kept_positions"] == together[i]["kept_positions"]

@@ -4,9 +4,12 @@ Every rule is a module with two names:
 
 * ``NEEDS``: what it reads from layer K−1, a subset of ``{"queries", "keys", "hidden"}``
   (the hooks capture only what some rule needs);
-* ``select(row: Row, k: int) -> LongTensor``: ``k`` distinct indices into ``row.visual_pos``.
+* either ``select(row: Row, k: int) -> LongTensor``: ``k`` distinct indices into
+  ``row.visual_pos``, one sample at a time (a :class:`Row`);
+* or ``select_batch(candidates: Candidates) -> BoolTensor [B, W]``: every row's kept visual
+  tokens at once, for rules whose score is per token (no per-row loop, no device sync).
 
-Rules see one sample at a time (a :class:`Row`), so a sample is pruned the same way whatever
+Either way a sample's choice depends on that sample only, so it is pruned the same way whatever
 batch it is in. Text tokens are never candidates; the hooks keep them all.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from ep_core.methods import dart, entropyprune, fastv, random
-from ep_core.methods.base import Row, apply_rope
+from ep_core.methods.base import Candidates, Row, apply_rope
 
 RULES: dict[str, ModuleType] = {
     "entropyprune": entropyprune,
@@ -24,4 +27,4 @@ RULES: dict[str, ModuleType] = {
     "dart": dart,
 }
 
-__all__ = ["RULES", "Row", "apply_rope"]
+__all__ = ["RULES", "Candidates", "Row", "apply_rope"]

@@ -1,4 +1,5 @@
-"""What every selection rule shares: the per-sample :class:`Row` and rotary helper."""
+"""What every selection rule shares: the per-sample :class:`Row`, the whole-batch
+:class:`Candidates` and the rotary helper."""
 
 from __future__ import annotations
 
@@ -30,6 +31,35 @@ class Row:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+
+
+@dataclass
+class Candidates:
+    """The visual tokens of a whole batch, for rules that select for all rows at once.
+
+    Row b has ``N_b`` visual tokens, padded to ``W = max_b N_b`` columns.
+
+    Attributes:
+        visual_pos: ``[B, W]`` positions; a row's visual tokens ascending in its last ``N_b``
+            columns, other (non-visual) positions before them.
+        visual_valid: ``[B, W]`` bool, True at the row's visual tokens.
+        ks: ``[B]`` how many visual tokens each row keeps.
+        queries: ``[B, T, H, hd]`` layer K−1 ``q_proj`` output (pre-RoPE), if the rule needs it.
+    """
+
+    visual_pos: torch.Tensor
+    visual_valid: torch.Tensor
+    ks: torch.Tensor
+    queries: torch.Tensor | None = None
+
+
+def top_per_row(scores: torch.Tensor, valid: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """``[B, W]`` bool: each row's ``ks[b]`` highest ``scores`` among its ``valid`` columns."""
+    scores = scores.masked_fill(~valid, float("-inf"))
+    width = int(ks.max()) if ks.numel() else 0
+    top = torch.topk(scores, width, dim=1, largest=True, sorted=True).indices
+    take = torch.arange(width, device=scores.device)[None, :] < ks[:, None]
+    return torch.zeros_like(valid).scatter_(1, top, take)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

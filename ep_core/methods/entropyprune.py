@@ -11,10 +11,15 @@ from __future__ import annotations
 import torch
 
 from ep_core.entropy import token_entropy
+from ep_core.methods.base import Candidates, top_per_row
 
 NEEDS = frozenset({"queries"})
 
 
-def select(row, k: int) -> torch.Tensor:
-    scores = token_entropy(row.queries[row.visual_pos])
-    return torch.topk(scores, k, largest=True, sorted=True).indices
+def select_batch(candidates: Candidates) -> torch.Tensor:
+    """``[B, W]`` bool: the ``ks[b]`` highest-scoring visual tokens of every row, scored in one
+    call over the whole batch (rows of different lengths padded to W and masked)."""
+    queries = candidates.queries
+    index = candidates.visual_pos[..., None, None].expand(-1, -1, *queries.shape[2:])
+    scores = token_entropy(queries.gather(1, index))  # [B, W]
+    return top_per_row(scores, candidates.visual_valid, candidates.ks)
