@@ -2,7 +2,7 @@
 
     ep caption --model PATH_OR_ID --input DIR_OR_MANIFEST --output DIR [--method M]
                [--budget B | --keep-ratio R] [--prune-layer K] [--prompt TEXT]
-               [--max-new-tokens N] [--frames N] [--batch-size N] [--workers N]
+               [--max-new-tokens N] [--frames N] [--batch-size N] [--batch-tokens T] [--workers N]
                [--address RAY_ADDRESS]
     python -m jobs.caption --config jobs/configs/NAME.yaml [flags that override it]
 
@@ -33,7 +33,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "prompt": (str, "prompt for rows without one (default: a captioning prompt)"),
     "max_new_tokens": (int, "tokens to generate per input (default 32)"),
     "frames": (int, "uniformly spaced frames per video (default 8)"),
-    "batch_size": (int, "rows per model batch (default 8)"),
+    "batch_size": (int, "rows per generate call, at most (default 8)"),
+    "batch_tokens": (int, "prompt tokens per generate call, rows × longest prompt (default: from the GPU's free memory; 16384 on CPU)"),
     "workers": (int, "model actors, one GPU each on a GPU cluster (default 1)"),
     "address": (str, "Ray cluster address (default: RAY_ADDRESS, else start Ray locally)"),
     "num_gpus": (float, "GPUs per model actor (default: 1 if the cluster has GPUs, else 0)"),

@@ -30,6 +30,8 @@ from pipelines.sink import ParquetSink, check_job, done_ids
 from pipelines.sources import scan
 
 log = logging.getLogger(__name__)
+PACK_WINDOW = 4  # a model actor packs generate calls from batch_size × PACK_WINDOW rows at a time
+
 
 @dataclass
 class CaptionConfig:
@@ -44,7 +46,8 @@ class CaptionConfig:
     prompt: str | None = None
     max_new_tokens: int = 32
     frames: int = 8
-    batch_size: int = 8
+    batch_size: int = 8  # rows per generate call, at most
+    batch_tokens: int | None = None  # prompt tokens per generate call (None: from the device's free memory)
     workers: int = 1
     address: str | None = None
     num_gpus: float | None = None  # per model actor; None = 1 if the cluster has GPUs, else 0
@@ -68,6 +71,8 @@ class CaptionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.batch_tokens is not None and (isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or self.batch_tokens < 1):
+            raise ValueError(f"batch-tokens must be an integer >= 1, got {self.batch_tokens!r}")
         if not self.decode_timeout > 0:
             raise ValueError(f"decode-timeout must be > 0 seconds, got {self.decode_timeout!r}")
         if self.num_gpus is not None and self.num_gpus < 0:
@@ -80,8 +85,8 @@ class CaptionConfig:
 
     def run_params(self) -> dict:
         """The MLflow params of a caption run (docs/design.md §3)."""
-        return {"model": self.model, **self.prune.to_dict(), "batch_size": self.batch_size, "dataset": self.input,
-                "max_new_tokens": self.max_new_tokens}
+        return {"model": self.model, **self.prune.to_dict(), "batch_size": self.batch_size,
+                "batch_tokens": self.batch_tokens, "dataset": self.input, "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass
@@ -113,6 +118,9 @@ class Summary:
             f"({self.rows_new} new, {self.rows_before} already there), {self.errors_new} errors, "
             f"{self.items_per_s:.2f} items/s"
         )
+        if self.extra.get("rows_per_generate"):
+            text += (f", {self.extra['rows_per_generate']:.2f} rows per generate call "
+                     f"({100 * self.extra['padding_share']:.1f}% padding)")
         if not self.complete:
             text += f"; {self.missing} rows missing: run the same command again to finish them"
         return text
@@ -234,9 +242,11 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
             "device": "cuda" if gpus else "cpu",
             "torch_threads": None if gpus else max(1, int(cfg.cpus_per_worker)),
             "run_id": run_id,
+            "batch_size": cfg.batch_size,
+            "batch_tokens": cfg.batch_tokens,
         },
         batch_format="pyarrow",
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size * PACK_WINDOW,  # the rows one actor call packs into generate calls
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_gpus=gpus,
         num_cpus=cfg.cpus_per_worker,
@@ -247,6 +257,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     last_flush = last_log = start
     buffer: list[pa.Table] = []
     buffered = 0
+    calls = [0.0, 0.0, 0]  # generate calls (Σ 1/generate_rows), their padding shares summed, rows in calls
     first_batch = None  # (seconds until the first results arrived, their rows): start-up cost
 
     def flush() -> None:
@@ -264,6 +275,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
                 first_batch = (time.monotonic() - start, batch.num_rows)
             buffer.append(batch)
             buffered += batch.num_rows
+            _count_calls(batch, calls)
             now = time.monotonic()
             if buffered >= cfg.flush_rows or now - last_flush >= cfg.flush_seconds:
                 flush()
@@ -287,6 +299,18 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     summary.errors_new = sink.errors_written
     summary.missing = len(todo) - sink.rows_written
     summary.extra["duplicates_dropped"] = sink.duplicates_dropped
+    if calls[0] > 0:
+        summary.extra["rows_per_generate"] = calls[2] / calls[0]
+        summary.extra["padding_share"] = calls[1] / calls[0]
     if first_batch is not None and sink.rows_written > first_batch[1]:
         summary.extra["first_output_s"] = first_batch[0]
         summary.extra["steady_items_per_s"] = (sink.rows_written - first_batch[1]) / (summary.seconds - first_batch[0])
+
+
+def _count_calls(batch: pa.Table, calls: list) -> None:
+    """Add a result batch's generate calls to ``calls``: a row of a call of n rows counts 1/n."""
+    for rows, padding in zip(batch.column("generate_rows").to_pylist(), batch.column("padding_share").to_pylist()):
+        if rows:
+            calls[0] += 1.0 / rows
+            calls[1] += padding / rows
+            calls[2] += 1

@@ -6,9 +6,12 @@ and for each batch of decoded rows:
 1. builds each row's chat prompt: an image row is one image + the prompt; a video row is its
    N frames given as N images in one prompt (LLaVA's multi-image input — image-only model
    families see a video this way; video-native families come later);
-2. groups the rows by visual-token count, so every ``generate`` call sees a batch whose
-   samples share it (left-padded text, concatenated pixel tensors);
-3. runs greedy ``generate`` and returns one output row per input row, in the output schema.
+2. refuses, as an error row, a prompt longer than the model's context;
+3. packs the rows into ``generate`` calls by tokens (``pipelines.packing``: shortest first,
+   rows × longest prompt ≤ ``batch_tokens``, at most ``batch_size`` rows; rows of different
+   visual-token counts share a call), left-padded text and concatenated pixel tensors;
+4. runs greedy ``generate`` and returns one output row per input row, in the output schema,
+   with ``generate_rows`` (rows of its call) and ``padding_share`` (of the call's token slots).
 
 Rows that arrive with ``error`` (unreadable input) pass through with a null output. A batch
 whose ``generate`` raises is retried row by row; a row that still fails gets ``error`` — one
@@ -27,6 +30,7 @@ from ep_core.accounting import sample_stats
 from ep_core.config import PruneConfig
 from ep_core.prompts import chat_prompt
 from pipelines.media import frames_of
+from pipelines.packing import default_batch_tokens, pack
 from pipelines.sink import to_table
 
 FIRST_TOKEN_TOPK = 32  # first-token log-probabilities kept per row, for first_token_kl
@@ -54,6 +58,8 @@ class CaptionPredictor:
         device: str = "auto",
         torch_threads: int | None = None,
         run_id: str | None = None,
+        batch_size: int = 8,
+        batch_tokens: int | None = None,
     ):
         import torch
 
@@ -83,6 +89,14 @@ class CaptionPredictor:
             self.handle = apply_pruning(self.model, prune)
         self._prefill = _PrefillTimer(self.model)
         self._flops_warned = False
+        self.context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        self.batch_size = batch_size
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self.batch_tokens = batch_tokens or default_batch_tokens(
+            self.model.config, free_bytes=free, dtype_bytes=self.model.dtype.itemsize,
+            max_rows=batch_size, max_new_tokens=max_new_tokens,
+        )
+        log.info(f"[caption] generate calls: up to {batch_size} rows and {self.batch_tokens} prompt tokens each")
 
     # ------------------------------------------------------------------ row plumbing
 
@@ -183,7 +197,7 @@ class CaptionPredictor:
 
     def predict_rows(self, rows: list[dict]) -> list[dict]:
         results = [self._base(r) for r in rows]
-        groups: dict[int, list[tuple[int, dict]]] = {}
+        ready: list[tuple[int, dict]] = []
         for i, row in enumerate(rows):
             if row.get("error"):
                 continue
@@ -192,13 +206,30 @@ class CaptionPredictor:
             except Exception as exc:  # noqa: BLE001 - a processor failure costs this row only
                 results[i]["error"] = f"preprocessing failed ({type(exc).__name__}: {exc}): {row.get('source')}"
                 continue
-            n_visual = int((enc["input_ids"] == self.image_token_id).sum()) if self.image_token_id is not None else -1
-            groups.setdefault(n_visual, []).append((i, enc))
-        for members in groups.values():
-            self._run_group(members, rows, results)
+            too_long = self._over_context(row, enc)
+            if too_long:
+                results[i]["error"] = too_long
+                continue
+            ready.append((i, enc))
+        lengths = [enc["input_ids"].shape[1] for _, enc in ready]
+        for call in pack(lengths, self.batch_tokens, self.batch_size):
+            self._run_group([ready[j] for j in call.rows], rows, results, padding_share=call.padding_share)
         return results
 
-    def _run_group(self, members, rows, results) -> None:
+    def _over_context(self, row: dict, enc: dict) -> str | None:
+        """The error of a prompt that does not fit the model's context, else None."""
+        length = enc["input_ids"].shape[1]
+        if self.context is None or length + self.max_new_tokens <= self.context:
+            return None
+        visual = int((enc["input_ids"] == self.image_token_id).sum()) if self.image_token_id is not None else 0
+        what = f"video of {row.get('frames')} frames" if row.get("media_type") == "video" else "image"
+        fix = "use fewer --frames (or a smaller --max-side)" if row.get("media_type") == "video" else "use a smaller --max-side"
+        return (
+            f"prompt too long: this {what} is {length} tokens ({visual} visual) + {self.max_new_tokens} new, over the "
+            f"model's context of {self.context} positions; {fix}: {row.get('source')}"
+        )
+
+    def _run_group(self, members, rows, results, padding_share: float = 0.0) -> None:
         try:
             texts, infos, latency = self._generate([enc for _, enc in members])
         except Exception:  # noqa: BLE001
@@ -212,6 +243,7 @@ class CaptionPredictor:
             return
         for (i, _), text, info in zip(members, texts, infos):
             results[i].update(output=text, latency_ms=latency, **{k: info.get(k) for k in _ROW_COLUMNS})
+            results[i].update(generate_rows=len(members), padding_share=padding_share)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return to_table(self.predict_rows(batch.to_pylist()))

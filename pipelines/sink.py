@@ -46,6 +46,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("prefill_ms", pa.float64()),
         pa.field("first_token_ids", pa.list_(pa.int32())),
         pa.field("first_token_logprobs", pa.list_(pa.float32())),
+        pa.field("generate_rows", pa.int32()),  # rows that shared this row's generate call
+        pa.field("padding_share", pa.float64()),  # padding share of that call's token slots
     ]
 )
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)

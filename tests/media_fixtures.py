@@ -186,3 +186,13 @@ def save_tiny_llava(path: str, **kwargs) -> str:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def save_tiny_llava_next(path: str, **kwargs) -> str:
+    """Build the tiny random anyres LLaVA-NeXT of ``tests/tiny_models.py`` and save it."""
+    from tests.tiny_models import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next(**kwargs)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

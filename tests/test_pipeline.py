@@ -145,8 +145,8 @@ def test_worker_dying_mid_run_loses_and_duplicates_nothing(ray_session, tiny_mod
     inputs = image_dir(str(tmp_path / "imgs"), 16)
     out = str(tmp_path / "out")
     marker = str(tmp_path / "worker-died")
-    args = ["--model", tiny_model, "--input", inputs, "--output", out, "--batch-size", "2", "--max-new-tokens", "2",
-            "--flush-rows", "2"]
+    args = ["--model", tiny_model, "--input", inputs, "--output", out, "--batch-size", "1", "--max-new-tokens", "2",
+            "--flush-rows", "2"]  # the actor takes 4 rows (batch size × PACK_WINDOW) per call: 4 calls
     with open(worker_exit_spec, "w") as fh:
         fh.write(f"3 {marker}")
     try:

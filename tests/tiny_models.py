@@ -39,6 +39,7 @@ def build_tiny_llava(
     hidden: int = 32,
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    context: int = 512,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A random tiny LLaVA-1.5-shaped model and its processor, in eval mode, float32."""
     tok = build_tokenizer()
@@ -62,7 +63,7 @@ def build_tiny_llava(
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
-            max_position_embeddings=512,
+            max_position_embeddings=context,
         ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,

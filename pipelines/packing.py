@@ -1,0 +1,90 @@
+"""Token-packed generate calls: which rows share one ``generate``, and how many tokens fit.
+
+Rows are counted in prompt tokens (visual + text, from the processor's output). A call of n
+rows whose longest prompt has ``m`` tokens occupies ``n·m`` token slots (left padding
+included), so the packer sorts rows by length and fills each call while ``n·m ≤ T`` (the
+token budget) and ``n ≤ R`` (``--batch-size``). Sorting puts rows of similar length together,
+which is what keeps padding low; with pruning (``ep_core``) rows of different visual-token
+counts may share a call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ep_core.flops import kv_cache_bytes, text_dims
+
+CPU_BATCH_TOKENS = 16_384  # the default token budget on CPU, where memory is not the limit
+GPU_MEMORY_SHARE = 0.8  # of the free device memory after the model is loaded
+
+
+@dataclass(frozen=True)
+class Call:
+    """One generate call: ``rows`` (indices into the packed list) and its token arithmetic."""
+
+    rows: tuple[int, ...]
+    longest: int  # tokens of its longest prompt
+    tokens: int  # real prompt tokens, Σ lengths
+
+    @property
+    def slots(self) -> int:
+        """Token slots the call occupies: rows × longest prompt."""
+        return len(self.rows) * self.longest
+
+    @property
+    def padding_share(self) -> float:
+        """1 − Σ lengths / (rows · longest): the share of the call's slots that are padding."""
+        return 1.0 - self.tokens / self.slots if self.slots else 0.0
+
+
+def pack(lengths: list[int], batch_tokens: int, max_rows: int) -> list[Call]:
+    """Pack rows of ``lengths`` tokens into calls with ``rows · longest ≤ batch_tokens`` and
+    ``rows ≤ max_rows``; each row in exactly one call. Rows are taken shortest first; a row
+    longer than the budget on its own gets a call of its own."""
+    if batch_tokens < 1 or max_rows < 1:
+        raise ValueError(f"batch_tokens and max_rows must be >= 1, got {batch_tokens} and {max_rows}")
+    calls: list[Call] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        length = lengths[index]
+        if current and (len(current) + 1 > max_rows or (len(current) + 1) * length > batch_tokens):
+            calls.append(_call(current, lengths))
+            current = []
+        current.append(index)
+    if current:
+        calls.append(_call(current, lengths))
+    return calls
+
+
+def _call(rows: list[int], lengths: list[int]) -> Call:
+    return Call(rows=tuple(rows), longest=max(lengths[i] for i in rows), tokens=sum(lengths[i] for i in rows))
+
+
+def rows_allowed(lengths: list[int], batch_tokens: int, max_rows: int) -> float:
+    """Rows per call the budget allows these rows with no padding at all: min(R, T / mean
+    length), at least 1 — the bound packing is measured against."""
+    if not lengths:
+        return 0.0
+    mean = sum(lengths) / len(lengths)
+    return min(float(max_rows), max(1.0, batch_tokens / mean))
+
+
+def default_batch_tokens(config, *, free_bytes: int | None, dtype_bytes: int, max_rows: int, max_new_tokens: int) -> int:
+    """The token budget for one generate call.
+
+    On CPU (``free_bytes`` None): ``CPU_BATCH_TOKENS``. On a GPU, from the free memory F after
+    loading the model, the KV-cache bytes per token κ = 2·L·Hkv·hd·bytes and the transient
+    prefill activations per token α = bytes·(4·D + 3·I) (hidden states, q/k/v/o, the MLP's
+    gate/up/down of width I):
+
+        T = ⌊(s·F − R·G·κ) / (κ + α)⌋,   s = 0.8, R rows × G new tokens of decode growth,
+
+    at least 1. The cache is counted unpruned (pruning only lowers it).
+    """
+    if free_bytes is None:
+        return CPU_BATCH_TOKENS
+    dims = text_dims(config)
+    per_token_cache = kv_cache_bytes(dims, 1, dtype_bytes=dtype_bytes)
+    per_token_activation = dtype_bytes * (4 * dims.hidden_size + 3 * dims.intermediate_size)
+    usable = GPU_MEMORY_SHARE * free_bytes - max_rows * max_new_tokens * per_token_cache
+    return max(1, int(usable // (per_token_cache + per_token_activation)))
