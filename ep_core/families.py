@@ -151,3 +151,26 @@ def tokens_per_crop(config: Any) -> int:
     if getattr(config, "vision_feature_select_strategy", "default") == "full":
         per_crop += 1
     return per_crop
+
+
+MAX_DEFAULT_FRAMES = 8
+PROMPT_TEXT_RESERVE = 64  # tokens kept free for the chat template and the prompt text
+
+
+def default_frames(config: Any, max_new_tokens: int) -> int:
+    """Frames per video that fit the model's context when a video reaches it as N images:
+
+        frames = clamp(⌊(C − 64 − G) / V⌋, 1, 8)
+
+    C = the text config's ``max_position_embeddings``, G the new tokens, V
+    :func:`default_visual_tokens` of one image (LLaVA-1.5: (4096 − 64 − 32) / 576 → 6;
+    LLaVA-NeXT-Vicuna: V = 2880 of 4096 → 1). 8 when the context or V is unknown.
+    """
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    try:
+        per_frame = default_visual_tokens(config)
+    except ValueError:
+        return MAX_DEFAULT_FRAMES
+    if not context:
+        return MAX_DEFAULT_FRAMES
+    return max(1, min(MAX_DEFAULT_FRAMES, (int(context) - PROMPT_TEXT_RESERVE - max_new_tokens) // per_frame))

@@ -17,12 +17,13 @@
      ``keep`` plus the generated positions. Positions need nothing: ``generate`` numbers new
      tokens from the full prompt length, and layer 0's cache (which ``generate`` reads) is full.
 
-Kept tokens keep their original positions. Text tokens (padding included) are always kept, so
-row b keeps ``P_b = T − N_b + k_b`` tokens. Rows may keep different numbers (different
-visual-token counts, e.g. LLaVA-NeXT's anyres): the batch after layer K has
-``P = max_b P_b`` slots, each row's kept tokens right-aligned, and the ``P − P_b`` filler
-slots on the left masked out as keys in every layer ≥ K, prefill and decode (each filler
-query sees only itself, so no attention row is empty).
+Kept tokens keep their original positions. Text tokens are always kept, the left padding is
+dropped with the visual tokens (it is masked anyway), so row b keeps ``P_b = text_b + k_b``
+tokens. Rows may keep different numbers (different visual-token counts, e.g. LLaVA-NeXT's
+anyres): the batch after layer K has ``P = max_b P_b`` slots, each row's kept tokens
+right-aligned, and the ``P − P_b`` filler slots on the left masked out as keys in every
+layer ≥ K, prefill and decode (a filler query always sees itself, so no attention row is
+empty). No row drops anything → nothing is gathered and the model runs unchanged.
 """
 
 from __future__ import annotations
@@ -271,19 +272,22 @@ class PruningHandle:
     def _select(self, state: _Prefill, hidden: torch.Tensor, kwargs: dict):
         """``(keep [B, P], slot_valid [B, P], has_filler)``, or None when no row drops anything.
 
-        Row b keeps its ``P_b = T − N_b + k_b`` tokens in ascending order in the last ``P_b``
-        slots of ``P = max_b P_b``; the first ``P − P_b`` slots (filler) hold dropped positions
-        and are masked. One device sync for the counts, one for the stats.
+        Row b keeps its ``P_b`` text tokens and ``k_b`` visual tokens (its left padding is
+        dropped with the visual tokens: it is masked anyway) in ascending order in the last
+        ``P_b`` slots of ``P = max_b P_b``; the first ``P − P_b`` slots (filler) hold dropped
+        positions and are masked. One device sync for the counts, one for the stats.
         """
         batch, length = hidden.shape[:2]
-        counts = state.is_visual.sum(1).tolist()
+        text = state.valid & ~state.is_visual
+        text[:, -1] = True  # the last position is always kept (it gives the next-token logits)
+        counts, text_counts = torch.stack([state.is_visual.sum(1), text.sum(1)]).tolist()
         ks = [self._keep_count(n) for n in counts]
         if all(k == n for k, n in zip(ks, counts)):
             self.stats = self._all_row_stats(None, None)
             return None
         kept_visual = self._kept_visual(state, hidden, kwargs, counts, ks)  # [B, T] bool
-        keep_mask = ~state.is_visual | kept_visual
-        sizes = [length - n + k for n, k in zip(counts, ks)]
+        keep_mask = text | kept_visual  # padding goes too: it is masked anyway, filler replaces it
+        sizes = [t + k for t, k in zip(text_counts, ks)]
         slots = max(sizes)
         # a stable sort puts each row's dropped positions first and its kept ones last, in order
         order = torch.sort(keep_mask.to(torch.int8), dim=1, stable=True)

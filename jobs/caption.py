@@ -32,7 +32,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "seed": (int, "seed of the random method (default 0)"),
     "prompt": (str, "prompt for rows without one (default: a captioning prompt)"),
     "max_new_tokens": (int, "tokens to generate per input (default 32)"),
-    "frames": (int, "uniformly spaced frames per video (default 8)"),
+    "frames": (int, "uniformly spaced frames per video (default: as many as fit the model's context, at most 8; LLaVA-1.5: 6)"),
     "batch_size": (int, "rows per generate call, at most (default 8)"),
     "batch_tokens": (int, "prompt tokens per generate call, rows × longest prompt (default: from the GPU's free memory; 16384 on CPU)"),
     "workers": (int, "model actors, one GPU each on a GPU cluster (default 1)"),

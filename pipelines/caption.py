@@ -45,7 +45,7 @@ class CaptionConfig:
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(method="none"))
     prompt: str | None = None
     max_new_tokens: int = 32
-    frames: int = 8
+    frames: int | None = None  # per video; None: what fits the model's context (ep_core.families.default_frames)
     batch_size: int = 8  # rows per generate call, at most
     batch_tokens: int | None = None  # prompt tokens per generate call (None: from the device's free memory)
     workers: int = 1
@@ -69,6 +69,8 @@ class CaptionConfig:
             raise TypeError(f"prune must be a PruneConfig, got {type(self.prune).__name__}")
         for name in ("max_new_tokens", "frames", "batch_size", "workers", "max_side", "max_pixels", "flush_rows"):
             value = getattr(self, name)
+            if name == "frames" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.batch_tokens is not None and (isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or self.batch_tokens < 1):
@@ -126,8 +128,11 @@ class Summary:
         return text
 
 
-def _decode_memory(cfg: CaptionConfig) -> int:
-    pixels = cfg.batch_size * max(1, cfg.frames) * cfg.max_side * cfg.max_side * 3
+def _decode_memory(cfg: CaptionConfig, rows_per_block: int, any_video: bool) -> int:
+    """Bytes one decode task holds: its block's decoded pixels, twice (decoded + Arrow copy),
+    at least 256 MiB. A row is one image, or ``frames`` frames when the block may hold videos:
+    rows × (frames or 1) × max_side² × 3 × 2."""
+    pixels = rows_per_block * (max(1, cfg.frames) if any_video else 1) * cfg.max_side * cfg.max_side * 3
     return int(max(256 << 20, 2 * pixels))
 
 
@@ -137,12 +142,16 @@ class CaptionJob:
     costs seconds and one line. :meth:`run` then streams the inputs through Ray Data."""
 
     def __init__(self, cfg: CaptionConfig):
-        from ep_core.families import check_supported
+        from ep_core.families import check_supported, default_frames
         from ep_core.loading import load_model_config
 
         if not os.path.exists(cfg.input):
             raise FileNotFoundError(f"input not found: {cfg.input}")
-        check_supported(load_model_config(cfg.model), cfg.prune)  # family, method and prune layer
+        model_config = load_model_config(cfg.model)
+        check_supported(model_config, cfg.prune)  # family, method and prune layer
+        if cfg.frames is None:
+            cfg.frames = default_frames(model_config, cfg.max_new_tokens)
+            log.debug(f"[caption] {cfg.frames} frames per video (what fits the model's context; --frames to change)")
         self.cfg = cfg
 
     def run(self, *, progress=None, quiet: bool = False) -> Summary:
@@ -219,7 +228,9 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
-    n_blocks = max(1, min(len(todo) // cfg.batch_size, 20_000))
+    n_blocks = max(1, min(-(-len(todo) // cfg.batch_size), 20_000))  # blocks of at most batch_size rows (below 20k blocks)
+    rows_per_block = -(-len(todo) // n_blocks)
+    any_video = any(r.get("media_type") == "video" for r in todo)
     ds = ray.data.from_items(todo, override_num_blocks=n_blocks)
     ds = ds.map_batches(
         decode_block,
@@ -230,7 +241,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         # What one decode task holds (the decoded pixels of a block). Resource requests that
         # differ from the model stage's also keep Ray Data from fusing decoding into the
         # model actors: decode tasks run on their own CPUs while the actors generate.
-        memory=_decode_memory(cfg),
+        memory=_decode_memory(cfg, rows_per_block, any_video),
     )
     ds = ds.map_batches(
         CaptionPredictor,

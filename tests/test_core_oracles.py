@@ -273,6 +273,11 @@ def test_mixed_counts_masked_reference_and_cache_invariance(next_mixed, method, 
         uncached = _generate(model, batch, use_cache=False)
     kept = [s["visual_tokens_kept"] for s in stats]
     assert len(set(kept)) == len(kept) and all(s["visual_tokens_kept"] < s["visual_tokens"] for s in stats)
+    # layers >= K hold the longest kept row: text + kept visual tokens, no left padding
+    slots = max(s["text_tokens"] + s["visual_tokens_kept"] for s in stats)
+    full = batch["input_ids"].shape[1]
+    lengths = [layer.keys.shape[-2] for layer in pruned.past_key_values.layers]
+    assert lengths == [full + NEW_TOKENS - 1] * 2 + [slots + NEW_TOKENS - 1] * 2
     assert torch.equal(pruned.sequences, uncached.sequences)
     for a, b in zip(pruned.scores, uncached.scores):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)

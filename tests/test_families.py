@@ -84,3 +84,23 @@ def test_sweep_preflight_refuses_before_ray(tmp_path, capsys):
     assert not ray.is_initialized() and not (tmp_path / "s").exists()  # nothing drawn, nothing started
     assert main(["demo", "--prune-layer", "6", "--output", str(tmp_path / "d")]) == 2
     assert "between 1 and 5" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_default_frames_fit_the_context():
+    """A video reaches LLaVA as N images: N·V + text + new tokens must fit the context."""
+    from ep_core.families import default_frames
+
+    llava = load_model_config("llava-1.5-7b")  # 576 tokens per image, 4096 positions
+    assert default_frames(llava, 32) == 6 and 6 * 576 + 64 + 32 <= 4096 < 7 * 576 + 64 + 32
+    assert default_frames(load_model_config("llava-v1.6-vicuna-7b"), 32) == 1  # anyres: up to 2880 per image
+    assert default_frames(load_model_config("qwen2.5-vl-7b"), 32) == 8  # 256 per image of 128k positions: the cap
+
+
+def test_decode_memory_counts_frames_only_for_videos():
+    from pipelines.caption import CaptionConfig, _decode_memory
+
+    cfg = CaptionConfig(model="m", input="i", output="o", frames=8, max_side=1024)
+    image_block = _decode_memory(cfg, rows_per_block=64, any_video=False)
+    assert image_block == 2 * 64 * 1024 * 1024 * 3
+    assert _decode_memory(cfg, rows_per_block=64, any_video=True) == 8 * image_block
+    assert _decode_memory(cfg, rows_per_block=1, any_video=False) == 256 << 20  # the floor
