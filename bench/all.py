@@ -25,9 +25,10 @@ import time
 
 log = logging.getLogger(__name__)
 
-BENCH_ORDER = ("overhead", "prefill", "decode", "e2e", "pipeline")
+BENCH_ORDER = ("overhead", "prefill", "decode", "e2e", "pipeline", "batching")
 QUICK = {
-    "overhead": ["--repeats", "2"],
+    "overhead": ["--repeats", "2", "--batch-rows", "8"],
+    "batching": ["--images", "1024"],
     "prefill": ["--batches", "1", "--pairs", "3"],
     "decode": ["--budgets", "128", "--pairs", "2", "--new-tokens", "4"],
     "e2e": ["--items", "64", "--repeats", "2"],
@@ -137,6 +138,21 @@ def markdown(results: dict, machine: dict, quick: bool) -> str:
                 lines.append(f"| {r['config']} | {r['vision_ms']:.0f} | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.0f} | "
                              f"{_x(r['speedup_prefill'])} | " + " | ".join(_x(r[f'speedup_e2e_{g}']) for g in lengths) + " |")
             lines.append("")
+    batching = results.get("batching", {})
+    if "results" in batching:
+        lines += [f"**Generate calls, LLaVA-NeXT anyres** ({batching['images']} COCO-like image sizes, "
+                  f"{batching['distinct_visual_token_counts']} distinct visual-token counts, median "
+                  f"{batching['visual_tokens_median']:.0f}; goal: ≥ {_pct(batching['goal']['fill'])} of the rows the "
+                  f"budget allows, padding ≤ {_pct(batching['goal']['padding_share'])})", "",
+                  "| batch size | batch tokens | rows / call, exact-count groups | rows / call, packed | allowed | fill | "
+                  "padding | padding after K (keep " + f"{batching['keep_ratio']:g}) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in batching["results"]:
+            budget = f"{r['batch_tokens']}" + (" (GPU default)" if r["batch_tokens"] == batching["gpu_default_batch_tokens"] else "")
+            lines.append(f"| {r['batch_size']} | {budget} | {r['exact_count_rows_per_generate']:.2f} | "
+                         f"**{r['rows_per_generate']:.2f}** | {r['rows_allowed_per_generate']:.2f} | {_pct(r['fill'])} | "
+                         f"{_pct(r['padding_share'])} | {_pct(r['padding_share_after_prune'])} |")
+        lines.append("")
     pipeline = results.get("pipeline", {})
     overhead = results.get("overhead", {})
     if "ratio" in pipeline or "scoring_ms" in overhead:
@@ -144,11 +160,17 @@ def markdown(results: dict, machine: dict, quick: bool) -> str:
         if "ratio" in pipeline:
             lines.append(f"| `ep bench pipeline` ({pipeline['items']} items) | bare loop {pipeline['bare_items_per_s']:.1f} items/s, "
                          f"pipeline {pipeline['pipeline_items_per_s']:.1f} items/s: **ratio {pipeline['ratio']:.2f}** "
-                         f"(goal ≥ 0.8), steady ratio {pipeline['steady_ratio']:.2f} |")
+                         f"(goal ≥ 0.8), steady ratio {pipeline['steady_ratio']:.2f}"
+                         + (f", model actor busy {_pct(pipeline['actor_busy_share'])} (goal ≥ 90%)"
+                            if pipeline.get("actor_busy_share") is not None else "") + " |")
         if "scoring_ms" in overhead:
             lines.append(f"| `ep bench overhead` | scoring {overhead['scoring_ms']:.0f} ms against an estimated "
                          f"{overhead['prefill_ms_estimated'] / 1000:.1f} s prefill: **{_pct(overhead['scoring_fraction_of_prefill'])}** "
                          f"(goal ≤ {_pct(overhead['goal_fraction'])}) |")
+            for b in overhead.get("batch_scoring", []):
+                lines.append(f"| `ep bench overhead`, one scoring call per batch | {b['rows']} rows × {b['tokens']} tokens, "
+                             f"{b['heads']} heads: {b['one_call_ms']:.0f} ms ({b['one_call_ms_per_row']:.1f} ms per row; "
+                             f"row by row {b['per_row_calls_ms']:.0f} ms) |")
         lines.append("")
     if failed:
         lines += ["Failed: " + "; ".join(failed), ""]

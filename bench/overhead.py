@@ -13,6 +13,11 @@ What is measured:
   final norm, LM head and the vision tower are not included, so the estimate is a lower
   bound of the real prefill and the fraction an upper bound.
 
+* **batched scoring**: EntropyPrune's whole-batch selection (``select_batch``: one
+  ``token_entropy`` call over ``--batch-rows`` rows × ``--visual-tokens`` tokens, then a
+  per-row top-k) for each of ``--batch-heads`` head counts (head dim 128), against the same
+  rows scored one ``token_entropy`` call per row.
+
 Smaller shapes (``--hidden-size 64 …``) make it a seconds-long smoke test.
 """
 
@@ -32,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=633, help="prefill length (576 visual + 57 text)")
     parser.add_argument("--visual-tokens", type=int, default=576, help="tokens scored by token_entropy")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefill runs (scoring uses 3x as many)")
+    parser.add_argument("--batch-rows", type=int, default=32, help="rows of the batched scoring figure (default 32)")
+    parser.add_argument("--batch-heads", default="32,40", help="head counts of the batched scoring figure (default 32,40)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave torch's setting)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -77,6 +84,26 @@ def _build_layers(args: argparse.Namespace):
     return config, layers, rotary
 
 
+def _batch_scoring(args: argparse.Namespace, heads: int, generator) -> dict:
+    """Milliseconds to select for a batch at once (``select_batch``) and row by row."""
+    import torch
+
+    from ep_core.entropy import token_entropy
+    from ep_core.methods import Candidates, entropyprune
+
+    rows, tokens, head_dim = args.batch_rows, args.visual_tokens, 128
+    queries = torch.randn(rows, tokens, heads, head_dim, generator=generator)
+    candidates = Candidates(
+        visual_pos=torch.arange(tokens).expand(rows, -1), visual_valid=torch.ones(rows, tokens, dtype=torch.bool),
+        ks=torch.full((rows,), tokens // 4), queries=queries,
+    )
+    repeats = max(2, args.repeats)
+    one_call = _median_ms(lambda: entropyprune.select_batch(candidates), repeats=repeats, warmup=1)
+    per_row = _median_ms(lambda: [token_entropy(queries[b]).topk(tokens // 4) for b in range(rows)], repeats=repeats, warmup=1)
+    return {"heads": heads, "rows": rows, "tokens": tokens, "one_call_ms": one_call, "per_row_calls_ms": per_row,
+            "one_call_ms_per_row": one_call / rows}
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -115,6 +142,8 @@ def run(args: argparse.Namespace) -> dict:
 
         timed_ms = _median_ms(prefill, repeats=args.repeats, warmup=1)
 
+        batched = [_batch_scoring(args, int(h), generator) for h in str(args.batch_heads).split(",") if h.strip()]
+
     per_layer_ms = timed_ms / args.layers_timed
     prefill_ms = per_layer_ms * args.num_layers
     return {
@@ -128,6 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         "hidden_size": args.hidden_size,
         "intermediate_size": args.intermediate_size,
         "scoring_fraction_of_prefill": scoring_ms / prefill_ms,
+        "batch_scoring": batched,
         "goal_fraction": 0.01,
         "threads": torch.get_num_threads(),
         "dtype": "float32",

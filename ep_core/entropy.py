@@ -20,9 +20,13 @@ import math
 import torch
 
 EIGEN_FLOOR = 1e-10  # the official code clamps eigenvalues at this value before λ·ln λ
+# matrices per eigvalsh call: on CPU a chunk's Gram matrices stay cache-sized (256 × 32×32
+# float64 = 2 MiB: a batch of 32 rows × 576 tokens scores ~25% faster than in one call); on an
+# accelerator, few large calls
+EIGEN_CHUNK = {"cpu": 256, "accelerator": 16_384}
 
 
-def token_entropy(q: torch.Tensor, head_group: int = 128) -> torch.Tensor:
+def token_entropy(q: torch.Tensor, head_group: int = 128, index: torch.Tensor | None = None) -> torch.Tensor:
     """EntropyPrune score of every token from its per-head query vectors.
 
     For a token t with query matrix Q_t ∈ ℝ^{H×d} (rows = heads):
@@ -37,22 +41,40 @@ def token_entropy(q: torch.Tensor, head_group: int = 128) -> torch.Tensor:
     ``head_group`` dims by averaging consecutive groups of d/head_group dims (the official
     ``dim_scale=128`` step; a no-op for head_dim 128 or smaller).
 
+    The tokens are scored in chunks of ``EIGEN_CHUNK`` matrices (each token's score is its
+    own: chunking changes nothing but memory traffic).
+
     Args:
         q: ``[..., N, H, d]`` query vectors (pre- or post-RoPE: RoPE does not change the
            score: every head of a token is rotated by the same matrix R, and
            (ZR)(ZR)ᵀ = ZZᵀ). Any leading batch dims.
+        index: optional ``[M]`` indices into the flattened tokens ``q.reshape(-1, H, d)``:
+           score only those (a batch's visual tokens, without copying the batch).
     Returns:
-        ``[..., N]`` float64 scores. Higher = kept first.
+        ``[..., N]`` float64 scores (``[M]`` with ``index``). Higher = kept first.
     """
     if q.dim() < 3:
         raise ValueError(f"token_entropy expects a [..., N, H, d] tensor, got shape {tuple(q.shape)}")
-    num_heads, dim = q.shape[-2], q.shape[-1]
+    num_heads = q.shape[-2]
     if num_heads < 2:
         raise ValueError("token_entropy needs at least 2 attention heads (ln H would be 0)")
+    flat = q.reshape(-1, *q.shape[-2:])
+    total = flat.shape[0] if index is None else index.numel()
+    chunk = EIGEN_CHUNK.get(flat.device.type, EIGEN_CHUNK["accelerator"])
+    scores = []
+    for start in range(0, total, chunk):
+        part = flat[start : start + chunk] if index is None else flat.index_select(0, index[start : start + chunk])
+        scores.append(_scores(part, head_group))
+    out = torch.cat(scores) if scores else flat.new_empty(0, dtype=torch.float64)
+    return out if index is not None else out.reshape(q.shape[:-2])
+
+
+def _scores(q: torch.Tensor, head_group: int) -> torch.Tensor:
+    """The :func:`token_entropy` formula on ``[M, H, d]`` query matrices."""
+    num_heads, dim = q.shape[-2], q.shape[-1]
     if dim > head_group and dim % head_group == 0:
         q = q.unflatten(-1, (head_group, dim // head_group)).mean(-1)
-    z = q - q.mean(dim=-2, keepdim=True)
-    z = z.double()
+    z = (q - q.mean(dim=-2, keepdim=True)).double()
     gram = z @ z.transpose(-1, -2) / num_heads
     eig = torch.linalg.eigvalsh(gram).clamp_min(EIGEN_FLOOR)
     return -(eig * eig.log()).sum(-1) / math.log(num_heads)

@@ -111,7 +111,7 @@ def load_model(
     trust_remote_code: bool = False,
 ):
     """``(model, processor)`` for a supported image-text model, in eval mode on ``device``."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     family_for(load_model_config(name_or_path, trust_remote_code=trust_remote_code))  # refuse before any weight
     path = resolve_model_name(name_or_path)
@@ -122,8 +122,14 @@ def load_model(
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     model.to(device)
     model.eval()
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model, processor
+    return model, load_processor(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def load_processor(name_or_path: str, *, trust_remote_code: bool = False):
+    """The processor (image processor, tokenizer, chat template) of a model name, no weights."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(resolve_model_name(name_or_path), trust_remote_code=trust_remote_code)
 
 
 def _first_line(exc: BaseException) -> str:

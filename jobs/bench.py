@@ -15,6 +15,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "e2e": ("bench.e2e", "end-to-end items/s of the demo model, pruned vs not, and a LLaVA-1.5-7B time model"),
     "overhead": ("bench.overhead", "EntropyPrune scoring time as a fraction of a LLaVA-1.5-7B prefill (CPU)"),
     "pipeline": ("bench.pipeline", "items/s of the Ray pipeline against a bare Python loop"),
+    "batching": ("bench.batching", "rows per generate call and padding for LLaVA-NeXT's anyres token counts, packed vs exact-count groups"),
     "decode": ("bench.decode", "decode step time after a pruned vs an unpruned prefill, and the hooks' cost per step"),
     "prefill": ("bench.prefill", "measured prefill speedup against the FLOPs bound (LLaVA-1.5-7B shape, N layers)"),
 }

@@ -1,4 +1,5 @@
-"""The captioning job: sources → CPU decode tasks → model actor pool → Parquet, on Ray Data.
+"""The captioning job: sources → CPU tasks (decode, preprocess) → model actor pool →
+Parquet, on Ray Data.
 
 :class:`CaptionJob` is what ``ep caption`` runs. Constructing it is the preflight: the input
 exists, and the model's config alone (no weights, no Ray) says that the family supports the
@@ -25,7 +26,9 @@ import pyarrow as pa
 
 from ep_core.config import PruneConfig
 from pipelines.cluster import ray_session
-from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_block
+from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from pipelines.packing import call_figures
+from pipelines.preprocess import prepare_block
 from pipelines.sink import ParquetSink, check_job, done_ids
 from pipelines.sources import scan
 
@@ -136,6 +139,21 @@ def _decode_memory(cfg: CaptionConfig, rows_per_block: int, any_video: bool) -> 
     return int(max(256 << 20, 2 * pixels))
 
 
+def _prepare_memory(cfg: CaptionConfig, rows_per_block: int, any_video: bool) -> int:
+    """Bytes one CPU-stage task holds: the decoded block (:func:`_decode_memory`) plus its
+    float32 pixel tensors, rows × (frames or 1) × crops × 3 × S² × 4 (S the vision tower's
+    image size, crops 5 for anyres families, else 1)."""
+    from ep_core.families import FAMILIES
+    from ep_core.loading import load_model_config
+
+    config = load_model_config(cfg.model)
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    side = int(getattr(getattr(config, "vision_config", None), "image_size", 336) or 336)
+    crops = 5 if family is not None and family.anyres else 1
+    tensors = rows_per_block * (max(1, cfg.frames) if any_video else 1) * crops * 3 * side * side * 4
+    return _decode_memory(cfg, rows_per_block, any_video) + int(tensors)
+
+
 class CaptionJob:
     """One captioning job. Constructing it is the preflight: everything the config and the
     model's config.json can tell (no weights, no Ray) is checked here, so that a usage error
@@ -223,6 +241,12 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     gpus = cfg.num_gpus
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus and cfg.workers * cfg.cpus_per_worker >= cpus:
+        raise ValueError(
+            f"{cfg.workers} model worker(s) × {cfg.cpus_per_worker:g} CPU take all {cpus:g} CPUs of the cluster and the "
+            "decode/preprocess stage needs at least one: lower --workers or --cpus-per-worker, or add CPUs"
+        )
     where = f"{cfg.workers} model worker(s) with {gpus:g} GPU each" if gpus else f"{cfg.workers} model worker(s) on CPU"
     say(f"[caption] {where}, batch size {cfg.batch_size}, method {cfg.prune.method}")
 
@@ -233,15 +257,16 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     any_video = any(r.get("media_type") == "video" for r in todo)
     ds = ray.data.from_items(todo, override_num_blocks=n_blocks)
     ds = ds.map_batches(
-        decode_block,
+        prepare_block,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"max_pixels": cfg.max_pixels, "max_side": cfg.max_side, "timeout_s": cfg.decode_timeout},
+        fn_kwargs={"model": cfg.model, "max_pixels": cfg.max_pixels, "max_side": cfg.max_side,
+                   "timeout_s": cfg.decode_timeout},
         num_cpus=1,
-        # What one decode task holds (the decoded pixels of a block). Resource requests that
-        # differ from the model stage's also keep Ray Data from fusing decoding into the
-        # model actors: decode tasks run on their own CPUs while the actors generate.
-        memory=_decode_memory(cfg, rows_per_block, any_video),
+        # What one CPU task holds (the decoded pixels of a block and their pixel tensors).
+        # Resource requests that differ from the model stage's also keep Ray Data from fusing
+        # this stage into the model actors: CPU tasks run on their own CPUs while the actors generate.
+        memory=_prepare_memory(cfg, rows_per_block, any_video),
     )
     ds = ds.map_batches(
         CaptionPredictor,
@@ -268,7 +293,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     last_flush = last_log = start
     buffer: list[pa.Table] = []
     buffered = 0
-    calls = [0.0, 0.0, 0]  # generate calls (Σ 1/generate_rows), their padding shares summed, rows in calls
+    calls: list[dict] = []  # per output row: what it says about its generate call
     first_batch = None  # (seconds until the first results arrived, their rows): start-up cost
 
     def flush() -> None:
@@ -282,11 +307,11 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if batch.num_rows == 0:
                 continue
+            calls.extend(batch.select(["generate_rows", "padding_share", "latency_ms", "generated_at"]).to_pylist())
             if first_batch is None:
                 first_batch = (time.monotonic() - start, batch.num_rows)
             buffer.append(batch)
             buffered += batch.num_rows
-            _count_calls(batch, calls)
             now = time.monotonic()
             if buffered >= cfg.flush_rows or now - last_flush >= cfg.flush_seconds:
                 flush()
@@ -310,18 +335,14 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     summary.errors_new = sink.errors_written
     summary.missing = len(todo) - sink.rows_written
     summary.extra["duplicates_dropped"] = sink.duplicates_dropped
-    if calls[0] > 0:
-        summary.extra["rows_per_generate"] = calls[2] / calls[0]
-        summary.extra["padding_share"] = calls[1] / calls[0]
+    figures = call_figures(calls)
+    if figures:
+        summary.extra["rows_per_generate"] = figures["rows_per_generate"]
+        summary.extra["padding_share"] = figures["padding_share"]
+        # the share of the model actors' wall time, from their first generate call to their last,
+        # spent inside generate (the rest: preprocessing, collating, waiting for input)
+        if figures["span_s"] > 0:
+            summary.extra["actor_busy_share"] = figures["generate_s"] / (cfg.workers * figures["span_s"])
     if first_batch is not None and sink.rows_written > first_batch[1]:
         summary.extra["first_output_s"] = first_batch[0]
         summary.extra["steady_items_per_s"] = (sink.rows_written - first_batch[1]) / (summary.seconds - first_batch[0])
-
-
-def _count_calls(batch: pa.Table, calls: list) -> None:
-    """Add a result batch's generate calls to ``calls``: a row of a call of n rows counts 1/n."""
-    for rows, padding in zip(batch.column("generate_rows").to_pylist(), batch.column("padding_share").to_pylist()):
-        if rows:
-            calls[0] += 1.0 / rows
-            calls[1] += padding / rows
-            calls[2] += 1

@@ -3,8 +3,10 @@
 ``CaptionPredictor`` loads the model once, applies pruning once (``ep_core.apply_pruning``),
 and for each batch of decoded rows:
 
-1. builds each row's chat prompt: an image row is one image + the prompt; a video row is its
-   N frames given as N images in one prompt (LLaVA's multi-image input — image-only model
+1. takes each row's model inputs from the preprocessing stage (``pipelines.preprocess``: the
+   chat prompt, token ids and pixel tensors, made on CPU workers), or makes them here for rows
+   that come without (the bare loop): an image row is one image + the prompt; a video row is
+   its N frames given as N images in one prompt (LLaVA's multi-image input — image-only model
    families see a video this way; video-native families come later);
 2. refuses, as an error row, a prompt longer than the model's context;
 3. packs the rows into ``generate`` calls by tokens (``pipelines.packing``: shortest first,
@@ -28,9 +30,8 @@ import pyarrow as pa
 
 from ep_core.accounting import sample_stats
 from ep_core.config import PruneConfig
-from ep_core.prompts import chat_prompt
-from pipelines.media import frames_of
 from pipelines.packing import default_batch_tokens, pack
+from pipelines.preprocess import encode_row, unpack_encoding
 from pipelines.sink import to_table
 
 FIRST_TOKEN_TOPK = 32  # first-token log-probabilities kept per row, for first_token_kl
@@ -115,9 +116,11 @@ class CaptionPredictor:
         }
 
     def _encode(self, row: dict) -> dict:
-        images = frames_of(row)
-        text = chat_prompt(self.processor, len(images), row["prompt"])
-        return dict(self.processor(images=images, text=[text], return_tensors="pt"))
+        """The row's model inputs: from the preprocessing stage (``encoded``), or made here."""
+        import torch
+
+        encoding = unpack_encoding(row["encoded"]) if row.get("encoded") else encode_row(self.processor, row)
+        return {k: torch.from_numpy(v) for k, v in encoding.items()}
 
     def _collate(self, encs: list[dict]) -> dict:
         import torch
@@ -223,7 +226,8 @@ class CaptionPredictor:
             return None
         visual = int((enc["input_ids"] == self.image_token_id).sum()) if self.image_token_id is not None else 0
         what = f"video of {row.get('frames')} frames" if row.get("media_type") == "video" else "image"
-        fix = "use fewer --frames (or a smaller --max-side)" if row.get("media_type") == "video" else "use a smaller --max-side"
+        fix = ("use fewer --frames (or a smaller --max-side)" if row.get("media_type") == "video"
+               else "use a shorter prompt (or, for a tiling model such as LLaVA-NeXT, a smaller --max-side)")
         return (
             f"prompt too long: this {what} is {length} tokens ({visual} visual) + {self.max_new_tokens} new, over the "
             f"model's context of {self.context} positions; {fix}: {row.get('source')}"
@@ -232,6 +236,7 @@ class CaptionPredictor:
     def _run_group(self, members, rows, results, padding_share: float = 0.0) -> None:
         try:
             texts, infos, latency = self._generate([enc for _, enc in members])
+            finished = time.time()
         except Exception:  # noqa: BLE001
             if len(members) > 1:  # find the row that fails; the others still get answers
                 for member in members:
@@ -243,7 +248,7 @@ class CaptionPredictor:
             return
         for (i, _), text, info in zip(members, texts, infos):
             results[i].update(output=text, latency_ms=latency, **{k: info.get(k) for k in _ROW_COLUMNS})
-            results[i].update(generate_rows=len(members), padding_share=padding_share)
+            results[i].update(generate_rows=len(members), padding_share=padding_share, generated_at=finished)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return to_table(self.predict_rows(batch.to_pylist()))

@@ -303,8 +303,8 @@ DECODED_SCHEMA = pa.schema(
 
 
 def decode_block(block: pa.Table, *, max_pixels: int, max_side: int, timeout_s: float) -> pa.Table:
-    """The decode stage of the caption job (a Ray Data CPU task): :func:`decode_row` on every
-    row of a block. This module imports neither torch nor transformers, so decode workers stay
-    light."""
+    """The decoding half of the caption job's CPU stage: :func:`decode_row` on every
+    row of a block. This module imports neither torch nor transformers (the job's CPU stage adds
+    the model's processor: ``pipelines.preprocess.prepare_block``)."""
     rows = [decode_row(r, max_pixels=max_pixels, max_side=max_side, timeout_s=timeout_s) for r in block.to_pylist()]
     return pa.Table.from_pylist([{k: r.get(k) for k in DECODED_SCHEMA.names} for r in rows], schema=DECODED_SCHEMA)

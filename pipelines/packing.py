@@ -88,3 +88,31 @@ def default_batch_tokens(config, *, free_bytes: int | None, dtype_bytes: int, ma
     per_token_activation = dtype_bytes * (4 * dims.hidden_size + 3 * dims.intermediate_size)
     usable = GPU_MEMORY_SHARE * free_bytes - max_rows * max_new_tokens * per_token_cache
     return max(1, int(usable // (per_token_cache + per_token_activation)))
+
+
+def call_figures(rows: list[dict]) -> dict:
+    """What output rows say about their generate calls (rows without ``generate_rows`` are
+    skipped). A row of a call of n rows counts 1/n of that call:
+
+        calls = Σ 1/n,   rows_per_generate = rows / calls,
+        padding_share = Σ padding/n / calls   (the mean over calls),
+        generate_s = Σ latency/n,   span = last call's end − first call's start.
+    """
+    calls = padding = generate_s = 0.0
+    counted = 0
+    first, last = float("inf"), float("-inf")
+    for row in rows:
+        n = row.get("generate_rows")
+        if not n:
+            continue
+        counted += 1
+        calls += 1.0 / n
+        padding += (row.get("padding_share") or 0.0) / n
+        seconds = (row.get("latency_ms") or 0.0) / 1000.0
+        generate_s += seconds / n
+        if row.get("generated_at") is not None:
+            first, last = min(first, row["generated_at"] - seconds), max(last, row["generated_at"])
+    if not counted:
+        return {}
+    return {"rows_per_generate": counted / calls, "padding_share": padding / calls, "generate_s": generate_s,
+            "span_s": max(0.0, last - first) if last > first else 0.0}

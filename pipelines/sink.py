@@ -48,6 +48,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("first_token_logprobs", pa.list_(pa.float32())),
         pa.field("generate_rows", pa.int32()),  # rows that shared this row's generate call
         pa.field("padding_share", pa.float64()),  # padding share of that call's token slots
+        pa.field("generated_at", pa.float64()),  # unix time at the end of that call
     ]
 )
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)

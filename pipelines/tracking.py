@@ -188,8 +188,11 @@ def output_metrics(table) -> dict:
 
     ``prefill_ms_per_item``, ``visual_tokens_kept_mean``, ``flops_reduction`` (exact LM count),
     ``flops_reduction_paper`` and ``kv_cache_bytes_mean`` are means over the rows that produced
-    an output; ``errors`` counts the rows with an error.
+    an output; ``errors`` counts the rows with an error; ``rows_per_generate`` and
+    ``padding_share`` describe their generate calls (``pipelines.packing.call_figures``).
     """
+    from pipelines.packing import call_figures
+
     rows = table.to_pylist()
     ok = [r for r in rows if r.get("error") is None]
 
@@ -206,6 +209,8 @@ def output_metrics(table) -> dict:
         "flops_reduction": mean("flops_reduction"),
         "flops_reduction_paper": mean("flops_reduction_paper"),
         "kv_cache_bytes_mean": mean("kv_cache_bytes"),
+        "rows_per_generate": call_figures(ok).get("rows_per_generate"),
+        "padding_share": call_figures(ok).get("padding_share"),
     }
 
 

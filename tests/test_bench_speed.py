@@ -142,9 +142,22 @@ def test_markdown_tables_from_e2e_and_pipeline_results_and_a_failed_bench():
            "model_7b": [{"config": "entropyprune 1/9", "vision_ms": 5000.0, "prefill_ms": 29000.0,
                          "decode_ms_per_token": 4100.0, "speedup_prefill": 3.63, "speedup_e2e_16": 1.93,
                          "speedup_e2e_64": 1.47}]}
-    pipeline = {"items": 256, "bare_items_per_s": 19.2, "pipeline_items_per_s": 17.1, "ratio": 0.89, "steady_ratio": 0.94}
+    pipeline = {"items": 256, "bare_items_per_s": 19.2, "pipeline_items_per_s": 17.1, "ratio": 0.89, "steady_ratio": 0.94,
+                "actor_busy_share": 0.97}
+    batching = {"images": 4096, "distinct_visual_token_counts": 42, "visual_tokens_median": 2242, "keep_ratio": 0.25,
+                "gpu_default_batch_tokens": 164566, "goal": {"fill": 0.9, "padding_share": 0.1},
+                "results": [{"batch_size": 8, "batch_tokens": 164566, "exact_count_rows_per_generate": 1.59,
+                             "rows_per_generate": 8.0, "rows_allowed_per_generate": 8.0, "fill": 1.0,
+                             "padding_share": 0.0666, "padding_share_after_prune": 0.0656}]}
+    overhead = {"scoring_ms": 22.0, "prefill_ms_estimated": 28000.0, "scoring_fraction_of_prefill": 0.0008, "goal_fraction": 0.01,
+                "batch_scoring": [{"heads": 40, "rows": 32, "tokens": 576, "one_call_ms": 1172.0, "one_call_ms_per_row": 36.6,
+                                   "per_row_calls_ms": 1113.0}]}
     machine = {"cpu": "Test CPU", "cores": 2, "torch": "2.13", "transformers": "5.24", "gpu": None, "date": "2026-12-02"}
-    table = bench_all.markdown({"e2e": e2e, "pipeline": pipeline, "decode": {"error": "RuntimeError: boom"}}, machine, False)
+    table = bench_all.markdown({"e2e": e2e, "pipeline": pipeline, "batching": batching, "overhead": overhead,
+                                "decode": {"error": "RuntimeError: boom"}}, machine, False)
+    assert "| 8 | 164566 (GPU default) | 1.59 | **8.00** | 8.00 | 100.0% | 6.7% | 6.6% |" in table
+    assert "model actor busy 97.0% (goal ≥ 90%)" in table
+    assert "32 rows × 576 tokens, 40 heads: 1172 ms (36.6 ms per row; row by row 1113 ms)" in table
     assert "Measured by `ep bench all` on Test CPU, 2 cores, torch 2.13, transformers 5.24, no GPU, 2026-12-02." in table
     assert "| none | 10.00 | 4.00 | 3.00 | 2048 KiB | 144 |" in table
     assert "end to end, G = 16 | end to end, G = 64 |" in table

@@ -24,6 +24,22 @@ def test_token_entropy_matches_numpy_float64(shape):
     assert token_entropy(q).shape == shape[:-2]
 
 
+def test_token_entropy_in_chunks_and_at_an_index_equals_the_reference():
+    """A batch of 3 rows × 300 tokens spans several eigen chunks on CPU; scoring a subset by
+    flat index (the batch rule's path) gives the same scores as the full batch."""
+    from ep_core.entropy import EIGEN_CHUNK
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 300, 8, 16, dtype=torch.float64)
+    assert q.shape[0] * q.shape[1] > 3 * EIGEN_CHUNK["cpu"]
+    scores = token_entropy(q)
+    reference = numpy_token_entropy(q.reshape(-1, 8, 16).numpy()).reshape(3, 300)
+    np.testing.assert_allclose(scores.numpy(), reference, rtol=1e-12, atol=1e-12)
+    index = torch.tensor([0, 299, 300, 511, 512, 899, 5])
+    assert torch.equal(token_entropy(q, index=index), scores.flatten()[index])
+    assert token_entropy(q, index=index[:0]).shape == (0,)
+
+
 def test_token_entropy_centres_in_the_input_dtype_like_the_official_code():
     """fp32 queries are centred in fp32 then upcast: equal to the fp64 score up to fp32 rounding."""
     torch.manual_seed(0)

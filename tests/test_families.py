@@ -104,3 +104,9 @@ def test_decode_memory_counts_frames_only_for_videos():
     assert image_block == 2 * 64 * 1024 * 1024 * 3
     assert _decode_memory(cfg, rows_per_block=64, any_video=True) == 8 * image_block
     assert _decode_memory(cfg, rows_per_block=1, any_video=False) == 256 << 20  # the floor
+    from pipelines.caption import _prepare_memory
+
+    llava = CaptionConfig(model="llava-1.5-7b", input="i", output="o", frames=8, max_side=1024)  # a preset: 336 px, 1 crop
+    assert _prepare_memory(llava, 64, any_video=False) == image_block + 64 * 3 * 336 * 336 * 4
+    next_ = CaptionConfig(model="llava-v1.6-vicuna-7b", input="i", output="o", frames=8, max_side=1024)  # anyres: 5 crops
+    assert _prepare_memory(next_, 64, any_video=True) == 8 * image_block + 8 * 64 * 5 * 3 * 336 * 336 * 4

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.packing import default_batch_tokens, pack, rows_allowed
+from pipelines.packing import call_figures, default_batch_tokens, pack, rows_allowed
 
 MIXED_SIZES = [(20, 20), (30, 12), (12, 30), (16, 8), (8, 8), (40, 10), (20, 20), (12, 30)]
 
@@ -49,6 +49,16 @@ def test_default_batch_tokens_follows_free_memory():
     expected = int((0.8 * free - 8 * 32 * kv) // (kv + act))
     assert default_batch_tokens(config, free_bytes=free, dtype_bytes=2, max_rows=8, max_new_tokens=32) == expected
     assert default_batch_tokens(config, free_bytes=1 << 20, dtype_bytes=2, max_rows=8, max_new_tokens=32) == 1
+
+
+def test_call_figures_count_each_call_once():
+    """Two calls: rows x, y (1 s, ended at t=10) and z alone (3 s, ended at t=20)."""
+    rows = [{"generate_rows": 2, "padding_share": 0.2, "latency_ms": 1000.0, "generated_at": 10.0}] * 2
+    rows += [{"generate_rows": 1, "padding_share": 0.0, "latency_ms": 3000.0, "generated_at": 20.0},
+             {"generate_rows": None, "error": "cannot decode"}]
+    figures = call_figures(rows)
+    assert figures == pytest.approx({"rows_per_generate": 1.5, "padding_share": 0.1, "generate_s": 4.0, "span_s": 11.0})
+    assert call_figures([{"error": "x"}]) == {}
 
 
 # ---------------------------------------------------------------------------- the model stage

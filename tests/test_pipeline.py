@@ -215,7 +215,9 @@ def test_caption_run_is_tracked_and_a_down_server_costs_no_work(ray_session, tin
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     out = str(tmp_path / "tracked")
     assert caption(base + ["--output", out, "--experiment", "unit-caption"]) == 0
-    assert "MLflow: run recorded" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "MLflow: run recorded" in printed
+    assert "3.00 rows per generate call (0.0% padding)" in printed  # 6 equal images, calls of --batch-size 3
     client = MlflowClient(f"sqlite:///{os.path.abspath(out)}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("unit-caption").experiment_id])
     assert run.data.params["method"] == "entropyprune" and run.data.params["keep_ratio"] == "0.25"
@@ -228,3 +230,9 @@ def test_caption_run_is_tracked_and_a_down_server_costs_no_work(ray_session, tin
     for key in ("prefill_ms_per_item", "flops_reduction_paper", "kv_cache_bytes_mean"):
         assert metrics[key] > 0
     assert {r["run_id"] for r in rows} == {run.info.run_id}  # rows point at their MLflow run
+    assert metrics["rows_per_generate"] == pytest.approx(3) and metrics["padding_share"] == 0
+    assert {r["generate_rows"] for r in rows} == {3}
+
+    # model actors that would take every CPU leave the CPU stage none: refused, not hung
+    assert caption(base + ["--output", str(tmp_path / "starved"), "--workers", "2", "--no-tracking"]) == 2
+    assert "take all 2 CPUs of the cluster" in capsys.readouterr().err

@@ -62,7 +62,9 @@ def test_two_node_cluster_losing_its_worker_node_mid_run(tiny_model, tmp_path):
     inputs = image_dir(str(tmp_path / "imgs"), 40)
     out = str(tmp_path / "out")
     env = {"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    # 3 CPUs on the head: after the loss, the restarted actor and the surviving one take 2 and the
+    # CPU stage (decode + preprocess) still has one; with 2, both actors would wait forever for input
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=2)
     removed = threading.Event()
 

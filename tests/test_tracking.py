@@ -261,14 +261,16 @@ def test_output_metrics_are_means_over_the_rows_with_an_output():
         return {"sample_id": i, "output": None if error else "x", "error": error, **values}
 
     costs = dict(prefill_ms=99.0, visual_tokens=999, visual_tokens_kept=999, flops_reduction=0.99,
-                 flops_reduction_paper=0.99, kv_cache_bytes=999_999)
+                 flops_reduction_paper=0.99, kv_cache_bytes=999_999, generate_rows=8, padding_share=0.9)
     rows = [row("a", prefill_ms=10.0, visual_tokens=144, visual_tokens_kept=48, flops_reduction=0.4,
-                flops_reduction_paper=0.5, kv_cache_bytes=1000),
+                flops_reduction_paper=0.5, kv_cache_bytes=1000, generate_rows=1, padding_share=0.0),
             row("b", prefill_ms=30.0, visual_tokens=576, visual_tokens_kept=64, flops_reduction=0.6,
-                flops_reduction_paper=0.7, kv_cache_bytes=3000),
+                flops_reduction_paper=0.7, kv_cache_bytes=3000, generate_rows=4, padding_share=0.2),
             row("c", error="generation failed (OutOfMemoryError)", **costs)]
     assert output_metrics(to_table(rows)) == pytest.approx({
         "rows": 3, "errors": 1, "prefill_ms_per_item": 20.0, "visual_tokens_mean": 360.0,
         "visual_tokens_kept_mean": 56.0, "flops_reduction": 0.5, "flops_reduction_paper": 0.6,
         "kv_cache_bytes_mean": 2000.0,
+        # a is a whole call, b a quarter of one: 2 rows / 1.25 calls; padding (0 + 0.2/4) / 1.25
+        "rows_per_generate": 1.6, "padding_share": 0.04,
     })

@@ -19,7 +19,9 @@ NEEDS = frozenset({"queries"})
 def select_batch(candidates: Candidates) -> torch.Tensor:
     """``[B, W]`` bool: the ``ks[b]`` highest-scoring visual tokens of every row, scored in one
     call over the whole batch (rows of different lengths padded to W and masked)."""
-    queries = candidates.queries
-    index = candidates.visual_pos[..., None, None].expand(-1, -1, *queries.shape[2:])
-    scores = token_entropy(queries.gather(1, index))  # [B, W]
+    queries = candidates.queries  # [B, T, H, hd]
+    batch, length = queries.shape[:2]
+    rows = torch.arange(batch, device=queries.device)[:, None] * length
+    flat_index = (candidates.visual_pos + rows).flatten()  # into queries.reshape(B·T, H, hd)
+    scores = token_entropy(queries, index=flat_index).view(batch, -1)  # [B, W]
     return top_per_row(scores, candidates.visual_valid, candidates.ks)

@@ -1,0 +1,83 @@
+"""The preprocessing stage: decoded pixels → the model's inputs, on CPU workers.
+
+The model's processor (resize, normalise, anyres tiling, the chat template, tokenisation)
+costs tens of milliseconds per image (38 ms for LLaVA-1.5 at 1024×768, 103 ms for LLaVA-NeXT,
+../shared/reference/GPU_REVIEW.md). Run inside the GPU actor, it leaves the GPU idle; here it
+runs in the job's CPU stage, right after decoding (:func:`prepare_block`), before the model
+stage, which then only collates, generates and decodes text. A row leaves this stage with ``encoded``: its processor output (``input_ids``,
+``attention_mask``, ``pixel_values``, …) as an ``.npz`` archive (no pickle), and
+``prompt_tokens``; its pixels are dropped. A processor failure costs that row only.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+import pyarrow as pa
+
+from ep_core.prompts import chat_prompt
+from pipelines.media import DECODED_SCHEMA, decode_block, frames_of
+
+PREPROCESSED_SCHEMA = pa.schema(
+    [f for f in DECODED_SCHEMA if f.name not in ("pixels", "shape")]
+    + [pa.field("encoded", pa.large_binary()), pa.field("prompt_tokens", pa.int32())]
+)
+
+
+def encode_row(processor, row: dict) -> dict[str, np.ndarray]:
+    """The processor's output for one decoded row (an image, or a video's frames as images)."""
+    images = frames_of(row)
+    text = chat_prompt(processor, len(images), row["prompt"])
+    return {k: np.asarray(v) for k, v in processor(images=images, text=[text], return_tensors="np").items()}
+
+
+def pack_encoding(encoding: dict[str, np.ndarray]) -> bytes:
+    """``encoding`` as the bytes of an ``.npz`` archive."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **encoding)
+    return buffer.getvalue()
+
+
+def unpack_encoding(data: bytes) -> dict[str, np.ndarray]:
+    """The inverse of :func:`pack_encoding` (object arrays refused)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {k: archive[k] for k in archive.files}
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(model: str):
+    """One processor per model and worker process (Ray reuses workers across tasks)."""
+    from ep_core.loading import load_processor
+
+    return load_processor(model)
+
+
+def preprocess_row(row: dict, model: str) -> dict:
+    """A decoded row → the same row with ``encoded`` and ``prompt_tokens`` (or ``error``)."""
+    out = {k: row.get(k) for k in PREPROCESSED_SCHEMA.names}
+    if row.get("error") or row.get("pixels") is None:
+        return out
+    try:
+        encoding = encode_row(_processor(model), row)
+    except Exception as exc:  # noqa: BLE001 - a processor failure costs this row only
+        out["error"] = f"preprocessing failed ({type(exc).__name__}: {exc}): {row.get('source')}"
+        return out
+    out["encoded"] = pack_encoding(encoding)
+    out["prompt_tokens"] = int(encoding["input_ids"].shape[-1])
+    return out
+
+
+def preprocess_block(block: pa.Table, *, model: str) -> pa.Table:
+    """:func:`preprocess_row` on every row of a decoded block."""
+    rows = [preprocess_row(r, model) for r in block.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=PREPROCESSED_SCHEMA)
+
+
+def prepare_block(block: pa.Table, *, model: str, max_pixels: int, max_side: int, timeout_s: float) -> pa.Table:
+    """The CPU stage of the caption job (a Ray Data task): decode a block of source rows
+    (``pipelines.media.decode_block``), then preprocess it. One task does both, so decoded
+    pixels never travel through the object store and one CPU slot serves the stage."""
+    decoded = decode_block(block, max_pixels=max_pixels, max_side=max_side, timeout_s=timeout_s)
+    return preprocess_block(decoded, model=model)

@@ -1,0 +1,73 @@
+"""The preprocessing stage (``pipelines.preprocess``): the processor runs on CPU workers, the
+model actor gets ready tensors and gives the same outputs as when it ran the processor itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipelines import preprocess
+from pipelines.media import DECODED_SCHEMA, decode_row
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    from tests.media_fixtures import save_tiny_llava_next
+
+    return save_tiny_llava_next(str(tmp_path_factory.mktemp("next") / "m"))
+
+
+def _decoded(tmp_path, sizes):
+    rows = []
+    for i, (w, h) in enumerate(sizes):
+        path = str(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        rows.append(decode_row({"sample_id": str(i), "source": path, "path": path, "media_type": "image",
+                                "frames": 1, "prompt": "describe this image"}))
+    return rows
+
+
+def test_preprocessed_rows_give_the_same_outputs_as_rows_encoded_in_the_actor(next_dir, tmp_path):
+    from ep_core import PruneConfig
+    from pipelines.infer import CaptionPredictor
+
+    decoded = _decoded(tmp_path, [(20, 20), (30, 12), (12, 30)])
+    block = pa.Table.from_pylist([{k: r.get(k) for k in DECODED_SCHEMA.names} for r in decoded], schema=DECODED_SCHEMA)
+    ready = preprocess.preprocess_block(block, model=next_dir)
+    assert ready.schema == preprocess.PREPROCESSED_SCHEMA and "pixels" not in ready.column_names
+    rows = ready.to_pylist()
+    processor = preprocess._processor(next_dir)
+    for row, source in zip(rows, decoded):
+        direct = preprocess.encode_row(processor, source)
+        unpacked = preprocess.unpack_encoding(row["encoded"])
+        assert set(unpacked) == set(direct) >= {"input_ids", "attention_mask", "pixel_values", "image_sizes"}
+        assert all(np.array_equal(unpacked[k], direct[k]) for k in direct)
+        assert row["prompt_tokens"] == direct["input_ids"].shape[-1]
+    predictor = CaptionPredictor(model=next_dir, prune=PruneConfig("entropyprune", keep_ratio=0.3), max_new_tokens=4, device="cpu")
+    from_stage = predictor.predict_rows(rows)
+    in_actor = predictor.predict_rows(decoded)
+    for a, b in zip(from_stage, in_actor):
+        assert a["error"] is None and a["output"] == b["output"] and a["first_token_ids"] == b["first_token_ids"]
+        assert a["visual_tokens_kept"] == b["visual_tokens_kept"] < a["visual_tokens"]
+
+
+def test_a_processor_failure_costs_that_row_only(tmp_path, monkeypatch):
+    decoded = _decoded(tmp_path, [(12, 12), (12, 12)])
+    decoded[1]["prompt"] = "boom"
+
+    class Processor:
+        def __call__(self, images, text, return_tensors):
+            if "boom" in text[0]:
+                raise ValueError("this image breaks the processor")
+            return {"input_ids": np.ones((1, 3), dtype=np.int64)}
+
+        def apply_chat_template(self, messages, add_generation_prompt):
+            return messages[0]["content"][-1]["text"]
+
+    monkeypatch.setattr(preprocess, "_processor", lambda model: Processor())
+    out = [preprocess.preprocess_row(r, "m") for r in decoded]
+    assert out[0]["error"] is None and out[0]["prompt_tokens"] == 3
+    assert out[1]["encoded"] is None and "this image breaks the processor" in out[1]["error"]
+    assert out[1]["error"].startswith("preprocessing failed (ValueError") and out[1]["error"].endswith("1.png")
