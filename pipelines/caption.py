@@ -131,18 +131,14 @@ class Summary:
         return text
 
 
-def _decode_memory(cfg: CaptionConfig, rows_per_block: int, any_video: bool) -> int:
-    """Bytes one decode task holds: its block's decoded pixels, twice (decoded + Arrow copy),
-    at least 256 MiB. A row is one image, or ``frames`` frames when the block may hold videos:
-    rows × (frames or 1) × max_side² × 3 × 2."""
-    pixels = rows_per_block * (max(1, cfg.frames) if any_video else 1) * cfg.max_side * cfg.max_side * 3
-    return int(max(256 << 20, 2 * pixels))
+CPU_STAGE_BASE_BYTES = 512 << 20  # a CPU-stage worker before any block: Python, torch, transformers, the processor
 
 
-def _prepare_memory(cfg: CaptionConfig, rows_per_block: int, any_video: bool) -> int:
-    """Bytes one CPU-stage task holds: the decoded block (:func:`_decode_memory`) plus its
-    float32 pixel tensors, rows × (frames or 1) × crops × 3 × S² × 4 (S the vision tower's
-    image size, crops 5 for anyres families, else 1)."""
+def _cpu_stage_memory(cfg: CaptionConfig, rows_per_block: int, any_video: bool) -> int:
+    """Bytes one CPU-stage task (decode + preprocess) holds: the worker's base, plus per image
+    (``frames`` images per row when the block may hold videos) its decoded pixels twice
+    (decoded + Arrow copy), 2·max_side²·3, and its float32 pixel tensors, crops·3·S²·4 (S the
+    vision tower's image size; 5 crops for anyres families, else 1)."""
     from ep_core.families import FAMILIES
     from ep_core.loading import load_model_config
 
@@ -150,8 +146,8 @@ def _prepare_memory(cfg: CaptionConfig, rows_per_block: int, any_video: bool) ->
     family = FAMILIES.get(getattr(config, "model_type", None))
     side = int(getattr(getattr(config, "vision_config", None), "image_size", 336) or 336)
     crops = 5 if family is not None and family.anyres else 1
-    tensors = rows_per_block * (max(1, cfg.frames) if any_video else 1) * crops * 3 * side * side * 4
-    return _decode_memory(cfg, rows_per_block, any_video) + int(tensors)
+    images = rows_per_block * (max(1, cfg.frames) if any_video else 1)
+    return CPU_STAGE_BASE_BYTES + images * (2 * cfg.max_side * cfg.max_side * 3 + crops * 3 * side * side * 4)
 
 
 class CaptionJob:
@@ -266,7 +262,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         # What one CPU task holds (the decoded pixels of a block and their pixel tensors).
         # Resource requests that differ from the model stage's also keep Ray Data from fusing
         # this stage into the model actors: CPU tasks run on their own CPUs while the actors generate.
-        memory=_prepare_memory(cfg, rows_per_block, any_video),
+        memory=_cpu_stage_memory(cfg, rows_per_block, any_video),
     )
     ds = ds.map_batches(
         CaptionPredictor,

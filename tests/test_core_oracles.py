@@ -44,6 +44,13 @@ def _generate(model, inputs, **kwargs):
     )
 
 
+def _assert_same_generation(a, b) -> None:
+    """The same tokens, and scores equal within float32 noise."""
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+
+
 def _masked_reference_generate(model, batch, stats):
     """Unpruned generate, eager attention, layers >= K unable to see the tokens ``stats`` dropped."""
     kept = padded_kept_mask(stats, batch["attention_mask"])
@@ -104,9 +111,7 @@ def test_masked_reference(model, batch, method, keep):
         stats = handle.stats
     assert all(s["visual_tokens_kept"] < s["visual_tokens"] for s in stats)
     reference = _masked_reference_generate(model, batch, stats)
-    assert torch.equal(pruned.sequences, reference.sequences)
-    for a, b in zip(pruned.scores, reference.scores):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _assert_same_generation(pruned, reference)
 
 
 @pytest.mark.parametrize("method", PRUNING_METHODS)
@@ -116,14 +121,19 @@ def test_batch_invariance_with_left_padding(tiny, method):
     batch = make_inputs(processor, PROMPTS, images)
     assert (batch["attention_mask"] == 0).any(), "the batch must contain left padding"
     with apply_pruning(model, PruneConfig(method, keep_ratio=0.3)) as handle:
-        together = _generate(model, batch)
-        batch_stats = handle.stats
-        for i, (prompt, image) in enumerate(zip(PROMPTS, images)):
-            alone = _generate(model, make_inputs(processor, [prompt], [image]))
-            assert handle.stats[0]["kept_positions"] == batch_stats[i]["kept_positions"]
-            assert torch.equal(alone.sequences[0, -NEW_TOKENS:], together.sequences[i, -NEW_TOKENS:])
-            for a, b in zip(alone.scores, together.scores):
-                torch.testing.assert_close(a[0], b[i], atol=2e-5, rtol=1e-5)
+        _assert_rows_as_alone(model, handle, batch, [make_inputs(processor, [p], [im]) for p, im in zip(PROMPTS, images)])
+
+
+def _assert_rows_as_alone(model, handle, batch, rows) -> None:
+    """Generate ``batch`` and each of ``rows`` alone: same kept tokens, same tokens, same scores."""
+    together = _generate(model, batch)
+    batch_stats = handle.stats
+    for i, row in enumerate(rows):
+        alone = _generate(model, row)
+        assert handle.stats[0]["kept_positions"] == batch_stats[i]["kept_positions"]
+        assert torch.equal(alone.sequences[0, -NEW_TOKENS:], together.sequences[i, -NEW_TOKENS:])
+        for a, b in zip(alone.scores, together.scores):
+            torch.testing.assert_close(a[0], b[i], atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", PRUNING_METHODS)
@@ -133,9 +143,7 @@ def test_cache_invariance(model, batch, method):
         cached_stats = handle.stats
         uncached = _generate(model, batch, use_cache=False)
         assert handle.stats == cached_stats
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.scores, uncached.scores):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _assert_same_generation(cached, uncached)
 
 
 def test_per_layer_cache_lengths_and_stats(tiny, batch):
@@ -191,9 +199,7 @@ def test_llava_next_masked_reference_and_cache_invariance(tiny_next, method):
     assert all(s["visual_tokens"] == n_vis and s["visual_tokens_kept"] == round(0.3 * n_vis) for s in stats)
     assert torch.equal(pruned.sequences, uncached.sequences)
     reference = _masked_reference_generate(model, batch, stats)
-    assert torch.equal(pruned.sequences, reference.sequences)
-    for a, b in zip(pruned.scores, reference.scores):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _assert_same_generation(pruned, reference)
 
 
 @pytest.mark.parametrize("method", PRUNING_METHODS)
@@ -209,9 +215,7 @@ def test_a_prompt_ending_in_the_image_keeps_its_last_position(tiny, method):
     length = batch["input_ids"].shape[1]
     assert length - 1 in stats[0]["kept_positions"] and stats[0]["visual_tokens_kept"] < stats[0]["visual_tokens"]
     reference = _masked_reference_generate(model, batch, stats)
-    assert torch.equal(pruned.sequences, reference.sequences)
-    for a, b in zip(pruned.scores, reference.scores):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _assert_same_generation(pruned, reference)
 
 
 # ---------------------------------------------------------------------------- mixed visual-token counts
@@ -278,13 +282,9 @@ def test_mixed_counts_masked_reference_and_cache_invariance(next_mixed, method, 
     full = batch["input_ids"].shape[1]
     lengths = [layer.keys.shape[-2] for layer in pruned.past_key_values.layers]
     assert lengths == [full + NEW_TOKENS - 1] * 2 + [slots + NEW_TOKENS - 1] * 2
-    assert torch.equal(pruned.sequences, uncached.sequences)
-    for a, b in zip(pruned.scores, uncached.scores):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _assert_same_generation(pruned, uncached)
     reference = _masked_reference_generate(model, batch, stats)
-    assert torch.equal(pruned.sequences, reference.sequences)
-    for a, b in zip(pruned.scores, reference.scores):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _assert_same_generation(pruned, reference)
 
 
 @pytest.mark.parametrize("method", PRUNING_METHODS)
@@ -293,14 +293,7 @@ def test_mixed_counts_batch_invariance(next_mixed, method):
     anyres patches) is pruned and decoded exactly as alone."""
     model, processor, images, batch = next_mixed
     with apply_pruning(model, PruneConfig(method, keep_ratio=0.3)) as handle:
-        together = _generate(model, batch)
-        batch_stats = handle.stats
-        for i, (prompt, image) in enumerate(zip(MIXED_PROMPTS, images)):
-            alone = _generate(model, make_inputs(processor, [prompt], [image]))
-            assert handle.stats[0]["kept_positions"] == batch_stats[i]["kept_positions"]
-            assert torch.equal(alone.sequences[0, -NEW_TOKENS:], together.sequences[i, -NEW_TOKENS:])
-            for a, b in zip(alone.scores, together.scores):
-                torch.testing.assert_close(a[0], b[i], atol=2e-5, rtol=1e-5)
+        _assert_rows_as_alone(model, handle, batch, [make_inputs(processor, [p], [im]) for p, im in zip(MIXED_PROMPTS, images)])
 
 
 @pytest.mark.parametrize("method", ["none", *PRUNING_METHODS])
@@ -329,11 +322,7 @@ def test_mixed_counts_without_any_padding(model, tiny, method):
         spy.remove()
         stats = handle.stats
         uncached = _generate(model, batch, use_cache=False)
-        for i, row in enumerate(rows):
-            alone = _generate(model, row)
-            assert torch.equal(alone.sequences[0, -NEW_TOKENS:], together.sequences[i, -NEW_TOKENS:])
-            for a, b in zip(alone.scores, together.scores):
-                torch.testing.assert_close(a[0], b[i], atol=2e-5, rtol=1e-5)
+        _assert_rows_as_alone(model, handle, batch, rows)
     assert [s["visual_tokens"] for s in stats] == [32, 16] and stats[0]["visual_tokens_kept"] != stats[1]["visual_tokens_kept"]
     assert len(masks) == NEW_TOKENS and all(m is not None for m in masks)  # built where the backend gave none
     for mask in masks:  # no query row without a key (an empty row is NaN on some kernels)
@@ -342,9 +331,7 @@ def test_mixed_counts_without_any_padding(model, tiny, method):
             assert allowed.any(dim=-1).all()
     assert torch.equal(together.sequences, uncached.sequences)
     reference = _masked_reference_generate(model, batch, stats)
-    assert torch.equal(together.sequences, reference.sequences)
-    for a, b in zip(together.scores, reference.scores):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _assert_same_generation(together, reference)
 
 
 def test_random_seed_does_not_depend_on_the_batch_padding_of_pixels(tiny_next_mixed):

@@ -96,17 +96,12 @@ def test_default_frames_fit_the_context():
     assert default_frames(load_model_config("qwen2.5-vl-7b"), 32) == 8  # 256 per image of 128k positions: the cap
 
 
-def test_decode_memory_counts_frames_only_for_videos():
-    from pipelines.caption import CaptionConfig, _decode_memory
-
-    cfg = CaptionConfig(model="m", input="i", output="o", frames=8, max_side=1024)
-    image_block = _decode_memory(cfg, rows_per_block=64, any_video=False)
-    assert image_block == 2 * 64 * 1024 * 1024 * 3
-    assert _decode_memory(cfg, rows_per_block=64, any_video=True) == 8 * image_block
-    assert _decode_memory(cfg, rows_per_block=1, any_video=False) == 256 << 20  # the floor
-    from pipelines.caption import _prepare_memory
+def test_cpu_stage_memory_counts_frames_only_for_videos():
+    from pipelines.caption import CPU_STAGE_BASE_BYTES, CaptionConfig, _cpu_stage_memory
 
     llava = CaptionConfig(model="llava-1.5-7b", input="i", output="o", frames=8, max_side=1024)  # a preset: 336 px, 1 crop
-    assert _prepare_memory(llava, 64, any_video=False) == image_block + 64 * 3 * 336 * 336 * 4
+    per_image = 2 * 1024 * 1024 * 3 + 3 * 336 * 336 * 4
+    assert _cpu_stage_memory(llava, 64, any_video=False) == CPU_STAGE_BASE_BYTES + 64 * per_image
+    assert _cpu_stage_memory(llava, 64, any_video=True) == CPU_STAGE_BASE_BYTES + 8 * 64 * per_image
     next_ = CaptionConfig(model="llava-v1.6-vicuna-7b", input="i", output="o", frames=8, max_side=1024)  # anyres: 5 crops
-    assert _prepare_memory(next_, 64, any_video=True) == 8 * image_block + 8 * 64 * 5 * 3 * 336 * 336 * 4
+    assert _cpu_stage_memory(next_, 64, any_video=False) == CPU_STAGE_BASE_BYTES + 64 * (2 * 1024 * 1024 * 3 + 5 * 3 * 336 * 336 * 4)
