@@ -304,6 +304,8 @@ class PruningHandle:
         captured = state.captured
         needs = self.rule.NEEDS
         queries = captured["queries"].view(batch, length, -1, head_dim) if "queries" in needs else None
+        keys = captured["keys"].view(batch, length, -1, head_dim) if "keys" in needs else None
+        cos, sin = kwargs["position_embeddings"]
         if hasattr(self.rule, "select_batch"):  # the whole batch at once, no sync
             width = max(counts)
             order = torch.sort(state.is_visual.to(torch.int8), dim=1, stable=True)
@@ -311,15 +313,13 @@ class PruningHandle:
                 visual_pos=order.indices[:, length - width :],
                 visual_valid=order.values[:, length - width :].bool(),
                 ks=torch.tensor(ks, device=hidden.device),
-                queries=queries,
+                valid=state.valid, queries=queries, keys=keys, cos=cos, sin=sin,
             )
             chosen = self.rule.select_batch(candidates)  # [B, width] bool
             kept = torch.zeros_like(state.is_visual)
             return kept.scatter_(1, candidates.visual_pos, chosen & candidates.visual_valid)
 
-        cos, sin = kwargs["position_embeddings"]
         normed = self.final_norm(hidden) if "hidden" in needs else None
-        keys = captured["keys"].view(batch, length, -1, head_dim) if "keys" in needs else None
         kept = state.is_visual.clone()
         is_visual = state.is_visual.cpu()
         for b in range(batch):

@@ -222,7 +222,7 @@ def test_fastv_ignores_padded_keys_even_when_they_would_take_the_attention():
     head 0 [1, 0, 0], head 1 [0, 2, 0] → mean attention A 0.341 < B 0.500: B is kept."""
     import math
 
-    from ep_core.methods import Row, fastv
+    from ep_core.methods import Row
 
     r2 = math.sqrt(2.0)  # the score divides by √hd, hd = 2
     keys = torch.tensor([
@@ -235,7 +235,20 @@ def test_fastv_ignores_padded_keys_even_when_they_would_take_the_attention():
     queries[3, 0, 0] = queries[3, 1, 1] = 1.0
     row = Row(visual_pos=torch.tensor([1, 2]), valid=torch.tensor([False, True, True, True]), seed=0,
               queries=queries, keys=keys, cos=torch.ones(4, 2), sin=torch.zeros(4, 2))
-    assert fastv.select(row, 1).tolist() == [1]  # B (index 1 of visual_pos); with the padded key: A
+    assert _fastv_kept(row, 1) == [1]  # B (index 1 of visual_pos); with the padded key: A
+
+
+def _fastv_kept(row, k: int) -> list[int]:
+    """FastV's kept indices into ``row.visual_pos``, through its whole-batch rule on a batch of
+    one (batches of several rows are checked by the oracles of test_core_oracles.py)."""
+    from ep_core.methods import Candidates, fastv
+
+    n = len(row.visual_pos)
+    candidates = Candidates(
+        visual_pos=row.visual_pos[None], visual_valid=torch.ones(1, n, dtype=torch.bool), ks=torch.tensor([k]),
+        valid=row.valid[None], queries=row.queries[None], keys=row.keys[None], cos=row.cos[None], sin=row.sin[None],
+    )
+    return fastv.select_batch(candidates)[0].nonzero()[:, 0].tolist()
 
 
 def _numpy_fastv(queries, keys, cos, sin, visual_pos, valid, k):
@@ -260,7 +273,7 @@ def _numpy_fastv(queries, keys, cos, sin, visual_pos, valid, k):
 def test_fastv_selection_equals_a_numpy_reference_at_the_right_temperature(seed):
     """Large random logits (std ≈ 3), H = 4 ≠ hd = 8 and GQA: the kept set depends on the
     softmax temperature, so a wrong scale (× √hd, or √H) changes it."""
-    from ep_core.methods import Row, fastv
+    from ep_core.methods import Row
 
     rng = np.random.default_rng(seed)
     T, H, Hkv, hd, k = 24, 4, 2, 8, 6
@@ -275,7 +288,7 @@ def test_fastv_selection_equals_a_numpy_reference_at_the_right_temperature(seed)
     row = Row(visual_pos=torch.from_numpy(visual_pos), valid=torch.from_numpy(valid), seed=0,
               queries=torch.from_numpy(queries), keys=torch.from_numpy(keys), cos=torch.from_numpy(cos),
               sin=torch.from_numpy(sin))
-    assert set(fastv.select(row, k).tolist()) == _numpy_fastv(queries, keys, cos, sin, visual_pos, valid, k)
+    assert set(_fastv_kept(row, k)) == _numpy_fastv(queries, keys, cos, sin, visual_pos, valid, k)
 
 
 def _numpy_dart(keys, hidden, cos, sin, visual_pos, valid, k, pivots=4):

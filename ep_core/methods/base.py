@@ -44,13 +44,20 @@ class Candidates:
             columns, other (non-visual) positions before them.
         visual_valid: ``[B, W]`` bool, True at the row's visual tokens.
         ks: ``[B]`` how many visual tokens each row keeps.
+        valid: ``[B, T]`` bool, False at padding.
         queries: ``[B, T, H, hd]`` layer K−1 ``q_proj`` output (pre-RoPE), if the rule needs it.
+        keys: ``[B, T, Hkv, hd]`` layer K−1 ``k_proj`` output (pre-RoPE), if needed.
+        cos, sin: ``[B|1, T, hd]`` the rotary tables, to rotate queries/keys.
     """
 
     visual_pos: torch.Tensor
     visual_valid: torch.Tensor
     ks: torch.Tensor
+    valid: torch.Tensor | None = None
     queries: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
 
 
 def top_per_row(scores: torch.Tensor, valid: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
