@@ -126,6 +126,8 @@ class Summary:
         if self.extra.get("rows_per_generate"):
             text += (f", {self.extra['rows_per_generate']:.2f} rows per generate call "
                      f"({100 * self.extra['padding_share']:.1f}% padding)")
+        if self.extra.get("oom_split_rows"):
+            text += f"; {self.extra['oom_split_rows']} rows ran in calls split after running out of memory"
         if not self.complete:
             text += f"; {self.missing} rows missing: run the same command again to finish them"
         return text
@@ -303,7 +305,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if batch.num_rows == 0:
                 continue
-            calls.extend(batch.select(["generate_rows", "padding_share", "latency_ms", "generated_at"]).to_pylist())
+            calls.extend(batch.select(["generate_rows", "padding_share", "latency_ms", "generated_at", "oom_splits"]).to_pylist())
             if first_batch is None:
                 first_batch = (time.monotonic() - start, batch.num_rows)
             buffer.append(batch)
@@ -339,6 +341,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         # spent inside generate (the rest: preprocessing, collating, waiting for input)
         if figures["span_s"] > 0:
             summary.extra["actor_busy_share"] = figures["generate_s"] / (cfg.workers * figures["span_s"])
+        summary.extra["oom_split_rows"] = sum(1 for row in calls if row.get("oom_splits"))
     if first_batch is not None and sink.rows_written > first_batch[1]:
         summary.extra["first_output_s"] = first_batch[0]
         summary.extra["steady_items_per_s"] = (sink.rows_written - first_batch[1]) / (summary.seconds - first_batch[0])

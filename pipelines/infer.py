@@ -14,10 +14,13 @@ and for each batch of decoded rows:
    visual-token counts share a call), left-padded text and concatenated pixel tensors;
 4. runs greedy ``generate`` and returns one output row per input row, in the output schema,
    with ``generate_rows`` (rows of its call) and ``padding_share`` (of the call's token slots).
+   A call that runs out of memory is split in halves and retried (``oom_splits`` counts the
+   halvings a row's call went through).
 
-Rows that arrive with ``error`` (unreadable input) pass through with a null output. A batch
-whose ``generate`` raises is retried row by row; a row that still fails gets ``error`` — one
-row lost, never the job. The same class runs without Ray (the bench's bare loop does that).
+Rows that arrive with ``error`` (unreadable input) pass through with a null output. A call
+that runs out of memory is retried in halves down to one row; a call whose ``generate``
+raises anything else is retried row by row; a row that still fails gets ``error`` — one row
+lost, never the job. The same class runs without Ray (the bench's bare loop does that).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import pyarrow as pa
 
 from ep_core.accounting import sample_stats
 from ep_core.config import PruneConfig
-from pipelines.packing import default_batch_tokens, pack
+from pipelines.packing import call_of, default_batch_tokens, pack
 from pipelines.preprocess import encode_row, unpack_encoding
 from pipelines.sink import to_table
 
@@ -233,22 +236,45 @@ class CaptionPredictor:
             f"model's context of {self.context} positions; {fix}: {row.get('source')}"
         )
 
-    def _run_group(self, members, rows, results, padding_share: float = 0.0) -> None:
+    def _run_group(self, members, rows, results, padding_share: float = 0.0, splits: int = 0) -> None:
+        """One ``generate`` call for ``members`` (``(row index, inputs)`` pairs).
+
+        Out of memory: free the device and run each half as its own call, down to one row; a row
+        that alone does not fit gets an error with its token count. Any other failure: retry row
+        by row, so the row at fault is the only one lost. Retries start after the ``except``
+        block has ended, when nothing references the failed call's tensors any more."""
+        import torch
+
+        failure = None
         try:
             texts, infos, latency = self._generate([enc for _, enc in members])
             finished = time.time()
+        except torch.OutOfMemoryError:
+            failure = "out of memory"
         except Exception:  # noqa: BLE001
-            if len(members) > 1:  # find the row that fails; the others still get answers
-                for member in members:
-                    self._run_group([member], rows, results)
+            failure = traceback.format_exc().strip().splitlines()[-1]
+        if failure is not None:
+            _release_memory(self.device)
+            if len(members) > 1:
+                oom = failure == "out of memory"
+                parts = [members[: len(members) // 2], members[len(members) // 2 :]] if oom else [[m] for m in members]
+                for part in parts:
+                    share = call_of([enc["input_ids"].shape[1] for _, enc in part]).padding_share
+                    self._run_group(part, rows, results, padding_share=share, splits=splits + oom)
                 return
-            i = members[0][0]
-            last = traceback.format_exc().strip().splitlines()[-1]
-            results[i]["error"] = f"generation failed ({last}): {rows[i].get('source')}"
+            i, enc = members[0]
+            if failure == "out of memory":
+                results[i]["error"] = (
+                    f"out of memory: this row alone ({enc['input_ids'].shape[1]} prompt tokens + {self.max_new_tokens} "
+                    f"new) does not fit the device; use fewer --frames or a smaller --max-side: {rows[i].get('source')}"
+                )
+            else:
+                results[i]["error"] = f"generation failed ({failure}): {rows[i].get('source')}"
             return
         for (i, _), text, info in zip(members, texts, infos):
             results[i].update(output=text, latency_ms=latency, **{k: info.get(k) for k in _ROW_COLUMNS})
-            results[i].update(generate_rows=len(members), padding_share=padding_share, generated_at=finished)
+            results[i].update(generate_rows=len(members), padding_share=padding_share, generated_at=finished,
+                              oom_splits=splits)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return to_table(self.predict_rows(batch.to_pylist()))
@@ -295,3 +321,14 @@ class _PrefillTimer:
             self._sync()
             self.ms = (time.perf_counter() - self._start) * 1000.0
             self._armed = False
+
+
+def _release_memory(device) -> None:
+    """After a failed call: collect its garbage and return the device's cached blocks."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

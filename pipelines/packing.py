@@ -60,6 +60,11 @@ def _call(rows: list[int], lengths: list[int]) -> Call:
     return Call(rows=tuple(rows), longest=max(lengths[i] for i in rows), tokens=sum(lengths[i] for i in rows))
 
 
+def call_of(lengths: list[int]) -> Call:
+    """The :class:`Call` of rows of ``lengths`` tokens run together."""
+    return _call(list(range(len(lengths))), lengths)
+
+
 def rows_allowed(lengths: list[int], batch_tokens: int, max_rows: int) -> float:
     """Rows per call the budget allows these rows with no padding at all: min(R, T / mean
     length), at least 1 — the bound packing is measured against."""

@@ -49,6 +49,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("generate_rows", pa.int32()),  # rows that shared this row's generate call
         pa.field("padding_share", pa.float64()),  # padding share of that call's token slots
         pa.field("generated_at", pa.float64()),  # unix time at the end of that call
+        pa.field("oom_splits", pa.int32()),  # halvings after out-of-memory errors before that call ran
     ]
 )
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)

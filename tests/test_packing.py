@@ -130,3 +130,52 @@ def test_a_prompt_over_the_context_is_one_error_row(tmp_path):
     error = out[1]["error"]
     assert error.startswith("prompt too long: this image is ") and "(16 visual) + 4 new" in error
     assert "context of 48 positions" in error and "--max-side" in error and error.endswith("1.png")
+
+
+def test_out_of_memory_splits_calls_until_they_fit(tmp_path):
+    """The fault: ``generate`` raises out-of-memory whenever a call holds more than a budget of
+    prompt tokens. Every row still gets the output it gets without the fault; rows record the
+    halvings; with a budget below one row, those rows get errors with their token count, the
+    others are unaffected."""
+    import torch
+
+    from pipelines.infer import CaptionPredictor
+    from tests.media_fixtures import save_tiny_llava
+
+    model_dir = save_tiny_llava(str(tmp_path / "m"))
+    rows = _rows(tmp_path, [(12, 12)] * 8, prompts=["describe this image", "what color is the circle", "how many",
+                                                     "describe", "what", "how many red square", "color", "describe this"])
+    clean = {r["sample_id"]: r for r in CaptionPredictor(model=model_dir, max_new_tokens=3, device="cpu").predict_rows(rows)}
+
+    def faulty(predictor, limit):
+        real_generate, calls = predictor.model.generate, []
+
+        def generate(**inputs):
+            tokens = inputs["input_ids"].numel()
+            calls.append(inputs["input_ids"].shape[0])
+            if tokens > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory: tried a call of {tokens} tokens")
+            return real_generate(**inputs)
+
+        predictor.model.generate = generate
+        return calls
+
+    predictor = CaptionPredictor(model=model_dir, max_new_tokens=3, device="cpu")
+    calls = faulty(predictor, limit=2 * 30)  # room for two rows of <= 30 tokens
+    out = predictor.predict_rows(rows)
+    assert calls[0] == 8 and max(calls[1:]) <= 4 and all(r["error"] is None for r in out)
+    for r in out:
+        assert r["output"] == clean[r["sample_id"]]["output"] and r["first_token_ids"] == clean[r["sample_id"]]["first_token_ids"]
+        assert r["oom_splits"] >= 2 and r["generate_rows"] <= 2  # 8 → 4 → 2 (→ 1)
+    assert clean["0"]["oom_splits"] == 0 and clean["0"]["generate_rows"] == 8
+
+    predictor = CaptionPredictor(model=model_dir, max_new_tokens=3, device="cpu")
+    lengths = {row["sample_id"]: predictor._encode(row)["input_ids"].shape[1] for row in rows}
+    limit = sorted(lengths.values())[3]  # the 4 shortest rows fit alone, the others never
+    faulty(predictor, limit=limit)
+    out = predictor.predict_rows(rows)
+    for r in out:
+        if lengths[r["sample_id"]] <= limit:
+            assert r["error"] is None and r["output"] == clean[r["sample_id"]]["output"]
+        else:
+            assert r.get("output") is None and r["error"].startswith(f"out of memory: this row alone ({lengths[r['sample_id']]} prompt tokens + 3 new)")
