@@ -283,7 +283,6 @@ def sweep(s: SweepSettings) -> SweepReport:
     runs and, with ``coverage`` on shapes, ``OUTPUT/coverage.json`` (``demo.coverage``)."""
     from ep_core.ecl import resolve_prune_layer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     s = replace(s, prune_layer=resolve_prune_layer(s.prune_layer, s.model, s.profile))
     configs = configurations(parse_list(s.methods), parse_list(s.keep_ratios, float))
     check_configurations(s.model, configs, s.prune_layer, s.random_seed)

@@ -40,6 +40,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "num_gpus": (float, "GPUs per model actor (default: 1 if the cluster has GPUs, else 0)"),
     "cpus_per_worker": (float, "CPUs per model actor (default 1)"),
     "dtype": (str, "auto, float32, float16 or bfloat16 (default auto)"),
+    "attn_implementation": (str, "attention backend: sdpa, eager or flash_attention_2 (default: flash_attention_2 on a GPU when flash-attn is installed, else sdpa)"),
     "max_side": (int, "downscale decoded images/frames to this longer side (default 1024)"),
     "max_pixels": (int, "refuse images with more pixels (decompression bombs; default 100000000)"),
     "decode_timeout": (float, "seconds allowed to decode one video (default 60)"),

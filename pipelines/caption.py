@@ -15,6 +15,7 @@ each when the cluster has GPUs, else run on CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ from pipelines.sink import ParquetSink, check_job, done_ids
 from pipelines.sources import scan
 
 log = logging.getLogger(__name__)
+ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2")
 PACK_WINDOW = 4  # a model actor packs generate calls from batch_size × PACK_WINDOW rows at a time
 
 
@@ -56,6 +58,7 @@ class CaptionConfig:
     num_gpus: float | None = None  # per model actor; None = 1 if the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0  # per model actor (CPU actors also use this many torch threads)
     dtype: str = "auto"
+    attn_implementation: str | None = None  # sdpa, eager, flash_attention_2; None: flash on a GPU when installed, else sdpa
     max_side: int = DEFAULT_MAX_SIDE
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S
@@ -78,6 +81,8 @@ class CaptionConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.batch_tokens is not None and (isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or self.batch_tokens < 1):
             raise ValueError(f"batch-tokens must be an integer >= 1, got {self.batch_tokens!r}")
+        if self.attn_implementation not in (None, *ATTENTION_BACKENDS):
+            raise ValueError(f"attn-implementation must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attn_implementation!r}")
         if not self.decode_timeout > 0:
             raise ValueError(f"decode-timeout must be > 0 seconds, got {self.decode_timeout!r}")
         if self.num_gpus is not None and self.num_gpus < 0:
@@ -86,12 +91,13 @@ class CaptionConfig:
     def job_identity(self) -> dict:
         """What the rows of an output directory depend on (a rerun must match it)."""
         return {"model": self.model, **self.prune.to_dict(), "max_new_tokens": self.max_new_tokens,
-                "max_side": self.max_side}
+                "max_side": self.max_side, "dtype": self.dtype, "attn_implementation": self.attn_implementation}
 
     def run_params(self) -> dict:
         """The MLflow params of a caption run (docs/design.md §3)."""
         return {"model": self.model, **self.prune.to_dict(), "batch_size": self.batch_size,
-                "batch_tokens": self.batch_tokens, "dataset": self.input, "max_new_tokens": self.max_new_tokens}
+                "batch_tokens": self.batch_tokens, "dataset": self.input, "max_new_tokens": self.max_new_tokens,
+                "dtype": self.dtype, "attn_implementation": self.attn_implementation}
 
 
 @dataclass
@@ -165,6 +171,11 @@ class CaptionJob:
             raise FileNotFoundError(f"input not found: {cfg.input}")
         model_config = load_model_config(cfg.model)
         check_supported(model_config, cfg.prune)  # family, method and prune layer
+        if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(
+                "--attn-implementation flash_attention_2 needs the flash-attn package on every GPU node "
+                "(pip install flash-attn --no-build-isolation), or use sdpa"
+            )
         if cfg.frames is None:
             cfg.frames = default_frames(model_config, cfg.max_new_tokens)
             log.debug(f"[caption] {cfg.frames} frames per video (what fits the model's context; --frames to change)")
@@ -273,6 +284,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
             "prune": cfg.prune,
             "max_new_tokens": cfg.max_new_tokens,
             "dtype": cfg.dtype,
+            "attn_implementation": cfg.attn_implementation,
             "device": "cuda" if gpus else "cpu",
             "torch_threads": None if gpus else max(1, int(cfg.cpus_per_worker)),
             "run_id": run_id,

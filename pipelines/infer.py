@@ -64,6 +64,7 @@ class CaptionPredictor:
         run_id: str | None = None,
         batch_size: int = 8,
         batch_tokens: int | None = None,
+        attn_implementation: str | None = None,
     ):
         import torch
 
@@ -74,7 +75,9 @@ class CaptionPredictor:
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.prune = prune
-        self.model, self.processor = load_model(model, dtype=dtype, device=device)
+        self.model, self.processor = load_model(
+            model, dtype=dtype, device=device, attn_implementation=attn_implementation or _default_attention(device)
+        )
         self.model_name = model
         self.max_new_tokens = max_new_tokens
         self.run_id = run_id
@@ -332,3 +335,13 @@ def _release_memory(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _default_attention(device: str) -> str:
+    """flash_attention_2 on a GPU where the flash-attn package is installed, else sdpa."""
+    import importlib.util
+
+    from ep_core.loading import resolve_device
+
+    on_gpu = resolve_device(device).startswith("cuda")
+    return "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") is not None else "sdpa"

@@ -70,6 +70,16 @@ def test_caption_preflight_refuses_unsupported_pruning_before_ray(tmp_path, caps
     assert main(["caption", "--model", "demo", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
                  "--method", "dart", "--keep-ratio", "0.5", "--prune-layer", "6"]) == 2
     assert "between 1 and 5 for this 6-layer decoder, got 6" in capsys.readouterr().err
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:  # never installed on the CPU CI machine
+        assert main(["caption", "--model", "demo", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+                     "--attn-implementation", "flash_attention_2"]) == 2
+        err = capsys.readouterr().err
+        assert "needs the flash-attn package" in err and "or use sdpa" in err and err.count("\n") == 1
+    assert main(["caption", "--model", "demo", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+                 "--attn-implementation", "flex"]) == 2
+    assert "attn-implementation must be one of sdpa, eager, flash_attention_2" in capsys.readouterr().err
     assert not ray.is_initialized()
     assert not (tmp_path / "o").exists()  # nothing written, no tracking store opened
 
@@ -105,3 +115,17 @@ def test_cpu_stage_memory_counts_frames_only_for_videos():
     assert _cpu_stage_memory(llava, 64, any_video=True) == CPU_STAGE_BASE_BYTES + 8 * 64 * per_image
     next_ = CaptionConfig(model="llava-v1.6-vicuna-7b", input="i", output="o", frames=8, max_side=1024)  # anyres: 5 crops
     assert _cpu_stage_memory(next_, 64, any_video=False) == CPU_STAGE_BASE_BYTES + 64 * (2 * 1024 * 1024 * 3 + 5 * 3 * 336 * 336 * 4)
+
+
+def test_dtype_and_attention_backend_are_part_of_the_job_identity(tmp_path):
+    """Rows computed in another dtype or attention backend must not be mixed into an output."""
+    from pipelines.caption import CaptionConfig
+    from pipelines.sink import check_job
+
+    base = dict(model="demo", input="i", output=str(tmp_path))
+    check_job(str(tmp_path), CaptionConfig(**base).job_identity())
+    (tmp_path / "part-x-0.parquet").write_bytes(b"")  # the directory holds rows now
+    for other in (dict(dtype="bfloat16"), dict(attn_implementation="eager")):
+        with pytest.raises(ValueError, match="holds rows of a different job"):
+            check_job(str(tmp_path), CaptionConfig(**base, **other).job_identity())
+    assert {"dtype", "attn_implementation"} <= set(CaptionConfig(**base).run_params())
