@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return int(args._module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, PermissionError) as exc:  # user errors: one clear line, no traceback
         print(f"ep {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `ep ... | head`: the reader left, nothing is wrong
@@ -97,7 +97,7 @@ def module_main(module, name: str, argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
 

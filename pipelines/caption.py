@@ -35,6 +35,7 @@ from pipelines.sources import scan
 
 log = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 PACK_WINDOW = 4  # a model actor packs generate calls from batch_size × PACK_WINDOW rows at a time
 
 
@@ -81,6 +82,8 @@ class CaptionConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.batch_tokens is not None and (isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or self.batch_tokens < 1):
             raise ValueError(f"batch-tokens must be an integer >= 1, got {self.batch_tokens!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.attn_implementation not in (None, *ATTENTION_BACKENDS):
             raise ValueError(f"attn-implementation must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attn_implementation!r}")
         if not self.decode_timeout > 0:
@@ -158,6 +161,16 @@ def _cpu_stage_memory(cfg: CaptionConfig, rows_per_block: int, any_video: bool) 
     return CPU_STAGE_BASE_BYTES + images * (2 * cfg.max_side * cfg.max_side * 3 + crops * 3 * side * side * 4)
 
 
+def _check_writable(output: str) -> None:
+    """Refuse an output directory that cannot be created or written (checked on the nearest
+    existing ancestor), before any work."""
+    path = os.path.abspath(output)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"output {output} cannot be written ({path} is not a writable directory); choose another --output")
+
+
 class CaptionJob:
     """One captioning job. Constructing it is the preflight: everything the config and the
     model's config.json can tell (no weights, no Ray) is checked here, so that a usage error
@@ -169,6 +182,7 @@ class CaptionJob:
 
         if not os.path.exists(cfg.input):
             raise FileNotFoundError(f"input not found: {cfg.input}")
+        _check_writable(cfg.output)
         model_config = load_model_config(cfg.model)
         check_supported(model_config, cfg.prune)  # family, method and prune layer
         if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:

@@ -80,6 +80,13 @@ def test_caption_preflight_refuses_unsupported_pruning_before_ray(tmp_path, caps
     assert main(["caption", "--model", "demo", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
                  "--attn-implementation", "flex"]) == 2
     assert "attn-implementation must be one of sdpa, eager, flash_attention_2" in capsys.readouterr().err
+    assert main(["caption", "--model", "demo", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+                 "--dtype", "fp8"]) == 2
+    assert "dtype must be one of auto, float32, float16, bfloat16, got 'fp8'" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")  # an output "directory" under a regular file cannot be created
+    assert main(["caption", "--model", "demo", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "file" / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written" in err and err.count("\n") == 1
     assert not ray.is_initialized()
     assert not (tmp_path / "o").exists()  # nothing written, no tracking store opened
 
