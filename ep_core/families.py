@@ -136,11 +136,20 @@ def default_visual_tokens(config: Any) -> int:
     family = FAMILIES.get(model_type)
     kind = family.vision if family is not None else None
     if kind == "clip" and model_type in ("llava", "llava_next"):
-        return tokens_per_crop(config) * (5 if family.anyres else 1)
+        return tokens_per_crop(config) * default_crops(config)
     if kind in ("qwen2_vl", "qwen2_5_vl"):
         merge = int(vision.spatial_merge_size)
         return (QWEN_DEFAULT_IMAGE_SIDE // int(vision.patch_size)) ** 2 // (merge * merge)
     raise ValueError(f"no default visual-token count for model type {model_type!r}; give the number of visual tokens explicitly")
+
+
+ANYRES_DEFAULT_CROPS = 5  # the base image plus a 2×2 grid
+
+
+def default_crops(config: Any) -> int:
+    """Crops the vision tower sees per image by default: 5 for anyres families, else 1."""
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    return ANYRES_DEFAULT_CROPS if family is not None and family.anyres else 1
 
 
 def tokens_per_crop(config: Any) -> int:

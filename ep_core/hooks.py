@@ -277,7 +277,6 @@ class PruningHandle:
         ``P_b`` slots of ``P = max_b P_b``; the first ``P − P_b`` slots (filler) hold dropped
         positions and are masked. One device sync for the counts, one for the stats.
         """
-        batch, length = hidden.shape[:2]
         text = state.valid & ~state.is_visual
         text[:, -1] = True  # the last position is always kept (it gives the next-token logits)
         counts, text_counts = torch.stack([state.is_visual.sum(1), text.sum(1)]).tolist()
@@ -288,13 +287,9 @@ class PruningHandle:
         kept_visual = self._kept_visual(state, hidden, kwargs, counts, ks)  # [B, T] bool
         keep_mask = text | kept_visual  # padding goes too: it is masked anyway, filler replaces it
         sizes = [t + k for t, k in zip(text_counts, ks)]
-        slots = max(sizes)
-        # a stable sort puts each row's dropped positions first and its kept ones last, in order
-        order = torch.sort(keep_mask.to(torch.int8), dim=1, stable=True)
-        keep = order.indices[:, length - slots :]
-        slot_valid = order.values[:, length - slots :].bool()
+        keep, slot_valid = _right_aligned(keep_mask, max(sizes))
         self.stats = self._all_row_stats(keep, slot_valid)
-        return keep, slot_valid, min(sizes) < slots
+        return keep, slot_valid, min(sizes) < max(sizes)
 
     def _kept_visual(self, state: _Prefill, hidden: torch.Tensor, kwargs: dict, counts: list[int], ks: list[int]):
         """``[B, T]`` bool: the visual tokens each row keeps (``ks[b]`` of its ``counts[b]``)."""
@@ -307,11 +302,10 @@ class PruningHandle:
         keys = captured["keys"].view(batch, length, -1, head_dim) if "keys" in needs else None
         cos, sin = kwargs["position_embeddings"]
         if hasattr(self.rule, "select_batch"):  # the whole batch at once, no sync
-            width = max(counts)
-            order = torch.sort(state.is_visual.to(torch.int8), dim=1, stable=True)
+            visual_pos, visual_valid = _right_aligned(state.is_visual, max(counts))
             candidates = Candidates(
-                visual_pos=order.indices[:, length - width :],
-                visual_valid=order.values[:, length - width :].bool(),
+                visual_pos=visual_pos,
+                visual_valid=visual_valid,
                 ks=torch.tensor(ks, device=hidden.device),
                 valid=state.valid, queries=queries, keys=keys, cos=cos, sin=sin,
             )
@@ -435,6 +429,16 @@ def _uses_flash_masks(implementation: str | None) -> bool:
 
 
 # ---------------------------------------------------------------------- tensor surgery
+def _right_aligned(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's True positions of ``mask [B, T]``, ascending, in the last columns of
+    ``[B, width]`` (``width`` ≥ every row's count); the columns before them hold some of the
+    row's False positions. Returns (positions, True where the column is one of the row's).
+    A stable sort puts each row's False positions first and its True ones last, in order."""
+    order = torch.sort(mask.to(torch.int8), dim=1, stable=True)
+    start = mask.shape[1] - width
+    return order.indices[:, start:], order.values[:, start:].bool()
+
+
 def _gather_tokens(table: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``table [B|1, T, D]`` → ``[B, P, D]`` at the kept positions of each row."""
     table = table.expand(keep.shape[0], -1, -1)

@@ -21,7 +21,8 @@ import os
 from ep_core.families import family_for
 from ep_core.presets import PRESET_CHECKPOINTS, PRESETS, preset_config, resolve_preset
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2")
 
 
 def resolve_model_name(name_or_path: str | os.PathLike) -> str:
@@ -93,13 +94,28 @@ def resolve_dtype(dtype: str, device: str):
     """``auto`` is bfloat16 on a GPU that supports it (else float16) and float32 on CPU."""
     import torch
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return getattr(torch, dtype)
+
+
+def flash_attention_available() -> bool:
+    """The ``flash-attn`` package is importable here."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attention(attn_implementation: str | None, device: str) -> str:
+    """The attention backend to load: the one asked for, else flash_attention_2 on a GPU where
+    ``flash-attn`` is installed, else sdpa."""
+    if attn_implementation is not None:
+        return attn_implementation
+    return "flash_attention_2" if resolve_device(device).startswith("cuda") and flash_attention_available() else "sdpa"
 
 
 def load_model(

@@ -15,7 +15,6 @@ each when the cluster has GPUs, else run on CPU.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -26,16 +25,15 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from ep_core.config import PruneConfig
+from ep_core.loading import ATTENTION_BACKENDS, DTYPES, flash_attention_available
 from pipelines.cluster import ray_session
 from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-from pipelines.packing import call_figures
+from pipelines.packing import CallTally
 from pipelines.preprocess import prepare_block
 from pipelines.sink import ParquetSink, check_job, done_ids
 from pipelines.sources import scan
 
 log = logging.getLogger(__name__)
-ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 PACK_WINDOW = 4  # a model actor packs generate calls from batch_size × PACK_WINDOW rows at a time
 
 
@@ -82,7 +80,7 @@ class CaptionConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.batch_tokens is not None and (isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or self.batch_tokens < 1):
             raise ValueError(f"batch-tokens must be an integer >= 1, got {self.batch_tokens!r}")
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPES:  # the loader's list: checked here before any work
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.attn_implementation not in (None, *ATTENTION_BACKENDS):
             raise ValueError(f"attn-implementation must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attn_implementation!r}")
@@ -150,13 +148,12 @@ def _cpu_stage_memory(cfg: CaptionConfig, rows_per_block: int, any_video: bool) 
     (``frames`` images per row when the block may hold videos) its decoded pixels twice
     (decoded + Arrow copy), 2·max_side²·3, and its float32 pixel tensors, crops·3·S²·4 (S the
     vision tower's image size; 5 crops for anyres families, else 1)."""
-    from ep_core.families import FAMILIES
+    from ep_core.families import default_crops
     from ep_core.loading import load_model_config
 
     config = load_model_config(cfg.model)
-    family = FAMILIES.get(getattr(config, "model_type", None))
     side = int(getattr(getattr(config, "vision_config", None), "image_size", 336) or 336)
-    crops = 5 if family is not None and family.anyres else 1
+    crops = default_crops(config)
     images = rows_per_block * (max(1, cfg.frames) if any_video else 1)
     return CPU_STAGE_BASE_BYTES + images * (2 * cfg.max_side * cfg.max_side * 3 + crops * 3 * side * side * 4)
 
@@ -185,7 +182,7 @@ class CaptionJob:
         _check_writable(cfg.output)
         model_config = load_model_config(cfg.model)
         check_supported(model_config, cfg.prune)  # family, method and prune layer
-        if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        if cfg.attn_implementation == "flash_attention_2" and not flash_attention_available():
             raise ValueError(
                 "--attn-implementation flash_attention_2 needs the flash-attn package on every GPU node "
                 "(pip install flash-attn --no-build-isolation), or use sdpa"
@@ -317,7 +314,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     last_flush = last_log = start
     buffer: list[pa.Table] = []
     buffered = 0
-    calls: list[dict] = []  # per output row: what it says about its generate call
+    calls = CallTally()  # what the output rows say about their generate calls
     first_batch = None  # (seconds until the first results arrived, their rows): start-up cost
 
     def flush() -> None:
@@ -331,7 +328,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if batch.num_rows == 0:
                 continue
-            calls.extend(batch.select(["generate_rows", "padding_share", "latency_ms", "generated_at", "oom_splits"]).to_pylist())
+            calls.add(batch.select(list(CallTally.COLUMNS)).to_pylist())
             if first_batch is None:
                 first_batch = (time.monotonic() - start, batch.num_rows)
             buffer.append(batch)
@@ -359,7 +356,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     summary.errors_new = sink.errors_written
     summary.missing = len(todo) - sink.rows_written
     summary.extra["duplicates_dropped"] = sink.duplicates_dropped
-    figures = call_figures(calls)
+    figures = calls.figures()
     if figures:
         summary.extra["rows_per_generate"] = figures["rows_per_generate"]
         summary.extra["padding_share"] = figures["padding_share"]
@@ -367,7 +364,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         # spent inside generate (the rest: preprocessing, collating, waiting for input)
         if figures["span_s"] > 0:
             summary.extra["actor_busy_share"] = figures["generate_s"] / (cfg.workers * figures["span_s"])
-        summary.extra["oom_split_rows"] = sum(1 for row in calls if row.get("oom_splits"))
+        summary.extra["oom_split_rows"] = figures["oom_split_rows"]
     if first_batch is not None and sink.rows_written > first_batch[1]:
         summary.extra["first_output_s"] = first_batch[0]
         summary.extra["steady_items_per_s"] = (sink.rows_written - first_batch[1]) / (summary.seconds - first_batch[0])

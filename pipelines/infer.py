@@ -70,13 +70,13 @@ class CaptionPredictor:
 
         from ep_core import apply_pruning
         from ep_core.families import FAMILIES
-        from ep_core.loading import load_model
+        from ep_core.loading import load_model, resolve_attention
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.prune = prune
         self.model, self.processor = load_model(
-            model, dtype=dtype, device=device, attn_implementation=attn_implementation or _default_attention(device)
+            model, dtype=dtype, device=device, attn_implementation=resolve_attention(attn_implementation, device)
         )
         self.model_name = model
         self.max_new_tokens = max_new_tokens
@@ -335,13 +335,3 @@ def _release_memory(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _default_attention(device: str) -> str:
-    """flash_attention_2 on a GPU where the flash-attn package is installed, else sdpa."""
-    import importlib.util
-
-    from ep_core.loading import resolve_device
-
-    on_gpu = resolve_device(device).startswith("cuda")
-    return "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") is not None else "sdpa"

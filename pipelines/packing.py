@@ -95,29 +95,49 @@ def default_batch_tokens(config, *, free_bytes: int | None, dtype_bytes: int, ma
     return max(1, int(usable // (per_token_cache + per_token_activation)))
 
 
-def call_figures(rows: list[dict]) -> dict:
-    """What output rows say about their generate calls (rows without ``generate_rows`` are
-    skipped). A row of a call of n rows counts 1/n of that call:
+class CallTally:
+    """What output rows say about their generate calls, added up batch by batch (the driver
+    holds five numbers, not the rows). Rows without ``generate_rows`` are skipped. A row of a
+    call of n rows counts 1/n of that call:
 
         calls = Σ 1/n,   rows_per_generate = rows / calls,
         padding_share = Σ padding/n / calls   (the mean over calls),
         generate_s = Σ latency/n,   span = last call's end − first call's start.
     """
-    calls = padding = generate_s = 0.0
-    counted = 0
-    first, last = float("inf"), float("-inf")
-    for row in rows:
-        n = row.get("generate_rows")
-        if not n:
-            continue
-        counted += 1
-        calls += 1.0 / n
-        padding += (row.get("padding_share") or 0.0) / n
-        seconds = (row.get("latency_ms") or 0.0) / 1000.0
-        generate_s += seconds / n
-        if row.get("generated_at") is not None:
-            first, last = min(first, row["generated_at"] - seconds), max(last, row["generated_at"])
-    if not counted:
-        return {}
-    return {"rows_per_generate": counted / calls, "padding_share": padding / calls, "generate_s": generate_s,
-            "span_s": max(0.0, last - first) if last > first else 0.0}
+
+    COLUMNS = ("generate_rows", "padding_share", "latency_ms", "generated_at", "oom_splits")
+
+    def __init__(self) -> None:
+        self.rows = self.oom_split_rows = 0
+        self.calls = self.padding = self.generate_s = 0.0
+        self.first, self.last = float("inf"), float("-inf")
+
+    def add(self, rows: list[dict]) -> "CallTally":
+        for row in rows:
+            n = row.get("generate_rows")
+            if not n:
+                continue
+            self.rows += 1
+            self.calls += 1.0 / n
+            self.padding += (row.get("padding_share") or 0.0) / n
+            seconds = (row.get("latency_ms") or 0.0) / 1000.0
+            self.generate_s += seconds / n
+            self.oom_split_rows += bool(row.get("oom_splits"))
+            if row.get("generated_at") is not None:
+                self.first = min(self.first, row["generated_at"] - seconds)
+                self.last = max(self.last, row["generated_at"])
+        return self
+
+    def figures(self) -> dict:
+        """``rows_per_generate``, ``padding_share``, ``generate_s``, ``span_s``,
+        ``oom_split_rows``; empty when no row came from a generate call."""
+        if not self.rows:
+            return {}
+        return {"rows_per_generate": self.rows / self.calls, "padding_share": self.padding / self.calls,
+                "generate_s": self.generate_s, "span_s": max(0.0, self.last - self.first),
+                "oom_split_rows": self.oom_split_rows}
+
+
+def call_figures(rows: list[dict]) -> dict:
+    """:meth:`CallTally.figures` of ``rows``."""
+    return CallTally().add(rows).figures()

@@ -200,6 +200,8 @@ def output_metrics(table) -> dict:
         values = [r[key] for r in ok if r.get(key) is not None]
         return sum(values) / len(values) if values else None
 
+    calls = call_figures(ok)
+
     return {
         "rows": len(rows),
         "errors": len(rows) - len(ok),
@@ -209,8 +211,8 @@ def output_metrics(table) -> dict:
         "flops_reduction": mean("flops_reduction"),
         "flops_reduction_paper": mean("flops_reduction_paper"),
         "kv_cache_bytes_mean": mean("kv_cache_bytes"),
-        "rows_per_generate": call_figures(ok).get("rows_per_generate"),
-        "padding_share": call_figures(ok).get("padding_share"),
+        "rows_per_generate": calls.get("rows_per_generate"),
+        "padding_share": calls.get("padding_share"),
     }
 
 

@@ -57,7 +57,12 @@ def test_call_figures_count_each_call_once():
     rows += [{"generate_rows": 1, "padding_share": 0.0, "latency_ms": 3000.0, "generated_at": 20.0},
              {"generate_rows": None, "error": "cannot decode"}]
     figures = call_figures(rows)
-    assert figures == pytest.approx({"rows_per_generate": 1.5, "padding_share": 0.1, "generate_s": 4.0, "span_s": 11.0})
+    assert figures == pytest.approx({"rows_per_generate": 1.5, "padding_share": 0.1, "generate_s": 4.0, "span_s": 11.0,
+                                     "oom_split_rows": 0})
+    from pipelines.packing import CallTally
+
+    tally = CallTally().add(rows[:1]).add(rows[1:] + [{"generate_rows": 1, "latency_ms": 0.0, "oom_splits": 2}])
+    assert tally.figures()["oom_split_rows"] == 1 and tally.rows == 4  # batch by batch = all at once, plus one
     assert call_figures([{"error": "x"}]) == {}
 
 
