@@ -2,7 +2,7 @@
 
     python -m evaluation.dashboard_screenshot OUTPUT_DIR shot.png [--experiment demo] [--dom dom.html]
 
-starts ``mlflow server`` on 127.0.0.1 (a free port) over ``OUTPUT_DIR/mlflow.db``, opens
+starts ``mlflow server`` on 127.0.0.1 (a free port) over ``OUTPUT_DIR/_mlflow.db``, opens
 :func:`dashboard_url` in headless Chromium (``apt-get install chromium``; driven over its
 DevTools pipe, :class:`Chromium`, so that the screenshot waits until the charts are drawn),
 saves the screenshot (and, with ``--dom``, the rendered page's DOM), stops the server and
@@ -67,9 +67,11 @@ def free_port() -> int:
 
 @contextmanager
 def mlflow_server(output_dir: str, timeout_s: float = 120.0) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 over ``output_dir/mlflow.db`` for the block; yields its
-    base URL. It serves the store read as is (artifacts from the runs' own locations)."""
-    db = os.path.abspath(os.path.join(output_dir, "mlflow.db"))
+    """``mlflow server`` on 127.0.0.1 over ``output_dir``'s default store for the block; yields
+    its base URL. It serves the store read as is (artifacts from the runs' own locations)."""
+    from pipelines.tracking import default_store
+
+    db = str(default_store(output_dir))
     if not os.path.isfile(db):
         raise FileNotFoundError(f"no MLflow store at {db} (run ep sweep or ep demo with --output {output_dir})")
     port = free_port()
@@ -224,7 +226,9 @@ DRAWN = "document.querySelector('svg.main-svg') !== null || document.body.innerT
 def screenshot_dashboard(output_dir: str, png: str, *, experiment: str | None = None) -> tuple[str, str]:
     """Serve ``output_dir``'s MLflow store, screenshot its dashboard to ``png`` once it is drawn
     (or after a minute); ``(the URL opened, the rendered DOM)``."""
-    tracking_uri = f"sqlite:///{os.path.abspath(os.path.join(output_dir, 'mlflow.db'))}"
+    from pipelines.tracking import default_store
+
+    tracking_uri = f"sqlite:///{default_store(output_dir)}"
     with mlflow_server(output_dir) as base, Chromium() as browser:
         url = dashboard_url(base, experiment_id(tracking_uri, experiment))
         browser.open(url, DRAWN)
@@ -234,7 +238,7 @@ def screenshot_dashboard(output_dir: str, png: str, *, experiment: str | None = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.dashboard_screenshot", description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", help="the --output directory of ep sweep / ep demo (holds mlflow.db)")
+    parser.add_argument("output_dir", help="the --output directory of ep sweep / ep demo (holds _mlflow.db)")
     parser.add_argument("png", help="where to write the screenshot")
     parser.add_argument("--experiment", default=None, help="experiment name (default: the newest besides Default)")
     parser.add_argument("--dom", default=None, help="also write the rendered DOM (HTML) here")

@@ -19,7 +19,7 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="'demo', a model directory or a hub id of a supported family")
-    parser.add_argument("--output", required=True, help="directory for profile.json, entropy_curve.png, mlflow.db")
+    parser.add_argument("--output", required=True, help="directory for profile.json, entropy_curve.png, _mlflow.db")
     parser.add_argument("--n", type=int, default=32, help="calibration inputs (default 32)")
     parser.add_argument("--dataset", default="shapes", help="'shapes' (validation scenes drawn on the spot; default) or a manifest / directory of images")
     parser.add_argument("--representation", choices=("hidden", "query"), default="hidden",

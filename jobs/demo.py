@@ -11,7 +11,7 @@ with every pruning method (entropyprune, random, fastv, dart) at the first keep 
 * ``OUTPUT/summary.json`` and the printed table: quality (VQA accuracy, caption object-F1,
   video accuracy), FLOPs cut, items/s per configuration;
 * ``OUTPUT/quality_vs_flops.png``;
-* MLflow runs (``MLFLOW_TRACKING_URI``, else ``sqlite:///OUTPUT/mlflow.db``), experiment ``demo``;
+* MLflow runs (``MLFLOW_TRACKING_URI``, else ``sqlite:///OUTPUT/_mlflow.db``), experiment ``demo``;
 * ``OUTPUT/examples.md``: a few inputs with the answers of each configuration.
 
 Nothing is downloaded; it takes a few minutes on 2 CPU cores. The job is ``evaluation.demo_job``.

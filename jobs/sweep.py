@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune-layer", type=prune_layer_arg, default=2,
                         help="decoder layer K where pruning happens (default 2), or 'auto': K from the calibration profile (ep calibrate), else the family's default")
     parser.add_argument("--profile", default=None, help="with --prune-layer auto: the profile file to read (default: the model's profile)")
-    parser.add_argument("--output", required=True, help="output directory (data, runs/, summary.json, mlflow.db)")
+    parser.add_argument("--output", required=True, help="output directory (data, runs/, summary.json, _mlflow.db)")
     parser.add_argument("--frames", type=int, default=4, help="frames decoded per video (default 4, as the demo model was trained)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per input (default 64: a full dense caption)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per model batch (default 8)")

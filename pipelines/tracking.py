@@ -1,7 +1,9 @@
 """MLflow tracking, from the driver only: workers return figures, they never open a run.
 
-- Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<output>/mlflow.db`` (the
-  file store is deprecated in MLflow 3), whose artifacts go to ``<output>/mlartifacts``.
+- Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<output>/_mlflow.db`` (the
+  file store is deprecated in MLflow 3), whose artifacts go to ``<output>/_mlartifacts``. The
+  leading ``_`` keeps them out of what Parquet readers (pyarrow, Spark, DuckDB) read when
+  given the output directory; an output that already holds a ``mlflow.db`` keeps using it.
 - One experiment per job name; ``ep caption`` records one run, ``ep sweep`` one parent run
   with one child run per (method, keep ratio or budget).
 - Tracking never costs work: if the store or server cannot be reached, or a call fails half
@@ -32,12 +34,23 @@ METRIC_KEYS = (
 )
 
 
+STORE_FILE = "_mlflow.db"  # the default store in an output directory
+ARTIFACTS_DIR = "_mlartifacts"
+_OLD_STORE_FILE = "mlflow.db"  # its name before 2026-12: still used where it exists
+
+
+def default_store(output_dir: str | os.PathLike) -> Path:
+    """The SQLite file of the default store of ``output_dir``."""
+    old = Path(output_dir).resolve() / _OLD_STORE_FILE
+    return old if old.exists() else Path(output_dir).resolve() / STORE_FILE
+
+
 def tracking_uri(output_dir: str | os.PathLike) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a SQLite store beside the job's outputs."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{default_store(output_dir)}"
 
 
 def _server_reachable(uri: str, timeout_s: float = 5.0) -> str | None:
@@ -93,7 +106,7 @@ class Tracker:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
                 if mlflow.get_experiment_by_name(experiment) is None:
                     # the default store keeps its artifacts beside it, not in ./mlruns of the cwd
-                    artifacts = (Path(output_dir).resolve() / "mlartifacts").as_uri()
+                    artifacts = (Path(output_dir).resolve() / ARTIFACTS_DIR).as_uri()
                     mlflow.create_experiment(experiment, artifact_location=artifacts)
             mlflow.set_experiment(experiment)
             self._mlflow = mlflow

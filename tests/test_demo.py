@@ -214,12 +214,12 @@ def test_demo_runs_end_to_end_reduced(ray_session, tmp_path, capsys):
         files = [f for f in os.listdir(r["output"]) if f.endswith(".parquet")]
         rows = sum(pq.read_metadata(os.path.join(r["output"], f)).num_rows for f in files)
         assert rows == 5
-    assert (out / "quality_vs_flops.png").exists() and (out / "mlflow.db").exists()
+    assert (out / "quality_vs_flops.png").exists() and (out / "_mlflow.db").exists()
     text = capsys.readouterr().out
     assert "entropyprune" in text and "quality" in text
     assert all(m in text for m in ("random", "fastv", "dart"))
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{out / '_mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["demo"])
     assert len(runs) == 1 + len(summary)

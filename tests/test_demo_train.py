@@ -220,7 +220,7 @@ def test_a_few_training_steps_run_and_save_a_loadable_model(tmp_path, caplog, mo
     assert set(model.state_dict()) == set(build_model(seed=0)[0].state_dict())
     assert model.config.text_config.num_attention_heads == 16
     assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
-    assert (tmp_path / "log" / "mlflow.db").exists()
+    assert (tmp_path / "log" / "_mlflow.db").exists()
 
 
 def test_count_questions_teach_an_even_split_over_the_first_token_and_the_named_objects():

@@ -124,7 +124,7 @@ def test_ep_calibrate_writes_json_a_profile_and_a_plot(tmp_path, profiles, capsy
     profile = json.loads((out / "profile.json").read_text())
     assert profile["collapse_layer"] == result["collapse_layer"] and profile["model_type"] == "llava"
     assert list(profiles.glob("*.json")) and (out / "entropy_curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "mlflow.db").exists()
+    assert (out / "_mlflow.db").exists()
 
 
 def _write_profile(path, k, model_type="llava"):

@@ -65,13 +65,17 @@ def test_default_store_is_sqlite_beside_the_outputs(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # artifacts must not land in the working directory
     out = tmp_path / "out"
-    assert tracking_uri(out) == f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    assert tracking_uri(out) == f"sqlite:///{out.resolve() / '_mlflow.db'}"
     tracker = Tracker(out, "unit-sweep")
     _record_sweep(tracker, out)
     assert tracker.failure is None
-    assert (out / "mlflow.db").exists()
+    assert (out / "_mlflow.db").exists()
     _check_runs(MlflowClient(tracking_uri(out)), "unit-sweep")
-    assert list(elsewhere.iterdir()) == [] and list((out / "mlartifacts").rglob("cost_quality.png"))
+    assert list(elsewhere.iterdir()) == [] and list((out / "_mlartifacts").rglob("cost_quality.png"))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "mlflow.db").touch()  # an output made before the store got its leading underscore keeps its store
+    assert tracking_uri(old) == f"sqlite:///{old.resolve() / 'mlflow.db'}"
 
 
 def test_plot_draws_one_line_per_method_and_the_unpruned_point(tmp_path, monkeypatch):
@@ -101,7 +105,7 @@ def mlflow_server(tmp_path):
     store.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
+         "--backend-store-uri", f"sqlite:///{store / '_mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
          "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -129,7 +133,7 @@ def test_real_tracking_server_over_http(tmp_path, monkeypatch, mlflow_server):
     tracker = Tracker(tmp_path / "out", "server-sweep")
     _record_sweep(tracker, tmp_path)
     assert tracker.failure is None
-    assert not (tmp_path / "out" / "mlflow.db").exists()
+    assert not (tmp_path / "out" / "_mlflow.db").exists()
     _check_runs(MlflowClient(mlflow_server), "server-sweep")
 
 
@@ -200,12 +204,12 @@ def test_sweep_recorded_in_the_default_store_and_on_a_server(sweep_inputs, tmp_p
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     local = tmp_path / "local"
     assert _sweep(model, manifest, local) == 0
-    _check_sweep_runs(MlflowClient(f"sqlite:///{local.resolve() / 'mlflow.db'}"))
+    _check_sweep_runs(MlflowClient(f"sqlite:///{local.resolve() / '_mlflow.db'}"))
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     remote = tmp_path / "remote"
     assert _sweep(model, manifest, remote) == 0
-    assert not (remote / "mlflow.db").exists()
+    assert not (remote / "_mlflow.db").exists()
     _check_sweep_runs(MlflowClient(mlflow_server))
 
 
@@ -213,7 +217,7 @@ def test_a_job_does_not_leak_its_store_into_the_next(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     Tracker(tmp_path / "a", "first")
     assert "MLFLOW_TRACKING_URI" not in os.environ
-    assert Tracker(tmp_path / "b", "second").uri == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
+    assert Tracker(tmp_path / "b", "second").uri == f"sqlite:///{(tmp_path / 'b').resolve() / '_mlflow.db'}"
 
 
 def test_a_tracking_failure_in_the_middle_of_a_job_is_one_line_and_the_job_goes_on(tmp_path, monkeypatch, caplog):
