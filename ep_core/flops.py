@@ -141,6 +141,17 @@ def lm_head_flops(dims: TextDims, positions: int) -> int:
     return 2 * positions * dims.hidden_size * dims.vocab_size
 
 
+def decoder_parameters(dims: TextDims) -> int:
+    """Weights of the language model from its shapes (vision tower and norms left out):
+
+    L·(d·(2·H·hd + 2·Hkv·hd) + 3·d·m) + 2·V·d        attention, SwiGLU MLP; embedding and LM head
+    """
+    dims = text_dims(dims)
+    d, hd = dims.hidden_size, dims.head_dim
+    per_layer = d * (2 * dims.num_heads * hd + 2 * dims.num_kv_heads * hd) + 3 * d * dims.intermediate_size
+    return dims.num_layers * per_layer + 2 * dims.vocab_size * d
+
+
 def kv_cache_bytes(
     dims: TextDims, n: int, n_pruned: int | None = None, prune_layer: int = 0, dtype_bytes: int = 2
 ) -> int:

@@ -9,7 +9,8 @@ A model name is, in this order:
 4. a hub id (``owner/name``): needs the network or the local HF cache.
 
 ``load_model(name, dtype=..., device=..., attn_implementation=...)`` → ``(model, processor)``
-in eval mode on ``device``. Weights load with ``use_safetensors=True``; remote code runs only
+in eval mode on ``device``, the weights read straight onto it (``device_map``, where the
+``accelerate`` package is installed; else read into CPU memory and moved). Weights load with ``use_safetensors=True``; remote code runs only
 with ``trust_remote_code=True``. Families outside :data:`ep_core.families.FAMILIES` are
 refused with a one-line error before any weight is read.
 """
@@ -110,6 +111,12 @@ def flash_attention_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def _accelerate_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
 def resolve_attention(attn_implementation: str | None, device: str) -> str:
     """The attention backend to load: the one asked for, else flash_attention_2 on a GPU where
     ``flash-attn`` is installed, else sdpa."""
@@ -135,8 +142,10 @@ def load_model(
     kwargs = {"dtype": resolve_dtype(dtype, device), "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if _accelerate_available():
+        kwargs["device_map"] = device  # each tensor is read onto the device: no CPU copy of the weights
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    model.to(device)
+    model.to(device)  # a no-op after device_map
     model.eval()
     return model, load_processor(name_or_path, trust_remote_code=trust_remote_code)
 

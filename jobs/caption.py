@@ -8,8 +8,10 @@
 
 The YAML file holds the same settings as the flags (``keep_ratio`` or ``keep-ratio``); an
 unknown key is an error. Output: Parquet rows (one per input, exactly once) under --output;
-rerunning the same command resumes. Exit status 0 when every row is written, error rows
-included; 1 when the job stopped early (rerun to finish); 2 for a usage error.
+rerunning the same command resumes, and retries the rows whose error is ``transient`` (out
+of memory, a device fault). Exit status 0 when every row is written, input-error rows
+included; 1 when the job stopped early or left transient errors (rerun to finish); 2 for a
+usage error.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "workers": (int, "model actors, one GPU each on a GPU cluster (default 1)"),
     "address": (str, "Ray cluster address (default: RAY_ADDRESS, else start Ray locally)"),
     "num_gpus": (float, "GPUs per model actor (default: 1 if the cluster has GPUs, else 0)"),
+    "device": (str, "auto, cuda or cpu (default auto: GPUs when the cluster has them; a model over 1 B parameters never falls back to CPU unless --device cpu)"),
+    "wait_for_gpus": (float, "seconds to wait for GPU workers to join before deciding there are none (default: 300 with a cluster address, 0 locally)"),
     "cpus_per_worker": (float, "CPUs per model actor (default 1)"),
     "dtype": (str, "auto, float32, float16 or bfloat16 (default auto)"),
     "attn_implementation": (str, "attention backend: sdpa, eager or flash_attention_2 (default: flash_attention_2 on a GPU when flash-attn is installed, else sdpa)"),
@@ -127,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if tracker.active:
         print(f"MLflow: run recorded in {tracker.uri} (experiment {tracker.experiment!r})", flush=True)
     print(summary.line(), flush=True)  # the summary stays the last line
-    return 0 if summary.complete else 1
+    return 0 if summary.final else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,11 @@ crash or a kill processes only what is missing. :meth:`CaptionJob.run_tracked` d
 inside one MLflow run.
 
 Ray is joined or started by ``pipelines.cluster.ray_session``. Model actors ask for one GPU
-each when the cluster has GPUs, else run on CPU.
+each when the cluster has GPUs (waiting up to ``wait_for_gpus`` seconds for GPU workers to
+join), else run on CPU, which a model over :data:`CPU_PARAMETER_LIMIT` parameters does only
+with ``device="cpu"``. Error rows are ``input`` (kept) or ``transient`` (a rerun drops them and
+processes them again: ``pipelines.sink.drop_transient``); a device fault restarts the model
+actor (``pipelines.failures``).
 """
 
 from __future__ import annotations
@@ -27,14 +31,18 @@ import pyarrow as pa
 from ep_core.config import PruneConfig
 from ep_core.loading import ATTENTION_BACKENDS, DTYPES, flash_attention_available
 from pipelines.cluster import ray_session
+from pipelines.failures import AttemptLedger
 from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipelines.packing import CallTally
 from pipelines.preprocess import prepare_block
-from pipelines.sink import ParquetSink, check_job, done_ids
+from pipelines.sink import ParquetSink, check_job, done_ids, drop_transient
 from pipelines.sources import scan
 
 log = logging.getLogger(__name__)
 PACK_WINDOW = 4  # a model actor packs generate calls from batch_size × PACK_WINDOW rows at a time
+CPU_PARAMETER_LIMIT = 1_000_000_000  # decoder weights above which a model runs on CPU only with device="cpu"
+CLUSTER_GPU_WAIT_S = 300.0  # default wait for GPU workers to join, on a cluster address
+DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass
@@ -55,6 +63,8 @@ class CaptionConfig:
     workers: int = 1
     address: str | None = None
     num_gpus: float | None = None  # per model actor; None = 1 if the cluster has GPUs, else 0
+    device: str = "auto"  # auto: GPUs when the cluster has them; cuda: GPUs or an error; cpu: CPU, whatever the model
+    wait_for_gpus: float | None = None  # seconds to wait for GPU workers; None: 300 on a cluster address, 0 locally
     cpus_per_worker: float = 1.0  # per model actor (CPU actors also use this many torch threads)
     dtype: str = "auto"
     attn_implementation: str | None = None  # sdpa, eager, flash_attention_2; None: flash on a GPU when installed, else sdpa
@@ -88,6 +98,14 @@ class CaptionConfig:
             raise ValueError(f"decode-timeout must be > 0 seconds, got {self.decode_timeout!r}")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError(f"num-gpus must be >= 0, got {self.num_gpus!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.device == "cpu" and self.num_gpus:
+            raise ValueError(f"--device cpu with --num-gpus {self.num_gpus:g}: drop one of them")
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError("--device cuda with --num-gpus 0: give the model workers a GPU share above 0")
+        if self.wait_for_gpus is not None and not self.wait_for_gpus >= 0:
+            raise ValueError(f"wait-for-gpus must be >= 0 seconds, got {self.wait_for_gpus!r}")
 
     def job_identity(self) -> dict:
         """What the rows of an output directory depend on (a rerun must match it)."""
@@ -107,6 +125,8 @@ class Summary:
     rows_before: int = 0  # already in the output when the job started
     rows_new: int = 0  # written by this run
     errors_new: int = 0  # error rows among them
+    transient_new: int = 0  # transient error rows among those (a rerun retries them)
+    transient_retried: int = 0  # transient error rows of earlier runs dropped to be processed again
     missing: int = 0  # rows neither written before nor by this run (the job did not finish)
     seconds: float = 0.0
     output: str = ""
@@ -120,14 +140,24 @@ class Summary:
 
     @property
     def complete(self) -> bool:
+        """Every input has its row (outputs and error rows of either kind)."""
         return self.missing == 0 and self.failure is None
+
+    @property
+    def final(self) -> bool:
+        """Complete, and no row waits for a rerun (no transient error rows from this run)."""
+        return self.complete and self.transient_new == 0
 
     def line(self) -> str:
         done = self.rows_before + self.rows_new
         state = "done" if self.complete else "INCOMPLETE"
+        errors = f"{self.errors_new} errors"
+        if self.transient_new:
+            errors += f" ({self.errors_new - self.transient_new} input, {self.transient_new} transient)"
+        retried = f", {self.transient_retried} transient errors retried" if self.transient_retried else ""
         text = (
             f"ep caption {state}: {done}/{self.rows_total} rows in {self.output} "
-            f"({self.rows_new} new, {self.rows_before} already there), {self.errors_new} errors, "
+            f"({self.rows_new} new, {self.rows_before} already there{retried}), {errors}, "
             f"{self.items_per_s:.2f} items/s"
         )
         if self.extra.get("rows_per_generate"):
@@ -135,8 +165,12 @@ class Summary:
                      f"({100 * self.extra['padding_share']:.1f}% padding)")
         if self.extra.get("oom_split_rows"):
             text += f"; {self.extra['oom_split_rows']} rows ran in calls split after running out of memory"
+        if self.extra.get("batch_repeats"):
+            text += f"; {self.extra['batch_repeats']} batches ran again after their model worker ended"
         if not self.complete:
             text += f"; {self.missing} rows missing: run the same command again to finish them"
+        elif self.transient_new:
+            text += "; run the same command again to retry the transient errors"
         return text
 
 
@@ -203,6 +237,7 @@ class CaptionJob:
         scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames)
         check_job(cfg.output, cfg.job_identity())
         run_id = cfg.run_id or uuid.uuid4().hex[:12]
+        retried = drop_transient(cfg.output)  # the device failed these rows before: process them again
         before = done_ids(cfg.output)
         todo = [r for r in scanned.rows if r["sample_id"] not in before]
         summary = Summary(
@@ -210,12 +245,15 @@ class CaptionJob:
             rows_before=len(scanned.rows) - len(todo),
             output=cfg.output,
             run_id=run_id,
+            transient_retried=retried,
         )
         notes = []
         if scanned.skipped_files:
             notes.append(f"{scanned.skipped_files} files that are neither images nor videos skipped")
         if scanned.duplicates:
             notes.append(f"{scanned.duplicates} duplicate manifest rows kept once")
+        if retried:
+            notes.append(f"{retried} transient error rows of earlier runs to retry")
         say(
             f"[caption] {len(scanned.rows)} inputs, {summary.rows_before} already in {cfg.output}, "
             f"{len(todo)} to process" + (f" ({'; '.join(notes)})" if notes else "")
@@ -253,20 +291,69 @@ def run_caption(cfg: CaptionConfig, *, progress=None, quiet: bool = False) -> Su
     return CaptionJob(cfg).run(progress=progress, quiet=quiet)
 
 
+def _gpus_per_worker(cfg: CaptionConfig, say) -> float:
+    """GPUs per model actor: ``num_gpus`` when given, 0 with ``device="cpu"``, else 1 once the
+    cluster has GPUs, waiting up to ``wait_for_gpus`` seconds for GPU workers to join (asking an
+    autoscaler for them meanwhile). Without GPUs: an error with ``device="cuda"``, or for a model
+    over :data:`CPU_PARAMETER_LIMIT` parameters, unless ``device="cpu"``."""
+    import ray
+
+    if cfg.device == "cpu":
+        return 0.0
+    if cfg.num_gpus is not None:
+        return float(cfg.num_gpus)
+    wait = cfg.wait_for_gpus if cfg.wait_for_gpus is not None else (CLUSTER_GPU_WAIT_S if _joins_cluster(cfg) else 0.0)
+    deadline = time.monotonic() + wait
+    if ray.cluster_resources().get("GPU", 0) <= 0 and wait > 0:
+        say(f"[caption] no GPU in the cluster yet: waiting up to {wait:g} s for GPU workers (--wait-for-gpus)")
+        _request_gpus(cfg.workers)
+        while ray.cluster_resources().get("GPU", 0) <= 0 and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        _request_gpus(0)
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return 1.0
+    waited = f" after waiting {wait:g} s" if wait else ""
+    if cfg.device == "cuda":
+        raise ValueError(f"--device cuda but the Ray cluster has no GPU{waited}; start GPU workers or raise --wait-for-gpus")
+    from ep_core.flops import decoder_parameters
+    from ep_core.loading import load_model_config
+
+    params = decoder_parameters(load_model_config(cfg.model))
+    if params > CPU_PARAMETER_LIMIT:
+        raise ValueError(
+            f"the Ray cluster has no GPU{waited} and {cfg.model} has {params / 1e9:.1f} B parameters, too many to caption on "
+            "CPU; start GPU workers (or raise --wait-for-gpus for them to join), or pass --device cpu to run on CPU anyway"
+        )
+    return 0.0
+
+
+def _joins_cluster(cfg: CaptionConfig) -> bool:
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _request_gpus(workers: int) -> None:
+    """Ask a Ray autoscaler for ``workers`` GPUs (0: withdraw the request); nothing without one."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": 1}] * workers)
+    except Exception:  # noqa: BLE001 - no autoscaler (a local or fixed cluster): just wait
+        log.debug("[caption] no autoscaler to ask for GPUs", exc_info=True)
+
+
 def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str, summary: Summary, say, progress) -> None:
     import ray
 
     from pipelines.infer import CaptionPredictor
 
-    gpus = cfg.num_gpus
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = _gpus_per_worker(cfg, say)
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus and cfg.workers * cfg.cpus_per_worker >= cpus:
         raise ValueError(
             f"{cfg.workers} model worker(s) × {cfg.cpus_per_worker:g} CPU take all {cpus:g} CPUs of the cluster and the "
             "decode/preprocess stage needs at least one: lower --workers or --cpus-per-worker, or add CPUs"
         )
+    ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()  # attempts per batch, across model actor restarts
     where = f"{cfg.workers} model worker(s) with {gpus:g} GPU each" if gpus else f"{cfg.workers} model worker(s) on CPU"
     say(f"[caption] {where}, batch size {cfg.batch_size}, method {cfg.prune.method}")
 
@@ -301,12 +388,16 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
             "run_id": run_id,
             "batch_size": cfg.batch_size,
             "batch_tokens": cfg.batch_tokens,
+            "attempts": ledger,
         },
         batch_format="pyarrow",
         batch_size=cfg.batch_size * PACK_WINDOW,  # the rows one actor call packs into generate calls
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_gpus=gpus,
         num_cpus=cfg.cpus_per_worker,
+        # Ray Data restarts a model actor that ends (a device fault, a killed worker) and runs its
+        # batch again (its defaults for actors: max_restarts=-1, max_task_retries=-1); the ledger
+        # turns a batch that faults on every attempt into transient error rows
     )
 
     sink = ParquetSink(cfg.output, run_id, already_done=before)
@@ -341,7 +432,7 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
                 rate = sink.rows_written / (now - start) if now > start else 0.0
                 say(
                     f"[caption] {summary.rows_before + sink.rows_written}/{summary.rows_total} rows written, "
-                    f"{sink.errors_written} errors, {rate:.2f} items/s"
+                    f"{sink.errors_written} errors ({sink.transient_written} transient), {rate:.2f} items/s"
                 )
                 if progress is not None:
                     progress(sink.rows_written, now - start)
@@ -354,6 +445,12 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     summary.seconds = time.monotonic() - start
     summary.rows_new = sink.rows_written
     summary.errors_new = sink.errors_written
+    summary.transient_new = sink.transient_written
+    try:
+        summary.extra["batch_repeats"] = ray.get(ledger.repeats.remote(), timeout=30)
+        ray.kill(ledger)  # one ledger per job: a long-lived Ray session would collect them
+    except Exception:  # noqa: BLE001 - a report figure only
+        pass
     summary.missing = len(todo) - sink.rows_written
     summary.extra["duplicates_dropped"] = sink.duplicates_dropped
     figures = calls.figures()

@@ -18,9 +18,14 @@ and for each batch of decoded rows:
    halvings a row's call went through).
 
 Rows that arrive with ``error`` (unreadable input) pass through with a null output. A call
-that runs out of memory is retried in halves down to one row; a call whose ``generate``
-raises anything else is retried row by row; a row that still fails gets ``error`` — one row
-lost, never the job. The same class runs without Ray (the bench's bare loop does that).
+that runs out of memory is retried in halves down to one row (a row that alone does not fit
+becomes a ``transient`` error row); a call whose ``generate`` raises anything else is retried
+row by row, and a row that still fails alone becomes an ``input`` error row: one row lost,
+never the job. A device fault (``pipelines.failures``) ends the actor's process so that Ray
+restarts it with a fresh CUDA context; the ``attempts`` ledger turns a batch that faulted
+:data:`~pipelines.failures.DEVICE_ATTEMPTS` times into ``transient`` error rows. The same class
+runs without Ray (the bench's bare loop does that); there a device fault makes this and every
+later row of the predictor a ``transient`` error row.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import pyarrow as pa
 
 from ep_core.accounting import sample_stats
 from ep_core.config import PruneConfig
+from pipelines.failures import DEVICE_ATTEMPTS, INPUT, TRANSIENT, batch_key, end_poisoned_process, is_device_fault, is_out_of_memory
 from pipelines.packing import call_of, default_batch_tokens, pack
 from pipelines.preprocess import encode_row, unpack_encoding
 from pipelines.sink import to_table
@@ -65,7 +71,9 @@ class CaptionPredictor:
         batch_size: int = 8,
         batch_tokens: int | None = None,
         attn_implementation: str | None = None,
+        attempts=None,
     ):
+        """``attempts``: the job's :class:`~pipelines.failures.AttemptLedger` actor (Ray only)."""
         import torch
 
         from ep_core import apply_pruning
@@ -89,6 +97,9 @@ class CaptionPredictor:
             self.image_token_id = getattr(self.model.config, "image_token_id", None) or getattr(
                 self.model.config, "image_token_index", None
             )
+        self.attempts = attempts
+        self._batch: str | None = None  # the batch key of the current call (with a ledger)
+        self._poisoned: str | None = None  # without Ray: the device fault that ended this predictor's device
         self.handle = None
         family = FAMILIES.get(getattr(self.model.config, "model_type", None))
         if prune.method != "none" or (family is not None and family.prunable):
@@ -118,6 +129,7 @@ class CaptionPredictor:
             "model": self.model_name,
             **self.prune.row_fields(),
             "error": row.get("error"),
+            "error_kind": INPUT if row.get("error") else None,
             "run_id": self.run_id,
         }
 
@@ -213,11 +225,12 @@ class CaptionPredictor:
             try:
                 enc = self._encode(row)
             except Exception as exc:  # noqa: BLE001 - a processor failure costs this row only
-                results[i]["error"] = f"preprocessing failed ({type(exc).__name__}: {exc}): {row.get('source')}"
+                results[i].update(error=f"preprocessing failed ({type(exc).__name__}: {exc}): {row.get('source')}",
+                                  error_kind=INPUT)
                 continue
             too_long = self._over_context(row, enc)
             if too_long:
-                results[i]["error"] = too_long
+                results[i].update(error=too_long, error_kind=INPUT)
                 continue
             ready.append((i, enc))
         lengths = [enc["input_ids"].shape[1] for _, enc in ready]
@@ -243,44 +256,78 @@ class CaptionPredictor:
         """One ``generate`` call for ``members`` (``(row index, inputs)`` pairs).
 
         Out of memory: free the device and run each half as its own call, down to one row; a row
-        that alone does not fit gets an error with its token count. Any other failure: retry row
-        by row, so the row at fault is the only one lost. Retries start after the ``except``
-        block has ended, when nothing references the failed call's tensors any more."""
-        import torch
-
-        failure = None
+        that alone does not fit is a ``transient`` error with its token count. A device fault:
+        :meth:`_device_fault`. Any other failure: retry row by row, so the row at fault is the
+        only one lost (an ``input`` error). Retries start after the ``except`` block has ended,
+        when nothing references the failed call's tensors any more."""
+        if self._poisoned is not None:
+            return self._fail(members, rows, results, f"device unusable after an earlier fault ({self._poisoned})")
+        failure, kind = None, None
         try:
             texts, infos, latency = self._generate([enc for _, enc in members])
             finished = time.time()
-        except torch.OutOfMemoryError:
-            failure = "out of memory"
-        except Exception:  # noqa: BLE001
-            failure = traceback.format_exc().strip().splitlines()[-1]
+        except Exception as exc:  # noqa: BLE001 - classified below, once the block has let go of the call
+            kind = "oom" if is_out_of_memory(exc) else "device" if is_device_fault(exc) else "error"
+            failure = traceback.format_exception_only(exc)[-1].strip()
         if failure is not None:
             _release_memory(self.device)
+            if kind == "device":
+                return self._device_fault(members, rows, results, failure)
             if len(members) > 1:
-                oom = failure == "out of memory"
+                oom = kind == "oom"
                 parts = [members[: len(members) // 2], members[len(members) // 2 :]] if oom else [[m] for m in members]
                 for part in parts:
                     share = call_of([enc["input_ids"].shape[1] for _, enc in part]).padding_share
                     self._run_group(part, rows, results, padding_share=share, splits=splits + oom)
                 return
             i, enc = members[0]
-            if failure == "out of memory":
-                results[i]["error"] = (
+            if kind == "oom":
+                results[i].update(error_kind=TRANSIENT, error=(
                     f"out of memory: this row alone ({enc['input_ids'].shape[1]} prompt tokens + {self.max_new_tokens} "
                     f"new) does not fit the device; use fewer --frames or a smaller --max-side: {rows[i].get('source')}"
-                )
+                ))
             else:
-                results[i]["error"] = f"generation failed ({failure}): {rows[i].get('source')}"
+                results[i].update(error_kind=INPUT, error=f"generation failed ({failure}): {rows[i].get('source')}")
             return
         for (i, _), text, info in zip(members, texts, infos):
             results[i].update(output=text, latency_ms=latency, **{k: info.get(k) for k in _ROW_COLUMNS})
             results[i].update(generate_rows=len(members), padding_share=padding_share, generated_at=finished,
                               oom_splits=splits)
 
+    def _device_fault(self, members, rows, results, failure: str) -> None:
+        """A fault that poisons the CUDA context. In a Ray actor: record it in the ledger and end
+        the process (Ray restarts the actor and reruns the batch). Without Ray: this call's rows,
+        and every later one, become ``transient`` error rows."""
+        if self.attempts is not None:
+            import ray
+
+            ray.get(self.attempts.fault.remote(self._batch, failure))
+            end_poisoned_process(failure)
+        log.error(f"[caption] device fault; the remaining rows of this predictor become transient errors: {failure}")
+        self._poisoned = failure
+        self._fail(members, rows, results, f"device fault ({failure})")
+
+    @staticmethod
+    def _fail(members, rows, results, why: str) -> None:
+        for i, _ in members:
+            results[i].update(error_kind=TRANSIENT, error=f"{why}: {rows[i].get('source')}")
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return to_table(self.predict_rows(batch.to_pylist()))
+        rows = batch.to_pylist()
+        if self.attempts is None:
+            return to_table(self.predict_rows(rows))
+        import ray
+
+        self._batch = batch_key([r["sample_id"] for r in rows])
+        attempt, fault = ray.get(self.attempts.begin.remote(self._batch))
+        if attempt > DEVICE_ATTEMPTS:  # this batch faulted the device on every attempt: give its rows back as transient
+            results = [self._base(r) for r in rows]
+            self._fail([(i, None) for i, r in enumerate(rows) if not r.get("error")], rows, results,
+                       f"device fault on each of {DEVICE_ATTEMPTS} attempts at this batch ({fault})")
+        else:
+            results = self.predict_rows(rows)
+        self.attempts.finish.remote(self._batch)
+        return to_table(results)
 
 
 class _FirstTokenTopK:

@@ -5,6 +5,14 @@ hidden temporary name and renamed into place, so a reader (and a rerun) only eve
 complete files; a crash leaves at most a hidden ``.tmp`` file, which the next run removes.
 A rerun reads the ``sample_id`` column of the existing parts and processes only the rest;
 the writer also drops any id it has already written, so no row is ever written twice.
+
+Error rows say their kind (``error_kind``, ``pipelines.failures``). Before a rerun processes
+anything, :func:`drop_transient` rewrites each part that holds ``transient`` error rows without
+them (write a hidden file, rename it over the part: atomic), so those samples count as not done
+and are processed again, and the retried row never meets its old error row: every reader (this
+module's :func:`read_output`, or any plain Parquet reader of the directory) sees one row per
+``sample_id``. A crash between the two steps leaves a sample missing, never twice; the next run
+writes it.
 ``_job.json`` records what the rows were computed with, so that a rerun with a different
 model or pruning setting into the same directory is refused instead of mixing results.
 """
@@ -40,7 +48,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("latency_ms", pa.float64()),
         pa.field("error", pa.string()),
         pa.field("run_id", pa.string()),
-        # beyond the docs/design.md §3 contract: what tracking needs
+        # beyond the docs/design.md §3 contract: what resume and tracking need
+        pa.field("error_kind", pa.string()),  # input (permanent) or transient (retried by a rerun); null without error
         pa.field("flops_reduction_paper", pa.float64()),
         pa.field("kv_cache_bytes", pa.int64()),
         pa.field("prefill_ms", pa.float64()),
@@ -71,6 +80,27 @@ def done_ids(output_dir: str) -> set[str]:
     for path in part_files(output_dir):
         ids.update(pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist())
     return ids
+
+
+def drop_transient(output_dir: str) -> int:
+    """Remove the ``transient`` error rows from the parts of ``output_dir`` (each part rewritten
+    atomically; a part left empty is deleted), so that a rerun processes them again. Returns
+    how many rows were dropped."""
+    import pyarrow.compute as pc
+
+    dropped = 0
+    for path in part_files(output_dir):
+        table = pq.read_table(path, schema=OUTPUT_SCHEMA)
+        transient = pc.fill_null(pc.equal(table.column("error_kind"), "transient"), False)
+        count = pc.sum(transient).as_py() or 0
+        if not count:
+            continue
+        if count == table.num_rows:
+            os.remove(path)
+        else:
+            _atomic_write_table(table.filter(pc.invert(transient)), path)
+        dropped += count
+    return dropped
 
 
 def read_output(output_dir: str) -> pa.Table:
@@ -106,11 +136,25 @@ def check_job(output_dir: str, job: dict) -> None:
     _atomic_write_bytes(path, json.dumps(job, indent=2, sort_keys=True).encode())
 
 
+def _hidden_tmp(path: str) -> str:
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+
+
 def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = _hidden_tmp(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_table(table: pa.Table, path: str) -> None:
+    """Write ``table`` to a hidden temporary file, sync it, rename it to ``path``: a reader sees
+    the old file or the new one, never a part of one."""
+    tmp = _hidden_tmp(path)
+    pq.write_table(table, tmp)
+    with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
@@ -128,6 +172,7 @@ class ParquetSink:
         self._seq = 0
         self.rows_written = 0
         self.errors_written = 0
+        self.transient_written = 0
         self.duplicates_dropped = 0
 
     def write(self, table: pa.Table) -> str | None:
@@ -148,12 +193,9 @@ class ParquetSink:
         name = f"part-{self.run_id}-{self._seq:06d}.parquet"
         self._seq += 1
         final = os.path.join(self.output_dir, name)
-        tmp = os.path.join(self.output_dir, f".{name}.tmp")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        _atomic_write_table(table, final)
         self._written |= batch_ids
         self.rows_written += len(keep)
         self.errors_written += len(keep) - table.column("error").null_count
+        self.transient_written += table.column("error_kind").to_pylist().count("transient")
         return final

@@ -33,6 +33,11 @@ def test_cluster_yaml_is_a_valid_launcher_config_with_cpu_head_and_gpu_workers()
     assert "." in cfg["file_mounts"].values()
     assert any("--head" in c for c in cfg["head_start_ray_commands"])
     assert any("RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"])
+    # one Hugging Face cache for every node, on the volume every container mounts
+    options = " ".join(cfg["docker"]["run_options"])
+    hf_home = options.split("HF_HOME=")[1].split()[0]
+    mounts = [o.split()[1].split(":")[1] for o in cfg["docker"]["run_options"] if o.startswith("--volume")]
+    assert any(hf_home.startswith(m.rstrip("/") + "/") for m in mounts), (hf_home, mounts)
 
 
 def test_rayjob_manifest_runs_ep_caption_on_gpu_workers():

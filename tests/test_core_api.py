@@ -357,3 +357,27 @@ def test_filler_slots_are_hidden_keys_and_never_empty_queries():
     assert torch.equal(decode[:, 0, 0], column_valid)
     decode_built = _build_mask(torch.full((2, 1, 1), 5), columns, column_valid, "sdpa", torch.float32)
     assert torch.equal(decode_built[:, 0, 0], column_valid)
+
+
+def test_load_model_reads_weights_straight_onto_the_device_in_the_resolved_dtype(monkeypatch):
+    """``device_map`` is passed to ``from_pretrained`` (so a GPU gets no CPU copy of the weights
+    first), with the dtype ``auto`` resolves to: bf16 on a GPU that has it, else fp16, fp32 on CPU."""
+    import torch
+    import transformers
+
+    from ep_core import loading
+
+    seen = {}
+    real = transformers.AutoModelForImageTextToText.from_pretrained
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", from_pretrained)
+    model, _ = loading.load_model("demo", device="cpu")
+    assert seen["device_map"] == "cpu" and seen["dtype"] == torch.float32 and model.device.type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert loading.resolve_dtype("auto", "cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert loading.resolve_dtype("auto", "cuda") == torch.bfloat16

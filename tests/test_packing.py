@@ -184,3 +184,4 @@ def test_out_of_memory_splits_calls_until_they_fit(tmp_path):
             assert r["error"] is None and r["output"] == clean[r["sample_id"]]["output"]
         else:
             assert r.get("output") is None and r["error"].startswith(f"out of memory: this row alone ({lengths[r['sample_id']]} prompt tokens + 3 new)")
+            assert r["error_kind"] == "transient"

@@ -32,14 +32,21 @@ def worker_exit_spec(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_session(worker_exit_spec):
+def device_fault_spec(tmp_path_factory) -> str:
+    """Write a JSON fault spec here to make generate calls fail (tests/faults.py)."""
+    return str(tmp_path_factory.mktemp("faults") / "device_fault.json")
+
+
+@pytest.fixture(scope="module")
+def ray_session(worker_exit_spec, device_fault_spec):
     """Ray with the test faults installed in every worker: the decoder hangs / crashes on the
-    corpus's fault files, a model worker dies when ``worker_exit_spec`` says so."""
+    corpus's fault files, a model worker dies when ``worker_exit_spec`` says so, generate calls
+    run out of memory or fault the device when ``device_fault_spec`` says so."""
     import ray
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env=faults.ray_runtime_env(worker_exit_spec))
+             runtime_env=faults.ray_runtime_env(worker_exit_spec, device_fault_spec))
     yield ray
     ray.shutdown()
 
@@ -161,6 +168,105 @@ def test_worker_dying_mid_run_loses_and_duplicates_nothing(ray_session, tiny_mod
     assert_exactly_once(out, {r["sample_id"] for r in scan(inputs).rows})
 
 
+def _kinds(output: str) -> collections.Counter:
+    return collections.Counter("output" if r["output"] is not None else r["error_kind"] for r in read_output(output).to_pylist())
+
+
+def _plain_reader_ids(output: str) -> list[str]:
+    """The sample ids a reader that knows nothing of this project sees: pyarrow.dataset on the directory."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(output, format="parquet").to_table(columns=["sample_id"]).column("sample_id").to_pylist()
+
+
+def test_out_of_memory_in_a_job_then_a_rerun_retries_the_transient_rows(ray_session, tiny_model, tmp_path, device_fault_spec, capsys):
+    """Every call runs out of memory, even one row alone: all rows are transient errors, the job
+    exits 1 and says to rerun. A rerun where one row fits but two do not: the calls split down
+    to one row, the transient rows are replaced by outputs, any reader sees one row per sample."""
+    inputs = image_dir(str(tmp_path / "imgs"), 6)
+    out = str(tmp_path / "out")
+    args = ["--model", tiny_model, "--input", inputs, "--output", out, "--batch-size", "4", "--max-new-tokens", "2"]
+    with open(device_fault_spec, "w") as fh:
+        json.dump({"oom_above_tokens": 1}, fh)
+    try:
+        assert caption(args) == 1
+        summary = capsys.readouterr().out.strip().splitlines()[-1]
+        assert "6 errors (0 input, 6 transient)" in summary and "run the same command again to retry" in summary, summary
+        assert _kinds(out) == {"transient": 6}
+        message = read_output(out).column("error").to_pylist()[0]
+        tokens = int(message.split("this row alone (")[1].split()[0])  # the token count the error reports
+        with open(device_fault_spec, "w") as fh:
+            json.dump({"oom_above_tokens": tokens}, fh)  # one row fits, two do not
+        assert caption(args) == 0
+    finally:
+        os.remove(device_fault_spec)
+    printed = capsys.readouterr().out
+    summary = printed.strip().splitlines()[-1]
+    assert "6 transient error rows of earlier runs to retry" in printed
+    assert "6 transient errors retried" in summary and "6 rows ran in calls split after running out of memory" in summary, summary
+    assert _kinds(out) == {"output": 6}
+    assert all(r["oom_splits"] >= 1 and r["generate_rows"] == 1 for r in read_output(out).to_pylist())
+    assert sorted(_plain_reader_ids(out)) == sorted(read_output(out).column("sample_id").to_pylist())
+    assert len(set(_plain_reader_ids(out))) == 6
+    assert caption(args) == 0 and "0 to process" in capsys.readouterr().out
+
+
+def test_a_poisoned_device_restarts_the_actor_and_loses_nothing(ray_session, tiny_model, tmp_path, device_fault_spec, capsys):
+    """A CUDA fault once on one batch: the actor ends, Ray restarts it, the batch runs again and
+    its rows get outputs. A batch that faults on every attempt: after 3 attempts its rows are
+    transient errors; a rerun without the fault gives them outputs. Nothing lost or doubled."""
+    from pipelines.failures import DEVICE_ATTEMPTS
+    from pipelines.sources import scan
+
+    inputs = image_dir(str(tmp_path / "imgs"), 8)
+    out = str(tmp_path / "out")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    args = ["--model", tiny_model, "--input", inputs, "--output", out, "--batch-size", "1", "--max-new-tokens", "2",
+            "--flush-rows", "2"]  # actor calls of up to 4 rows (batch size × PACK_WINDOW)
+    with open(device_fault_spec, "w") as fh:
+        json.dump({"poison": {"img001": 1, "img006": 99}, "marker_dir": str(markers)}, fh)
+    try:
+        rc = caption(args)
+    finally:
+        os.remove(device_fault_spec)
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    once = [f for f in os.listdir(markers) if f.startswith("img001.")]
+    always = [f for f in os.listdir(markers) if f.startswith("img006.")]
+    assert len(once) == 1 and len(always) == DEVICE_ATTEMPTS, os.listdir(markers)
+    assert len({f.split(".")[1] for f in once + always}) == 1 + DEVICE_ATTEMPTS  # each fault ended its process
+    all_ids = {r["sample_id"] for r in scan(inputs).rows}
+    assert_exactly_once(out, all_ids)
+    rows = {os.path.basename(source): row for source, row in rows_by_source(out).items()}
+    assert rows["img001.png"]["output"] is not None  # ran again on the restarted actor
+    assert rows["img006.png"]["error_kind"] == "transient" and "illegal memory access" in rows["img006.png"]["error"]
+    kinds = _kinds(out)
+    assert rc == 1 and 1 <= kinds["transient"] <= 4 and kinds["output"] == 8 - kinds["transient"], (kinds, summary)
+    assert f"{kinds['transient']} transient" in summary and "batches ran again after their model worker ended" in summary
+
+    assert caption(args) == 0
+    assert _kinds(out) == {"output": 8}
+    assert_exactly_once(out, all_ids)
+    assert sorted(_plain_reader_ids(out)) == sorted(all_ids)
+
+
+def test_no_gpu_is_an_error_for_a_big_model_unless_device_cpu(ray_session, tiny_model, tmp_path, monkeypatch, capsys):
+    import pipelines.caption
+
+    monkeypatch.setattr(pipelines.caption, "CPU_PARAMETER_LIMIT", 1000)  # the tiny model counts as big
+    inputs = image_dir(str(tmp_path / "imgs"), 2)
+    args = ["--model", tiny_model, "--input", inputs, "--output", str(tmp_path / "out"), "--max-new-tokens", "2",
+            "--wait-for-gpus", "2", "--no-tracking"]
+    start = time.monotonic()
+    assert caption(args) == 2
+    waited = time.monotonic() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 2 <= waited < 30 and len(err) == 1, (waited, err)
+    assert "no GPU after waiting 2 s" in err[0] and "--device cpu" in err[0], err
+    assert caption([*args, "--device", "cpu"]) == 0
+    assert _kinds(str(tmp_path / "out")) == {"output": 2}
+
+
 def test_driver_killed_hard_then_rerun_completes_exactly_once(ray_session, tiny_model, tmp_path, monkeypatch):
     inputs = image_dir(str(tmp_path / "imgs"), 40)
     out = str(tmp_path / "out")
@@ -169,7 +275,7 @@ def test_driver_killed_hard_then_rerun_completes_exactly_once(ray_session, tiny_
     address = ray_session.get_runtime_context().gcs_address
     env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.caption", *args, "--address", address],
+        [sys.executable, "-m", "jobs.caption", *args, "--address", address, "--wait-for-gpus", "0"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -211,14 +317,14 @@ def test_caption_run_is_tracked_and_a_down_server_costs_no_work(ray_session, tin
     assert err.count("MLflow tracking failed") == 1 and dead in err
     assert len(read_output(down)) == 6 and read_output(down).column("error").null_count == 6
 
-    # the default store: sqlite:///<output>/mlflow.db, one run with params and metrics
+    # the default store: sqlite:///<output>/_mlflow.db, one run with params and metrics
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     out = str(tmp_path / "tracked")
     assert caption(base + ["--output", out, "--experiment", "unit-caption"]) == 0
     printed = capsys.readouterr().out
     assert "MLflow: run recorded" in printed
     assert "3.00 rows per generate call (0.0% padding)" in printed  # 6 equal images, calls of --batch-size 3
-    client = MlflowClient(f"sqlite:///{os.path.abspath(out)}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{os.path.abspath(out)}/_mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("unit-caption").experiment_id])
     assert run.data.params["method"] == "entropyprune" and run.data.params["keep_ratio"] == "0.25"
     assert run.data.params["model"] == tiny_model and run.data.params["prune_layer"] == "2"

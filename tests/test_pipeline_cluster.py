@@ -138,7 +138,7 @@ def test_ray_job_submit_against_a_local_head(tiny_model, tmp_path):
             ["ray", "job", "submit", "--address", address, "--working-dir", REPO,
              "--runtime-env-json", '{"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}}', "--",
              "python", "-m", "jobs.caption", "--model", tiny_model, "--input", inputs, "--output", out,
-             "--batch-size", "4", "--max-new-tokens", "3"],
+             "--batch-size", "4", "--max-new-tokens", "3", "--wait-for-gpus", "0"],  # a CPU-only cluster
             env=env, capture_output=True, text=True, timeout=400,
         )
         log = submit.stdout + submit.stderr
