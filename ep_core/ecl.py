@@ -168,10 +168,15 @@ def parse_prune_layer(text: str | int) -> int | str:
         raise ValueError(f"--prune-layer must be an integer K or 'auto', got {text!r}") from None
 
 
-def resolve_prune_layer(value: int | str, model_name: str, profile: str | None = None) -> int:
-    """The prune layer a job runs with: ``value`` itself, or for ``auto`` the result of
+def resolve_prune_layer(value: int | str | None, model_name: str, profile: str | None = None) -> int:
+    """The prune layer a job runs with: ``value`` itself; for ``None`` (not given) the family's
+    default (the papers': 2 for LLaVA, 1 for Qwen-VL); for ``auto`` the result of
     :func:`auto_prune_layer` (the line saying where K came from is logged)."""
-    value = parse_prune_layer(value)
+    if value is None and profile is None:
+        from ep_core.loading import load_model_config
+
+        return family_for(load_model_config(model_name)).default_prune_layer
+    value = parse_prune_layer("auto" if value is None else value)
     if value != "auto":
         if profile is not None:
             raise ValueError("--profile is read only with --prune-layer auto")

@@ -56,6 +56,11 @@ class Family:
         """The bare decoder (``LlamaModel``-like: ``.layers``, ``.norm``, ``.rotary_emb``)."""
         return model.model.language_model
 
+    def video_token_ids(self, config: Any) -> tuple[int, ...]:
+        """The placeholder ids among :meth:`visual_token_ids` that mark video (not image) tokens."""
+        attrs = [a for a in self.visual_token_attrs if "video" in a]
+        return tuple(sorted({int(v) for v in (getattr(config, a, None) for a in attrs) if v is not None}))
+
     def visual_token_ids(self, config: Any) -> tuple[int, ...]:
         """The placeholder token ids that mark visual tokens in ``input_ids``."""
         ids = {int(v) for v in (getattr(config, a, None) for a in self.visual_token_attrs) if v is not None}
@@ -65,17 +70,17 @@ class Family:
 
 
 _LLAVA_TOKENS = ("image_token_id",)
-_VIDEO_TOKENS = ("image_token_id", "video_token_id")
+_VIDEO_TOKENS = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         Family("llava", "llava-hf/llava-1.5-7b-hf", True, _LLAVA_TOKENS, 2, "clip"),
         Family("llava_next", "llava-hf/llava-v1.6-vicuna-7b-hf", True, _LLAVA_TOKENS, 2, "clip", anyres=True),
-        Family("llava_next_video", "llava-hf/LLaVA-NeXT-Video-7B-hf", False, _VIDEO_TOKENS, 2, "clip"),
-        Family("llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf", False, _VIDEO_TOKENS, 2, "clip"),
-        Family("qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct", False, _VIDEO_TOKENS, 1, "qwen2_vl"),
-        Family("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct", False, _VIDEO_TOKENS, 1, "qwen2_5_vl"),
+        Family("llava_next_video", "llava-hf/LLaVA-NeXT-Video-7B-hf", True, _VIDEO_TOKENS, 2, "clip", anyres=True),
+        Family("llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf", True, _VIDEO_TOKENS, 2, "clip", anyres=True),
+        Family("qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct", True, _VIDEO_TOKENS, 1, "qwen2_vl"),
+        Family("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct", True, _VIDEO_TOKENS, 1, "qwen2_5_vl"),
         Family("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", False, _VIDEO_TOKENS, 1, None),
     )
 }

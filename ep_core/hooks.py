@@ -78,6 +78,7 @@ class PruningHandle:
         self.final_norm = language_model.norm
         self.num_layers = len(self.layers)
         self.visual_ids = torch.tensor(self.family.visual_token_ids(model.config))
+        self.video_ids = torch.tensor(self.family.video_token_ids(model.config), dtype=torch.long)
         self._dtype_bytes = next(model.parameters()).element_size()
         self.rule = RULES.get(config.method)
         self.stats: list[dict] = []
@@ -358,23 +359,26 @@ class PruningHandle:
         """``handle.stats``: one dict per row, computed on host copies (one transfer)."""
         state = self._state
         valid, is_visual = state.valid.cpu(), state.is_visual.cpu()
+        is_video = is_visual & torch.isin(state.prompt_ids.cpu(), self.video_ids)
         if keep is not None:
             keep, slot_valid = keep.cpu(), slot_valid.cpu()
         return [
-            self._row_stats(valid[b], is_visual[b], keep[b][slot_valid[b]] if keep is not None else None)
+            self._row_stats(valid[b], is_visual[b], is_video[b], keep[b][slot_valid[b]] if keep is not None else None)
             for b in range(valid.shape[0])
         ]
 
-    def _row_stats(self, valid: torch.Tensor, is_visual: torch.Tensor, keep_row: torch.Tensor | None) -> dict:
+    def _row_stats(self, valid, is_visual, is_video, keep_row: torch.Tensor | None) -> dict:
+        """One row's stats; ``video_tokens`` / ``video_tokens_kept`` count the visual tokens that
+        are video placeholders (the rest are image tokens)."""
         num_visual = int(is_visual.sum())
         unpadded_index = valid.long().cumsum(0) - 1
         if keep_row is None:
             kept_positions = unpadded_index[valid]
-            kept = num_visual
+            kept, video_kept = num_visual, int(is_video.sum())
         else:
             kept_positions = unpadded_index[keep_row][valid[keep_row]]
-            kept = int(is_visual[keep_row].sum())
-        return sample_stats(
+            kept, video_kept = int(is_visual[keep_row].sum()), int(is_video[keep_row].sum())
+        return {"video_tokens": int(is_video.sum()), "video_tokens_kept": video_kept} | sample_stats(
             self.model.config,
             method=self.config.method,
             visual_tokens=num_visual,

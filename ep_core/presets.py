@@ -10,6 +10,7 @@ preset                        checkpoint it mirrors                  class
 ``llava-1.5-7b``              ``llava-hf/llava-1.5-7b-hf``           LlavaConfig
 ``llava-1.5-13b``             ``llava-hf/llava-1.5-13b-hf``          LlavaConfig
 ``llava-v1.6-vicuna-7b``      ``llava-hf/llava-v1.6-vicuna-7b-hf``   LlavaNextConfig
+``qwen2-vl-7b``               ``Qwen/Qwen2-VL-7B-Instruct``          Qwen2VLConfig
 ``qwen2.5-vl-7b``             ``Qwen/Qwen2.5-VL-7B-Instruct``        Qwen2_5_VLConfig
 ============================  =====================================  ==================
 
@@ -24,7 +25,7 @@ Default visual tokens per image (:func:`ep_core.families.default_visual_tokens`)
   The real count depends on the image's aspect ratio (unpadding plus one ``image_newline``
   token per row: a square 672×672 image gives 576 + 48·48 + 48 = 2928); pass the per-sample
   count when it matters.
-* Qwen2.5-VL: dynamic resolution, 14-px patches merged 2×2, so a 448×448 image gives
+* Qwen2-VL and Qwen2.5-VL: dynamic resolution, 14-px patches merged 2×2, so a 448×448 image gives
   (448/14)² / 4 = **256** tokens. Any other size: ⌈H/28⌉·⌈W/28⌉ roughly (after the processor's
   rounding to multiples of 28).
 """
@@ -62,6 +63,32 @@ _VICUNA_7B: dict[str, Any] = {
     "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-05,
     "vocab_size": 32064,
+}
+
+# The Qwen2-7B decoder and the vision token ids that Qwen2-VL-7B and Qwen2.5-VL-7B share
+# (their config.json files differ only in max_position_embeddings and the vision tower).
+_QWEN2_7B_TEXT: dict[str, Any] = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "hidden_act": "silu",
+    "max_window_layers": 28,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "sliding_window": 32768,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+    "vocab_size": 152064,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -115,33 +142,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text_config": {**_VICUNA_7B, "pad_token_id": 0},
         "vision_config": dict(_CLIP_L_336),
     },
-    # Qwen's own config.json keeps the text fields at the top level; Qwen2_5_VLConfig
-    # moves them into its text_config.
+    # Qwen's own config.json keeps the text fields at the top level; Qwen2VLConfig and
+    # Qwen2_5_VLConfig move them into their text_config. The checkpoint's vision_config lists
+    # only in_chans and spatial_patch_size; the rest are the class defaults, spelled out here.
+    "qwen2-vl-7b": {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        **_QWEN2_7B_TEXT,
+        "max_position_embeddings": 32768,
+        "vision_config": {
+            "model_type": "qwen2_vl",
+            "depth": 32,
+            "embed_dim": 1280,
+            "hidden_size": 3584,
+            "mlp_ratio": 4,
+            "num_heads": 16,
+            "hidden_act": "quick_gelu",
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+    },
     "qwen2.5-vl-7b": {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "hidden_act": "silu",
+        **_QWEN2_7B_TEXT,
         "max_position_embeddings": 128000,
-        "max_window_layers": 28,
-        "rms_norm_eps": 1e-06,
-        "rope_theta": 1000000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-        "sliding_window": 32768,
-        "use_sliding_window": False,
-        "tie_word_embeddings": False,
-        "vocab_size": 152064,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653,
-        "vision_token_id": 151654,
-        "image_token_id": 151655,
-        "video_token_id": 151656,
         "vision_config": {
             "model_type": "qwen2_5_vl_vision",
             "depth": 32,
@@ -165,6 +192,7 @@ PRESET_ALIASES: dict[str, str] = {
     "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b",
     "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b",
     "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-v1.6-vicuna-7b",
+    "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b",
     "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b",
 }
 
@@ -180,9 +208,9 @@ def resolve_preset(name: str) -> str | None:
 
 
 def _config_class(model_type: str):
-    from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
+    from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
-    classes = {"llava": LlavaConfig, "llava_next": LlavaNextConfig, "qwen2_5_vl": Qwen2_5_VLConfig}
+    classes = {"llava": LlavaConfig, "llava_next": LlavaNextConfig, "qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig}
     return classes[model_type]
 
 

@@ -248,7 +248,7 @@ class SweepSettings:
     seed: int = 1
     methods: str = "none,entropyprune,random,fastv,dart"
     keep_ratios: str = "1.0,0.33,0.11"
-    prune_layer: int | str = 2  # or "auto" (ep_core.ecl.resolve_prune_layer)
+    prune_layer: int | str | None = None  # None: the family's default; or "auto" (ep_core.ecl.resolve_prune_layer)
     frames: int = 4
     max_new_tokens: int = 64
     batch_size: int = 8

@@ -29,7 +29,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "method": (str, "pruning method: none, entropyprune, random, fastv, dart (default none)"),
     "budget": (float, "layer-averaged visual-token budget B (the papers' 192/128/64)"),
     "keep_ratio": (float, "share of visual tokens kept after the prune layer, 0..1"),
-    "prune_layer": (prune_layer_arg, "decoder layer K where pruning happens (default 2), or 'auto': K from the calibration profile (ep calibrate), else the family's default"),
+    "prune_layer": (prune_layer_arg, "decoder layer K where pruning happens (default: the family's, 2 for LLaVA, 1 for Qwen-VL), or 'auto': K from the calibration profile (ep calibrate), else the family's default"),
     "profile": (str, "with --prune-layer auto: the profile file to read (default: the model's profile written by ep calibrate)"),
     "seed": (int, "seed of the random method (default 0)"),
     "prompt": (str, "prompt for rows without one (default: a captioning prompt)"),
@@ -116,10 +116,16 @@ def config_from_args(args: argparse.Namespace):
     prune = {k: settings.pop(k) for k in _PRUNE_FLAGS if k in settings}
     prune.setdefault("method", "none")
     profile = settings.pop("profile", None)
-    if "prune_layer" in prune or profile is not None:
-        from ep_core.ecl import resolve_prune_layer
+    from ep_core.ecl import resolve_prune_layer
 
-        prune["prune_layer"] = resolve_prune_layer(prune.get("prune_layer", "auto"), settings["model"], profile)
+    # not given: the family's default K (2 for LLaVA, 1 for Qwen-VL); auto: the calibrated one
+    try:
+        prune["prune_layer"] = resolve_prune_layer(prune.get("prune_layer"), settings["model"], profile)
+    except (ValueError, OSError):
+        if "prune_layer" in prune or profile is not None:
+            raise
+        # the model's config cannot be read: the preflight (CaptionJob) says why, in its order
+
     return CaptionConfig(prune=PruneConfig(**prune), **settings)
 
 

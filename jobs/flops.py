@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of visual tokens kept from the prune layer on, in [0, 1]")
     parser.add_argument("--text-tokens", type=int, default=None,
                         help="non-visual prompt tokens (system prompt, template, question), e.g. 57")
-    parser.add_argument("--prune-layer", type=int, default=2, help="K: first decoder layer that sees the pruned sequence (default 2)")
+    parser.add_argument("--prune-layer", type=int, default=None,
+                        help="K: first decoder layer that sees the pruned sequence (default: the family's, 2 for LLaVA, 1 for Qwen-VL)")
     parser.add_argument("--visual-tokens", type=int, default=None,
                         help="visual tokens N in the prompt (default: the model's per-image default)")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per KV-cache element (default 2: fp16/bf16)")
@@ -37,7 +38,7 @@ def compute(args: argparse.Namespace) -> dict:
     """The result dict of ``ep flops`` (also usable from Python with a Namespace)."""
     from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
     from ep_core.config import check_prune_layer
-    from ep_core.families import default_visual_tokens
+    from ep_core.families import default_visual_tokens, family_for
     from ep_core.flops import flops_report
     from ep_core.loading import load_model_config
 
@@ -54,6 +55,8 @@ def compute(args: argparse.Namespace) -> dict:
 
     config = load_model_config(args.model)
     num_layers = int(config.get_text_config().num_hidden_layers)
+    if args.prune_layer is None:
+        args.prune_layer = family_for(config).default_prune_layer
     check_prune_layer(args.prune_layer, num_layers)
     if args.visual_tokens is None:
         visual = default_visual_tokens(config)

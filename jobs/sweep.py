@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="shapes: seed of the test split (default 1; training never sees the test split)")
     parser.add_argument("--methods", default="none,entropyprune,random,fastv,dart", help="comma-separated methods")
     parser.add_argument("--keep-ratios", default="1.0,0.33,0.11", help="comma-separated keep ratios after the prune layer")
-    parser.add_argument("--prune-layer", type=prune_layer_arg, default=2,
-                        help="decoder layer K where pruning happens (default 2), or 'auto': K from the calibration profile (ep calibrate), else the family's default")
+    parser.add_argument("--prune-layer", type=prune_layer_arg, default=None,
+                        help="decoder layer K where pruning happens (default: the family's, 2 for LLaVA, 1 for Qwen-VL), or 'auto': K from the calibration profile (ep calibrate), else the family's default")
     parser.add_argument("--profile", default=None, help="with --prune-layer auto: the profile file to read (default: the model's profile)")
     parser.add_argument("--output", required=True, help="output directory (data, runs/, summary.json, _mlflow.db)")
     parser.add_argument("--frames", type=int, default=4, help="frames decoded per video (default 4, as the demo model was trained)")

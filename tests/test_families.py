@@ -20,15 +20,19 @@ def test_every_family_of_the_table_has_what_the_code_reads():
         assert family.model_type == model_type
         assert family.default_prune_layer >= 1 and family.visual_token_attrs
     prunable = {t for t, f in FAMILIES.items() if f.prunable}
-    assert prunable == {"llava", "llava_next"}
+    assert prunable == {"llava", "llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl"}
     assert FAMILIES["qwen2_5_vl"].default_prune_layer == 1 and FAMILIES["llava"].default_prune_layer == 2
 
 
 def test_check_supported_refuses_from_the_config_alone():
+    from transformers import Qwen3VLConfig
+
     qwen = load_model_config("qwen2.5-vl-7b")  # a preset: offline, no weights
-    assert check_supported(qwen, PruneConfig("none")).model_type == "qwen2_5_vl"
-    with pytest.raises(ValueError, match="'qwen2_5_vl' is not supported yet for pruning.*pruning supports: llava"):
-        check_supported(qwen, PruneConfig("entropyprune", keep_ratio=0.5, prune_layer=1))
+    assert check_supported(qwen, PruneConfig("entropyprune", keep_ratio=0.5, prune_layer=1)).model_type == "qwen2_5_vl"
+    qwen3 = Qwen3VLConfig()
+    assert check_supported(qwen3, PruneConfig("none")).model_type == "qwen3_vl"
+    with pytest.raises(ValueError, match="'qwen3_vl' is not supported yet for pruning.*pruning supports: llava"):
+        check_supported(qwen3, PruneConfig("entropyprune", keep_ratio=0.5, prune_layer=1))
     llava = load_model_config("llava-1.5-7b")
     with pytest.raises(ValueError, match="between 1 and 31 for this 32-layer decoder, got 32"):
         check_supported(llava, PruneConfig("fastv", keep_ratio=0.5, prune_layer=32))
@@ -61,11 +65,14 @@ def test_caption_preflight_refuses_unsupported_pruning_before_ray(tmp_path, caps
 
     from jobs.cli import main
 
+    from transformers import Qwen3VLConfig
+
     (tmp_path / "in").mkdir()
-    args = ["caption", "--model", "qwen2.5-vl-7b", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
+    Qwen3VLConfig().save_pretrained(tmp_path / "qwen3")
+    args = ["caption", "--model", str(tmp_path / "qwen3"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
     assert main(args + ["--method", "entropyprune", "--keep-ratio", "0.5"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ep caption: error: model family 'qwen2_5_vl' is not supported yet for pruning")
+    assert err.startswith("ep caption: error: model family 'qwen3_vl' is not supported yet for pruning")
     assert err.count("\n") == 1
     assert main(["caption", "--model", "demo", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
                  "--method", "dart", "--keep-ratio", "0.5", "--prune-layer", "6"]) == 2
@@ -136,3 +143,22 @@ def test_dtype_and_attention_backend_are_part_of_the_job_identity(tmp_path):
         with pytest.raises(ValueError, match="holds rows of a different job"):
             check_job(str(tmp_path), CaptionConfig(**base, **other).job_identity())
     assert {"dtype", "attn_implementation"} <= set(CaptionConfig(**base).run_params())
+
+
+def test_without_prune_layer_each_command_takes_the_familys_default(capsys):
+    """Not given, K is the family's (the papers': 2 for LLaVA, 1 for Qwen-VL); given, it is kept."""
+    from jobs.caption import add_arguments, config_from_args
+    from jobs.cli import main
+
+    import argparse
+
+    def caption_k(*flags):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = parser.parse_args(["--input", ".", "--output", "o", "--method", "random", "--keep-ratio", "0.5", *flags])
+        return config_from_args(args).prune.prune_layer
+
+    assert caption_k("--model", "qwen2.5-vl-7b") == 1 and caption_k("--model", "qwen2-vl-7b") == 1
+    assert caption_k("--model", "demo") == 2 and caption_k("--model", "qwen2.5-vl-7b", "--prune-layer", "3") == 3
+    assert main(["flops", "--model", "qwen2-vl-7b", "--keep-ratio", "0.25", "--text-tokens", "40", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prune_layer"] == 1

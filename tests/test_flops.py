@@ -134,6 +134,24 @@ def test_clip_tower_and_projector_match_flop_counter():
     assert counter.get_total_flops() == vision_flops(cfg, visual) + projector_flops(cfg, visual)
 
 
+def test_qwen2_vit_matches_flop_counter():
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    cfg = Qwen2VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=200000),
+        vision_config=dict(depth=3, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+    )
+    cfg.vision_config._attn_implementation = "eager"
+    vit = Qwen2VisionTransformerPretrainedModel._from_config(cfg.vision_config).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vit(torch.randn(6 * 4, 3 * 2 * 14 * 14), grid_thw=torch.tensor([[1, 6, 4]]))
+    assert vision_flops(cfg, 6 * 4 // 4) == counter.get_total_flops()
+    assert projector_flops(cfg, 6) == 0  # the merger is inside vision_flops
+
+
 @pytest.mark.parametrize("grid, window_size, exact", [((8, 8), 56, True), ((8, 8), 112, True), ((10, 14), 56, False)])
 def test_qwen25_vit_matches_flop_counter(grid, window_size, exact):
     from transformers import Qwen2_5_VLConfig
@@ -245,6 +263,7 @@ def test_report_rejects_bad_input():
         ("llava-1.5-7b", "LlavaConfig", 4096, 32, 32, 32064, 576),
         ("llava-1.5-13b", "LlavaConfig", 5120, 40, 40, 32064, 576),
         ("llava-v1.6-vicuna-7b", "LlavaNextConfig", 4096, 32, 32, 32064, 2880),
+        ("qwen2-vl-7b", "Qwen2VLConfig", 3584, 28, 4, 152064, 256),
         ("qwen2.5-vl-7b", "Qwen2_5_VLConfig", 3584, 28, 4, 152064, 256),
     ],
 )
