@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from ep_core.methods import RULES
@@ -61,8 +62,8 @@ class PruneConfig:
             raise ValueError(
                 f"method {self.method!r} needs a budget (e.g. budget=128) or a keep_ratio (e.g. keep_ratio=0.25)"
             )
-        if self.budget is not None and not self.budget >= 0:
-            raise ValueError(f"budget must be a number of visual tokens >= 0, got {self.budget}")
+        if self.budget is not None and not (self.budget >= 0 and math.isfinite(self.budget)):
+            raise ValueError(f"budget must be a finite number of visual tokens >= 0, got {self.budget}")
         if self.keep_ratio is not None and not 0.0 <= self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be between 0 and 1, got {self.keep_ratio}")
         check_prune_layer(self.prune_layer)

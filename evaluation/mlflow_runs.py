@@ -54,7 +54,7 @@ def log_sweep(output: str, params: dict, summary: list[dict], artifacts: list[st
         for path in artifacts:
             if path and os.path.exists(path):
                 tracker.artifact(path)
-    return tracker.uri if tracker.active else None
+    return tracker.shown_uri if tracker.active else None
 
 
 def outputs_sample(dirs, path: str, rows_per_dir: int = 20) -> str | None:

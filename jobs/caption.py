@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     job = CaptionJob(config_from_args(args))  # the preflight: usage errors in one line, before anything starts
     summary, tracker = job.run_tracked(experiment=args.experiment or "caption", tracking=not args.no_tracking)
     if tracker.active:
-        print(f"MLflow: run recorded in {tracker.uri} (experiment {tracker.experiment!r})", flush=True)
+        print(f"MLflow: run recorded in {tracker.shown_uri} (experiment {tracker.experiment!r})", flush=True)
     print(summary.line(), flush=True)  # the summary stays the last line
     return 0 if summary.final else 1
 

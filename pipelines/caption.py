@@ -35,7 +35,7 @@ from pipelines.failures import AttemptLedger
 from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipelines.packing import CallTally
 from pipelines.preprocess import prepare_block
-from pipelines.sink import ParquetSink, check_job, done_ids, drop_transient
+from pipelines.sink import ParquetSink, check_job, done_ids, drop_transient, output_lock
 from pipelines.sources import scan
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ PACK_WINDOW = 4  # a model actor packs generate calls from batch_size × PACK_WI
 CPU_PARAMETER_LIMIT = 1_000_000_000  # decoder weights above which a model runs on CPU only with device="cpu"
 CLUSTER_GPU_WAIT_S = 300.0  # default wait for GPU workers to join, on a cluster address
 DEVICES = ("auto", "cuda", "cpu")
+SAMPLE_ID_SCHEME = 2  # 2: a folder input's files keyed by their path relative to the folder
 
 
 @dataclass
@@ -108,9 +109,12 @@ class CaptionConfig:
             raise ValueError(f"wait-for-gpus must be >= 0 seconds, got {self.wait_for_gpus!r}")
 
     def job_identity(self) -> dict:
-        """What the rows of an output directory depend on (a rerun must match it)."""
+        """What the rows of an output directory depend on (a rerun must match it): every setting
+        that changes an output, and the scheme of the sample ids (2: a folder's files by their
+        path relative to the folder)."""
         return {"model": self.model, **self.prune.to_dict(), "max_new_tokens": self.max_new_tokens,
-                "max_side": self.max_side, "dtype": self.dtype, "attn_implementation": self.attn_implementation}
+                "max_side": self.max_side, "dtype": self.dtype, "attn_implementation": self.attn_implementation,
+                "prompt": self.prompt, "frames": self.frames, "sample_ids": SAMPLE_ID_SCHEME}
 
     def run_params(self) -> dict:
         """The MLflow params of a caption run (docs/design.md §3)."""
@@ -235,6 +239,10 @@ class CaptionJob:
         cfg = self.cfg
         say = log.debug if quiet else log.info
         scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames)
+        with output_lock(cfg.output):  # one writer per output directory
+            return self._run_locked(cfg, scanned, say, progress, quiet)
+
+    def _run_locked(self, cfg: CaptionConfig, scanned, say, progress, quiet: bool) -> Summary:
         check_job(cfg.output, cfg.job_identity())
         run_id = cfg.run_id or uuid.uuid4().hex[:12]
         retried = drop_transient(cfg.output)  # the device failed these rows before: process them again
@@ -249,7 +257,7 @@ class CaptionJob:
         )
         notes = []
         if scanned.skipped_files:
-            notes.append(f"{scanned.skipped_files} files that are neither images nor videos skipped")
+            notes.append(f"{scanned.skipped_files} files skipped (hidden, or neither images nor videos)")
         if scanned.duplicates:
             notes.append(f"{scanned.duplicates} duplicate manifest rows kept once")
         if retried:
@@ -268,6 +276,11 @@ class CaptionJob:
         """:meth:`run` inside one MLflow run (``pipelines.tracking``: params from the config,
         stepped items/s while it runs, then the cost metrics of the rows this run wrote).
         Returns ``(summary, tracker)``; a tracking failure never stops the job."""
+        cfg = self.cfg
+        with output_lock(cfg.output):  # before the MLflow store beside the outputs is opened
+            return self._run_tracked_locked(experiment, tracking)
+
+    def _run_tracked_locked(self, experiment: str, tracking: bool):
         import pyarrow.compute as pc
 
         from pipelines.sink import read_output
@@ -292,27 +305,36 @@ def run_caption(cfg: CaptionConfig, *, progress=None, quiet: bool = False) -> Su
 
 
 def _gpus_per_worker(cfg: CaptionConfig, say) -> float:
-    """GPUs per model actor: ``num_gpus`` when given, 0 with ``device="cpu"``, else 1 once the
-    cluster has GPUs, waiting up to ``wait_for_gpus`` seconds for GPU workers to join (asking an
-    autoscaler for them meanwhile). Without GPUs: an error with ``device="cuda"``, or for a model
-    over :data:`CPU_PARAMETER_LIMIT` parameters, unless ``device="cpu"``."""
+    """GPUs per model actor: 0 with ``device="cpu"``; ``num_gpus`` when given, once the cluster has
+    that many; else 1 once it has any, waiting up to ``wait_for_gpus`` seconds for GPU workers
+    to join (asking an autoscaler for them meanwhile). Without them: an error when ``num_gpus``
+    was given or ``device="cuda"``, or for a model over :data:`CPU_PARAMETER_LIMIT` parameters,
+    unless ``device="cpu"``."""
     import ray
 
-    if cfg.device == "cpu":
+    if cfg.device == "cpu" or cfg.num_gpus == 0:
         return 0.0
-    if cfg.num_gpus is not None:
-        return float(cfg.num_gpus)
+    need = cfg.num_gpus or 0.0  # GPUs one model worker asks for (any at all when not given)
+
+    def enough() -> bool:
+        have = ray.cluster_resources().get("GPU", 0)
+        return have >= need and have > 0
+
     wait = cfg.wait_for_gpus if cfg.wait_for_gpus is not None else (CLUSTER_GPU_WAIT_S if _joins_cluster(cfg) else 0.0)
     deadline = time.monotonic() + wait
-    if ray.cluster_resources().get("GPU", 0) <= 0 and wait > 0:
-        say(f"[caption] no GPU in the cluster yet: waiting up to {wait:g} s for GPU workers (--wait-for-gpus)")
+    if not enough() and wait > 0:
+        say(f"[caption] waiting up to {wait:g} s for GPU workers to join the cluster (--wait-for-gpus)")
         _request_gpus(cfg.workers)
-        while ray.cluster_resources().get("GPU", 0) <= 0 and time.monotonic() < deadline:
+        while not enough() and time.monotonic() < deadline:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         _request_gpus(0)
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return 1.0
+    if enough():
+        return float(cfg.num_gpus) if cfg.num_gpus is not None else 1.0
     waited = f" after waiting {wait:g} s" if wait else ""
+    if cfg.num_gpus is not None:  # asked for explicitly: a model worker would wait for it forever
+        have = ray.cluster_resources().get("GPU", 0)
+        raise ValueError(f"--num-gpus {cfg.num_gpus:g} per model worker, but the Ray cluster has {have:g} GPUs{waited}; "
+                         "start GPU workers, lower --num-gpus, or use --device cpu")
     if cfg.device == "cuda":
         raise ValueError(f"--device cuda but the Ray cluster has no GPU{waited}; start GPU workers or raise --wait-for-gpus")
     from ep_core.flops import decoder_parameters

@@ -27,7 +27,7 @@ import warnings
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_SIDE = 1024
@@ -94,7 +94,7 @@ def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int
                 if im.format == "JPEG" and max(w, h) > 2 * max_side:
                     im.draft(None, (max_side, max_side))  # decode JPEGs at a reduced scale directly
                 im.load()
-                rgb = to_rgb(im)
+                rgb = to_rgb(ImageOps.exif_transpose(im))  # a phone photo upright, as a viewer shows it
                 if max(rgb.size) > max_side:
                     rgb.thumbnail((max_side, max_side), Image.BILINEAR)
                 arr = np.asarray(rgb, dtype=np.uint8)

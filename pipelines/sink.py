@@ -15,13 +15,17 @@ module's :func:`read_output`, or any plain Parquet reader of the directory) sees
 writes it.
 ``_job.json`` records what the rows were computed with, so that a rerun with a different
 model or pruning setting into the same directory is refused instead of mixing results.
+``_lock.json`` (:func:`output_lock`) makes one job at a time the writer of a directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import socket
+import time
 import uuid
 
 import pyarrow as pa
@@ -63,6 +67,7 @@ OUTPUT_SCHEMA = pa.schema(
 )
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 JOB_FILE = "_job.json"
+LOCK_FILE = "_lock.json"
 
 
 def to_table(rows: list[dict]) -> pa.Table:
@@ -117,6 +122,59 @@ def read_output(output_dir: str) -> pa.Table:
             seen.add(sid)
             keep.append(i)
     return table if len(keep) == len(ids) else table.take(keep)
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str):
+    """Be the only writer of ``output_dir`` for the block: create ``_lock.json`` exclusively
+    (host, pid, start time), remove it at the end. A lock whose owner is gone (same host, no such
+    process) is taken over; any other is refused with one line that names its owner. Nested
+    blocks of one process share the outer block's lock."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_FILE)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is not None and (owner.get("host"), owner.get("pid")) == (me["host"], me["pid"]):
+                yield  # this process holds it already (an outer block): nested, nothing to do
+                return
+            if owner is not None and owner.get("host") == me["host"] and not _alive(owner.get("pid")):
+                os.remove(path)  # its job ended without removing it (killed): take it over
+                continue
+            who = f"host {owner.get('host')}, pid {owner.get('pid')}, since {owner.get('since')}" if owner else "unknown owner"
+            raise ValueError(
+                f"output directory {output_dir} is in use by another job ({who}); wait for it to end, use another "
+                f"--output, or remove {path} if that job is gone"
+            ) from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    try:
+        yield
+    finally:
+        if (_lock_owner(path) or {}).get("pid") == me["pid"]:
+            os.remove(path)
+
+
+def _lock_owner(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # another user's process, or an unreadable pid: assume it is alive
+    return True
 
 
 def check_job(output_dir: str, job: dict) -> None:

@@ -37,8 +37,16 @@ def media_type_of(path: str) -> str | None:
 
 
 def make_sample_id(source: str, frame_spec: str, prompt: str) -> str:
+    """A stable id from a file's canonical key (its path relative to the input folder, or a
+    manifest's normalised path), its frame spec and prompt: the first 24 hex digits of the
+    SHA-256 of their JSON. File names that are not UTF-8 hash by their bytes (surrogateescape)."""
     key = json.dumps([source, frame_spec, prompt], ensure_ascii=False)
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def canonical_key(source: str) -> str:
+    """What identifies a manifest entry: a URI as given, a path normalised (``./x`` = ``x``)."""
+    return source if "://" in source else os.path.normpath(source)
 
 
 @dataclass
@@ -46,7 +54,7 @@ class SourceScan:
     """The rows of an input plus what was left out while scanning it."""
 
     rows: list[dict] = field(default_factory=list)
-    skipped_files: int = 0  # files in a directory that are neither images nor videos
+    skipped_files: int = 0  # files in a directory that are hidden, or neither images nor videos
     duplicates: int = 0  # identical (path, frames, prompt) rows in a manifest, kept once
 
 
@@ -62,7 +70,7 @@ def scan(input_path: str, *, prompt: str | None = None, frames: int = 8) -> Sour
         raise FileNotFoundError(f"input not found: {input_path}")
     if os.path.isdir(input_path):
         found = _walk(input_path)
-        entries = [e for e in found if media_type_of(e["source"])]
+        entries = [e for e in found if media_type_of(e["source"]) and not os.path.basename(e["source"]).startswith(".")]
         skipped = len(found) - len(entries)
         base = None
     elif input_path.lower().endswith(MANIFEST_EXTS):
@@ -90,14 +98,20 @@ def scan(input_path: str, *, prompt: str | None = None, frames: int = 8) -> Sour
 
 
 def _walk(root: str) -> list[dict]:
+    """Every file under ``root``, keyed by its path relative to ``root`` (so the same folder
+    resumes however it is spelled). A file symlink that resolves outside ``root`` is kept as
+    an error row; directory symlinks are not followed."""
     root = os.path.normpath(root)
+    real_root = os.path.realpath(root)
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            out.append({"source": os.path.join(dirpath, name)})
+        for name in sorted(filenames):  # hidden files too: the scan counts them as skipped
+            path = os.path.join(dirpath, name)
+            entry = {"source": path, "key": os.path.relpath(path, root).replace(os.sep, "/")}
+            if os.path.islink(path) and os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+                entry["error"] = f"symlink pointing outside the input folder ({os.path.realpath(path)}), not followed: {path}"
+            out.append(entry)
     return out
 
 
@@ -106,7 +120,7 @@ def _read_manifest(path: str) -> list[dict]:
     try:
         if lower.endswith(".jsonl"):
             rows = []
-            with open(path, encoding="utf-8") as fh:
+            with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark is accepted
                 for n, line in enumerate(fh, 1):
                     if line.strip():
                         try:
@@ -114,7 +128,7 @@ def _read_manifest(path: str) -> list[dict]:
                         except json.JSONDecodeError as exc:
                             raise ValueError(f"manifest {path}: line {n} is not valid JSON ({exc.msg})") from None
         elif lower.endswith(".csv"):
-            with open(path, encoding="utf-8", newline="") as fh:
+            with open(path, encoding="utf-8-sig", newline="") as fh:
                 rows = list(csv.DictReader(fh))
         else:
             import pyarrow.parquet as pq
@@ -139,6 +153,41 @@ def _read_manifest(path: str) -> list[dict]:
     return out
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _kind_of(path: str) -> str:
+    """What a path that exists but is not a regular file is: a directory, a FIFO, a device …"""
+    import stat
+
+    mode = os.stat(path).st_mode
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _problem(source: str, path: str, media_type: str | None) -> str | None:
+    """Why an entry cannot be read as a local image or video (None when it can)."""
+    if not source:
+        return "manifest row has an empty path"
+    if "://" in source:
+        return f"not a local file: URLs and object stores are not read yet; copy it to a local or mounted path: {source}"
+    if media_type is None:
+        return f"unsupported file type {os.path.splitext(source)[1] or '(no extension)'!r}: {source}"
+    if not os.path.exists(path):
+        return f"file not found: {path}"
+    if not os.path.isfile(path):
+        return f"not a regular file ({_kind_of(path)}): {path}"
+    return None
+
+
 def _make_row(entry: dict, base: str | None, prompt: str | None, frames: int) -> dict:
     source = entry["source"]
     media_type = media_type_of(source)
@@ -152,15 +201,14 @@ def _make_row(entry: dict, base: str | None, prompt: str | None, frames: int) ->
     reference = entry.get("reference")
     if reference is not None and not isinstance(reference, str):
         reference = json.dumps(reference, ensure_ascii=False)
-    error = None
-    if not source:
-        error = "manifest row has an empty path"
-    elif media_type is None:
-        error = f"unsupported file type {os.path.splitext(source)[1] or '(no extension)'!r}: {source}"
-    elif not os.path.isfile(path):
-        error = f"file not found: {path}"
+    error = entry.get("error")
+    key = entry.get("key") or canonical_key(source)
     frame_spec = f"video:{frames}" if media_type == "video" else "image"
-    sample_id = str(entry["id"]) if "id" in entry else make_sample_id(source, frame_spec, row_prompt)
+    sample_id = str(entry["id"]) if "id" in entry else make_sample_id(key, frame_spec, row_prompt)
+    if not _utf8(source):  # Parquet strings are UTF-8: the row says so, with a readable name
+        source = path = source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        error = error or f"file name is not valid UTF-8; rename the file to caption it: {source}"
+    error = error or _problem(source, path, media_type)
     return {
         "sample_id": sample_id,
         "source": source,

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,15 +54,53 @@ def tracking_uri(output_dir: str | os.PathLike) -> str:
     return f"sqlite:///{default_store(output_dir)}"
 
 
+def redact(uri: str) -> str:
+    """``uri`` fit to print: a password or token in its user info becomes ``***`` and its query
+    string (where tokens travel) is dropped. ``http://alice:pw@host/x?t=1`` → ``http://alice:***@host/x?***``."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme or not parts.netloc:
+        return uri
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
 def _server_reachable(uri: str, timeout_s: float = 5.0) -> str | None:
-    """None if an http(s) tracking server answers ``/health``, else why not."""
+    """None if an http(s) tracking server answers ``/health``, else why not. Basic-auth user
+    info in the URI (``http://user:password@host``) is sent as an Authorization header, as
+    MLflow's own client does."""
     if not uri.startswith(("http://", "https://")):
         return None
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    url = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+    request = urllib.request.Request(url)
+    if parts.username is not None:
+        import base64
+
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return None if response.status == 200 else f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError) as exc:
-        return str(getattr(exc, "reason", exc))
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code} {exc.reason}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return redact_text(str(getattr(exc, "reason", exc)), uri)
+
+
+def redact_text(text: str, uri: str) -> str:
+    """``text`` with every appearance of ``uri``'s secrets replaced by :func:`redact`'s form."""
+    parts = urllib.parse.urlsplit(uri)
+    text = text.replace(uri, redact(uri))
+    for secret in (parts.password, parts.query):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _clean(values: dict, keys: tuple[str, ...]) -> dict:
@@ -92,7 +131,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         problem = _server_reachable(self.uri)
         if problem is not None:
-            self._fail(f"tracking server {self.uri} is unreachable ({problem})")
+            self._fail(f"tracking server {redact(self.uri)} is unreachable ({problem})")
             return
         try:
             import mlflow
@@ -111,7 +150,7 @@ class Tracker:
             mlflow.set_experiment(experiment)
             self._mlflow = mlflow
         except Exception as exc:  # noqa: BLE001 - tracking must never stop the job
-            self._fail(f"could not open MLflow store {self.uri}: {exc}")
+            self._fail(f"could not open MLflow store {redact(self.uri)}: {redact_text(str(exc), self.uri)}")
 
     @property
     def current_run_id(self) -> str | None:
@@ -122,7 +161,13 @@ class Tracker:
     def active(self) -> bool:
         return self._mlflow is not None and self.failure is None
 
+    @property
+    def shown_uri(self) -> str:
+        """The tracking URI fit to print (:func:`redact`)."""
+        return redact(self.uri)
+
     def _fail(self, why: str) -> None:
+        why = redact_text(why, self.uri)
         self.failure = why
         self._mlflow = None
         log.warning(f"MLflow tracking failed: {why}. Outputs are still written; nothing else is lost.")

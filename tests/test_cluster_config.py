@@ -32,6 +32,7 @@ def test_cluster_yaml_is_a_valid_launcher_config_with_cpu_head_and_gpu_workers()
     assert any("pip install" in c and "entropyprune" in c for c in cfg["setup_commands"]), "setup must install this package"
     assert "." in cfg["file_mounts"].values()
     assert any("--head" in c for c in cfg["head_start_ray_commands"])
+    assert all("0.0.0.0" not in c for c in cfg["head_start_ray_commands"])  # the dashboard stays on loopback
     assert any("RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"])
     # one Hugging Face cache for every node, on the volume every container mounts
     options = " ".join(cfg["docker"]["run_options"])

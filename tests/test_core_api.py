@@ -118,6 +118,8 @@ def test_zero_kept_tokens_still_generates(tiny, batch):
         (dict(method="entropyprune"), "needs a budget"),
         (dict(method="random", budget=64, keep_ratio=0.5), "either budget"),
         (dict(method="fastv", budget=-3), "budget must be"),
+        (dict(method="fastv", budget=float("inf")), "budget must be a finite number"),
+        (dict(method="fastv", budget=float("nan")), "budget must be a finite number"),
         (dict(method="dart", keep_ratio=1.5), "keep_ratio must be between 0 and 1"),
         (dict(method="entropyprune", budget=64, prune_layer=0), "prune_layer must be an integer >= 1"),
         (dict(method="entropyprune", budget=64, prune_layer=1.5), "prune_layer must be an integer >= 1"),

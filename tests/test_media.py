@@ -122,3 +122,21 @@ def test_the_decode_stage_imports_no_model_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]"
+
+
+def test_an_exif_rotated_photo_decodes_upright_like_its_twin(tmp_path):
+    """A phone stores the sensor's pixels and an EXIF orientation; orientation 6 means "turn
+    90° clockwise to view". Decoded, it must equal the upright copy of the same picture."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.media import load_image
+
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 32, 3), dtype=np.uint8))
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    stored = np.asarray(Image.open(tmp_path / "phone.png"))
+    assert stored.shape == (32, 20, 3)  # on disk the picture lies on its side
+    assert np.array_equal(load_image(str(tmp_path / "phone.png")), load_image(str(tmp_path / "upright.png")))

@@ -265,6 +265,12 @@ def test_no_gpu_is_an_error_for_a_big_model_unless_device_cpu(ray_session, tiny_
     assert "no GPU after waiting 2 s" in err[0] and "--device cpu" in err[0], err
     assert caption([*args, "--device", "cpu"]) == 0
     assert _kinds(str(tmp_path / "out")) == {"output": 2}
+    # GPUs asked for explicitly that the cluster does not have: an error, not a job waiting forever
+    explicit = [*args[:-3], "--num-gpus", "1", "--wait-for-gpus", "1", "--no-tracking", "--output", str(tmp_path / "o2")]
+    assert caption(explicit) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--num-gpus 1 per model worker, but the Ray cluster has 0 GPUs after waiting 1 s; "
+                            "start GPU workers, lower --num-gpus, or use --device cpu"), err
 
 
 def test_driver_killed_hard_then_rerun_completes_exactly_once(ray_session, tiny_model, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow.parquet as pq
@@ -194,3 +195,48 @@ def test_a_row_that_breaks_generate_costs_that_row_only(tmp_path):
     assert [r.get("output") is not None for r in out] == [True, False, True]
     assert "this row breaks the kernel" in out[1]["error"] and out[1]["error"].endswith("1.png")
     assert out[0]["error"] is None and out[2]["error"] is None
+
+
+def test_one_writer_per_output_directory(tmp_path, monkeypatch):
+    """A second job into a directory another live job writes is refused with one line naming
+    the owner; a lock left by a job that is gone (same host, no such process) is taken over;
+    nested blocks of one process share the lock; any Parquet reader skips the lock file."""
+    import socket
+    import subprocess
+    import sys
+
+    from pipelines.sink import LOCK_FILE, output_lock
+
+    out = str(tmp_path / "out")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.makedirs(out)
+        with open(os.path.join(out, LOCK_FILE), "w") as fh:
+            json.dump({"host": socket.gethostname(), "pid": other.pid, "since": "now"}, fh)
+        with pytest.raises(ValueError, match=f"is in use by another job \\(host .*, pid {other.pid}, since now\\)"):
+            with output_lock(out):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+    with output_lock(out):  # its owner is gone now: taken over
+        with output_lock(out):  # nested
+            pass
+        assert json.load(open(os.path.join(out, LOCK_FILE)))["pid"] == os.getpid()
+        ParquetSink(out, "r").write(to_table([{"sample_id": "a"}]))
+        assert pq.read_table(out).num_rows == 1  # _lock.json and _job.json are not read as data
+    assert not os.path.exists(os.path.join(out, LOCK_FILE))
+
+
+def test_a_changed_prompt_or_frame_count_is_a_different_job(tmp_path):
+    from ep_core.config import PruneConfig
+    from pipelines.caption import CaptionConfig
+
+    base = dict(model="demo", input=str(tmp_path), output=str(tmp_path / "out"), prune=PruneConfig("none"))
+    out = base["output"]
+    check_job(out, CaptionConfig(**base, prompt="Describe.", frames=4).job_identity())
+    ParquetSink(out, "r").write(to_table([{"sample_id": "a"}]))
+    with pytest.raises(ValueError, match="prompt: 'Describe.' -> 'What color\\?'"):
+        check_job(out, CaptionConfig(**base, prompt="What color?", frames=4).job_identity())
+    with pytest.raises(ValueError, match="frames: 4 -> 8"):
+        check_job(out, CaptionConfig(**base, prompt="Describe.", frames=8).job_identity())

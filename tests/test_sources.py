@@ -24,7 +24,7 @@ def test_directory_walk_finds_media_recursively_and_skips_the_rest(tree):
     result = scan(str(tree), frames=4)
     names = sorted(os.path.relpath(r["source"], tree) for r in result.rows)
     assert names == sorted(["a.jpg", "sub/b.PNG", "sub/deeper/c.webp", "v/clip.mp4", "v/clip2.MKV", "x.tif"])
-    assert result.skipped_files == 1  # notes.txt; hidden files are not counted
+    assert result.skipped_files == 2  # notes.txt and .hidden.jpg: hidden files are counted as skipped
     by_name = {os.path.basename(r["source"]): r for r in result.rows}
     assert by_name["clip.mp4"]["media_type"] == "video" and by_name["clip.mp4"]["frames"] == 4
     assert by_name["clip.mp4"]["prompt"] == DEFAULT_VIDEO_PROMPT
@@ -107,3 +107,49 @@ def test_clear_errors_for_bad_inputs(tmp_path):
         scan(str(tmp_path / "broken.jsonl"))
     with pytest.raises(ValueError, match="frames must be >= 1"):
         scan(str(tmp_path), frames=0)
+
+
+def test_one_folder_spelled_two_ways_gives_the_same_ids(tree, monkeypatch):
+    """A folder's files are keyed by their path relative to the folder: absolute, relative,
+    with a trailing slash or a detour, the ids are the same (resume does not depend on spelling)."""
+    absolute = sorted(r["sample_id"] for r in scan(str(tree), frames=4).rows)
+    monkeypatch.chdir(tree.parent)
+    for spelling in ("data", "data/", "./data", f"../{tree.parent.name}/data"):
+        assert sorted(r["sample_id"] for r in scan(spelling, frames=4).rows) == absolute, spelling
+
+
+def test_manifest_paths_are_normalised_and_byte_order_marks_accepted(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text('\ufeff{"path": "x.png"}\n{"path": "./x.png"}\n', encoding="utf-8")
+    result = scan(str(jsonl))
+    assert len(result.rows) == 1 and result.duplicates == 1  # ./x = x
+    csv_file = tmp_path / "m.csv"
+    csv_file.write_text("\ufeffpath,prompt\nx.png,hi\n", encoding="utf-8")
+    assert [r["prompt"] for r in scan(str(csv_file)).rows] == ["hi"]
+
+
+def test_odd_entries_become_error_rows_that_say_what_they_are(tmp_path):
+    """A directory, a FIFO or a URL where a file should be, a file symlink that leaves the
+    input folder, a name that is not UTF-8: each is its own error row; the scan goes on."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "ok.png").write_bytes(b"")
+    (root / "dir.png").mkdir()
+    os.mkfifo(root / "pipe.png")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"")
+    os.symlink(outside, root / "link.png")
+    os.symlink(root / "ok.png", root / "inner.png")  # inside the folder: followed
+    os.close(os.open(os.fsencode(root) + b"/caf\xe9.png", os.O_CREAT | os.O_WRONLY))
+    rows = {os.path.basename(r["source"]): r for r in scan(str(root)).rows}
+    assert rows["ok.png"]["error"] is None and rows["inner.png"]["error"] is None
+    assert rows["link.png"]["error"].startswith("symlink pointing outside the input folder")
+    weird = [name for name in rows if name.startswith("caf")][0]
+    assert weird == "caf\\xe9.png" and "not valid UTF-8" in rows[weird]["error"]
+    rows["caf\\xe9.png"]["source"].encode("utf-8")  # a Parquet string
+    manifest = write_manifest(str(tmp_path / "m.jsonl"), [{"path": str(root / "dir.png")}, {"path": str(root / "pipe.png")},
+                                                          {"path": "s3://bucket/a.png"}])
+    errors = sorted(r["error"] for r in scan(manifest).rows)
+    assert errors[0].startswith("not a local file: URLs and object stores are not read yet")
+    assert errors[1].startswith("not a regular file (a FIFO)") and errors[2].startswith("not a regular file (a directory)")

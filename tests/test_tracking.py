@@ -278,3 +278,40 @@ def test_output_metrics_are_means_over_the_rows_with_an_output():
         # a is a whole call, b a quarter of one: 2 rows / 1.25 calls; padding (0 + 0.2/4) / 1.25
         "rows_per_generate": 1.6, "padding_share": 0.04,
     })
+
+
+def test_credentials_never_printed_and_basic_auth_servers_are_reachable(tmp_path, monkeypatch, caplog):
+    """A password in the tracking URI appears in no message; the health check sends it as
+    basic auth (urllib cannot take user info in a URL), so such a server counts as reachable."""
+    import base64
+    import http.server
+    import threading
+
+    from pipelines.tracking import _server_reachable, redact
+
+    assert redact("http://alice:S3cr3t@host:5000/x?token=abc") == "http://alice:***@host:5000/x?***"
+    assert redact("https://tok@host") == "https://***@host" and redact("sqlite:///a/b.db") == "sqlite:///a/b.db"
+    good = "Basic " + base64.b64encode(b"alice:S3cr3t").decode()
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == "/health" and self.headers.get("Authorization") == good
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        assert _server_reachable(f"http://alice:S3cr3t@127.0.0.1:{port}") is None
+        assert "401" in _server_reachable(f"http://alice:wrong@127.0.0.1:{port}")
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:S3cr3tP4ss@127.0.0.1:1")
+    with caplog.at_level("WARNING"):
+        tracker = Tracker(tmp_path / "out", "secret")
+    assert not tracker.active and "S3cr3tP4ss" not in caplog.text and "S3cr3tP4ss" not in tracker.failure
+    assert "http://alice:***@127.0.0.1:1" in caplog.text and "S3cr3tP4ss" not in tracker.shown_uri
