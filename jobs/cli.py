@@ -76,14 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt, so that every
+    ``finally`` runs: output parts committed, the MLflow run marked KILLED, the lock released."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _run_command(name: str, run, args) -> int:
+    """``run(args)`` with the edge's rules: usage errors one line and exit 2; SIGINT / SIGTERM
+    one line and exit 130 / 143."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return int(run(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:  # user errors: one clear line, no traceback
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        which = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        print(f"{name}: stopped by {which}; what was written is kept: run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        return int(args._module.run(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:  # user errors: one clear line, no traceback
-        print(f"ep {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _run_command(f"ep {args.command}", args._module.run, args)
     except BrokenPipeError:  # `ep ... | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
@@ -95,11 +120,7 @@ def module_main(module, name: str, argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        return 2
+    return _run_command(name, module.run, args)
 
 
 if __name__ == "__main__":

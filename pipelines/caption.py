@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from ep_core.config import PruneConfig
 from ep_core.loading import ATTENTION_BACKENDS, DTYPES, flash_attention_available
-from pipelines.cluster import ray_session
+from pipelines.cluster import check_reachable, ray_session
 from pipelines.failures import AttemptLedger
 from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipelines.packing import CallTally
@@ -218,6 +218,7 @@ class CaptionJob:
         if not os.path.exists(cfg.input):
             raise FileNotFoundError(f"input not found: {cfg.input}")
         _check_writable(cfg.output)
+        check_reachable(cfg.address or os.environ.get("RAY_ADDRESS"))  # seconds, not Ray's minutes of retries
         model_config = load_model_config(cfg.model)
         check_supported(model_config, cfg.prune)  # family, method and prune layer
         if cfg.attn_implementation == "flash_attention_2" and not flash_attention_available():
@@ -459,6 +460,9 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
                 if progress is not None:
                     progress(sink.rows_written, now - start)
         flush()
+    except KeyboardInterrupt:  # SIGINT / SIGTERM: commit what arrived, then let the edge end the job
+        flush()
+        raise
     except Exception as exc:  # noqa: BLE001 - keep what is done, say how to resume
         flush()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

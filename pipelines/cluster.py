@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,6 +21,32 @@ log = logging.getLogger(__name__)
 # environment a locally started Ray passes to its workers: the user's offline switch, and one
 # OpenMP thread per worker (decode tasks and CPU model actors set their own torch threads)
 _LOCAL_WORKER_ENV = ("HF_HUB_OFFLINE",)
+
+
+def _python_sigterm_handler():
+    """The SIGTERM handler the caller installed in Python (jobs.cli's), or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    handler = signal.getsignal(signal.SIGTERM)
+    return handler if callable(handler) else None
+
+
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Refuse, in one line and within ``timeout_s``, a cluster address nothing answers on (Ray
+    itself would retry for minutes). ``None``, ``auto`` and ``local`` are left to Ray."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} is not host:port (e.g. 10.0.0.1:6379); check --address or RAY_ADDRESS")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ValueError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
+                         "check --address or RAY_ADDRESS, or leave both unset to start Ray locally") from None
 
 
 @contextmanager
@@ -47,7 +75,10 @@ def ray_session(
     else:
         kwargs["address"] = address
         say(f"[{label}] joining the Ray cluster at {address}")
+    handler = _python_sigterm_handler()
     ray.init(**kwargs)
+    if handler is not None:  # Ray's driver replaces it with a C handler that aborts the process
+        signal.signal(signal.SIGTERM, handler)
     try:
         yield True
     finally:

@@ -186,13 +186,20 @@ class Tracker:
             yield self
             return
         self.run_ids.append(active.info.run_id)
+        status = "FINISHED"
         try:
             if params:
                 self.params(params)
             yield self
+        except KeyboardInterrupt:  # SIGINT, or SIGTERM as jobs.cli turns it into one
+            status = "KILLED"
+            raise
+        except BaseException:
+            status = "FAILED"
+            raise
         finally:
             try:
-                mlflow.end_run()  # even after a failure: no run is left active in this process
+                mlflow.end_run(status=status)  # even after a failure: no run is left active in this process
             except Exception as exc:  # noqa: BLE001
                 if self.active:
                     self._fail(f"could not end run {name!r}: {exc}")

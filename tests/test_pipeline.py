@@ -348,3 +348,44 @@ def test_caption_run_is_tracked_and_a_down_server_costs_no_work(ray_session, tin
     # model actors that would take every CPU leave the CPU stage none: refused, not hung
     assert caption(base + ["--output", str(tmp_path / "starved"), "--workers", "2", "--no-tracking"]) == 2
     assert "take all 2 CPUs of the cluster" in capsys.readouterr().err
+
+
+def test_sigterm_commits_what_arrived_marks_the_run_killed_and_a_rerun_finishes(ray_session, tiny_model, tmp_path):
+    """SIGTERM to a running driver: exit 143 with one line, the parts written stay, the lock is
+    released, the MLflow run is KILLED (not FINISHED or RUNNING); the same command again finishes."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.sink import LOCK_FILE
+    from pipelines.sources import scan
+
+    inputs = image_dir(str(tmp_path / "imgs"), 40)
+    out = str(tmp_path / "out")
+    args = ["--model", tiny_model, "--input", inputs, "--output", out, "--batch-size", "2", "--max-new-tokens", "8",
+            "--flush-rows", "2"]
+    address = ray_session.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.caption", *args, "--address", address, "--wait-for-gpus", "0"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not part_files(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert part_files(out), f"no output file appeared (driver exit status {proc.poll()})"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("caption: stopped by SIGTERM; what was written is kept: "
+                                            "run the same command again to resume")
+    written = len(read_output(out))
+    all_ids = {r["sample_id"] for r in scan(inputs).rows}
+    assert 0 < written < len(all_ids) and not os.path.exists(os.path.join(out, LOCK_FILE))
+    runs = MlflowClient(f"sqlite:///{os.path.abspath(out)}/_mlflow.db").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{os.path.abspath(out)}/_mlflow.db").search_experiments()])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert caption(args) == 0
+    assert_exactly_once(out, all_ids)

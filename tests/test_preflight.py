@@ -50,11 +50,12 @@ def _cases(images: str, unprunable: str, tmp: str) -> dict[str, tuple[list[str],
                           "input not found"),
         "unwritable output": (["--model", "demo", "--input", images, "--output", os.path.join(not_a_dir, "out")],
                               "cannot be written"),
+        "unreachable cluster": (["--model", "demo", *base, "--address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
     }
 
 
 CASES = ["unsupported family with pruning", "prune layer out of range", "flash attention without the package",
-         "missing input", "unwritable output"]
+         "missing input", "unwritable output", "unreachable cluster"]
 
 
 @pytest.mark.parametrize("case", CASES)
