@@ -185,7 +185,7 @@ class VideoDecoder:
             proc.stdin.flush()
             header = json.loads(self._read_line(proc, deadline))
             if not header["ok"]:
-                raise MediaError(f"cannot decode video ({header['error']}): {path}")
+                raise MediaError(f"not a decodable video ({header['error']}): {path}")
             shape = header["shape"]
             data = self._read_exact(proc, int(np.prod(shape)), deadline)
         except TimeoutError:

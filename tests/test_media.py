@@ -140,3 +140,23 @@ def test_an_exif_rotated_photo_decodes_upright_like_its_twin(tmp_path):
     stored = np.asarray(Image.open(tmp_path / "phone.png"))
     assert stored.shape == (32, 20, 3)  # on disk the picture lies on its side
     assert np.array_equal(load_image(str(tmp_path / "phone.png")), load_image(str(tmp_path / "upright.png")))
+
+
+def test_a_video_decord_refuses_is_decoded_by_pyav_with_the_same_frames(tmp_path, faulty_decoder):
+    """decord refuses some files PyAV plays (a tiny mp4, say); the child then decodes with
+    PyAV, the same uniformly spaced frames. A file neither opens is one row's error that names
+    both decoders' reasons and the path."""
+    frames = moving_square_frames(12)
+    write_avi(str(tmp_path / "clip.avi"), frames)
+    os.link(tmp_path / "clip.avi", tmp_path / "clip__nodecord__.avi")
+    (tmp_path / "junk__nodecord__.mp4").write_bytes(b"not a video at all" * 10)
+    decoder = VideoDecoder(timeout_s=20)
+    try:
+        by_decord = decoder.decode(str(tmp_path / "clip.avi"), 4)
+        by_pyav = decoder.decode(str(tmp_path / "clip__nodecord__.avi"), 4)
+        assert by_pyav.shape == by_decord.shape == (4, 48, 64, 3)
+        assert np.abs(by_pyav.astype(int) - by_decord.astype(int)).mean() < 3  # the same frames 0, 4, 7, 11
+        with pytest.raises(Exception, match="not a decodable video \\(ValueError: decord: .*Check failed.*; PyAV: .*\\): .*junk"):
+            decoder.decode(str(tmp_path / "junk__nodecord__.mp4"), 4)
+    finally:
+        decoder.close()
