@@ -474,9 +474,10 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
     summary.transient_new = sink.transient_written
     try:
         summary.extra["batch_repeats"] = ray.get(ledger.repeats.remote(), timeout=30)
-        ray.kill(ledger)  # one ledger per job: a long-lived Ray session would collect them
     except Exception:  # noqa: BLE001 - a report figure only
         pass
+    finally:
+        ray.kill(ledger)  # one ledger per job: a long-lived Ray session would collect them
     summary.missing = len(todo) - sink.rows_written
     summary.extra["duplicates_dropped"] = sink.duplicates_dropped
     figures = calls.figures()

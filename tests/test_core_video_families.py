@@ -17,7 +17,7 @@ from ep_core import PruneConfig, apply_pruning
 from ep_core.families import FAMILIES
 from tests.oracles import FLASH_LIKE, install_masked_reference, padded_kept_mask
 from tests.tiny_models import (
-    LLAVA_VIDEO_IMAGE, LLAVA_VIDEO_VIDEO, QWEN_IMAGE, QWEN_SPECIALS, QWEN_VIDEO, build_qwen_tokenizer,
+    LLAVA_VIDEO_IMAGE, LLAVA_VIDEO_VIDEO, QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END, QWEN_VISION_START,
     build_tiny_llava_video, build_tiny_qwen_vl, llava_video_inputs, qwen_inputs,
 )
 
@@ -48,7 +48,7 @@ def _qwen(model_type: str) -> Tiny:
               {"prompt": [31, 32, 33, 34, 35, 36], "image": (4, 8)}]  # 4, 6, 8 visual tokens (2×2 merge)
     return Tiny(build_tiny_qwen_vl(model_type), qwen_inputs, QWEN_IMAGE, QWEN_VIDEO, images,
                 [images[0], {"prompt": [41, 42, 43], "video": (2, 4, 6)}, images[2]],
-                build_qwen_tokenizer().convert_tokens_to_ids(QWEN_SPECIALS))
+                [QWEN_VISION_START, QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END])
 
 
 def _llava_video(model_type: str) -> Tiny:

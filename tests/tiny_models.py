@@ -141,8 +141,8 @@ def build_qwen_tokenizer():
     return tok
 
 
-_QWEN_IDS = {t: build_qwen_tokenizer().convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-QWEN_VISION_START, QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END = (_QWEN_IDS[t] for t in QWEN_SPECIALS)
+QWEN_VISION_START, QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END = build_qwen_tokenizer().convert_tokens_to_ids(QWEN_SPECIALS)
+QWEN_VOCAB = QWEN_VISION_END + 1  # the specials are the tokenizer's last ids
 QWEN_PAD = 0
 
 
@@ -156,7 +156,7 @@ def build_tiny_qwen_vl(model_type: str = "qwen2_5_vl", seed: int = 0, attn_imple
 
     torch.manual_seed(seed)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                vocab_size=len(build_qwen_tokenizer()), max_position_embeddings=512, bos_token_id=2, eos_token_id=3,
+                vocab_size=QWEN_VOCAB, max_position_embeddings=512, bos_token_id=2, eos_token_id=3,
                 pad_token_id=QWEN_PAD, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
     vision = dict(depth=2, hidden_size=32, num_heads=2, patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE,
                   temporal_patch_size=QWEN_TEMPORAL)
