@@ -40,7 +40,9 @@ class PruneConfig:
         method: one of ``none``, ``entropyprune``, ``random``, ``fastv``, ``dart``.
         budget: the papers' layer-averaged visual-token count B (see ``ep_core.budget``).
         keep_ratio: share of visual tokens kept after ``prune_layer``, in [0, 1].
-        prune_layer: K, the first decoder layer that sees the pruned sequence (>= 1).
+        prune_layer: K, the first decoder layer that sees the pruned sequence (>= 1); None:
+            the model family's default (``ep_core.families``: 2 for LLaVA, 1 for Qwen-VL),
+            filled in by ``apply_pruning`` (``handle.config`` holds the K used).
         seed: seed of the ``random`` method (mixed with each sample's content).
 
     Exactly one of ``budget`` / ``keep_ratio`` is required, except for ``none`` where both
@@ -50,7 +52,7 @@ class PruneConfig:
     method: str = "entropyprune"
     budget: float | None = None
     keep_ratio: float | None = None
-    prune_layer: int = 2
+    prune_layer: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,7 +68,8 @@ class PruneConfig:
             raise ValueError(f"budget must be a finite number of visual tokens >= 0, got {self.budget}")
         if self.keep_ratio is not None and not 0.0 <= self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be between 0 and 1, got {self.keep_ratio}")
-        check_prune_layer(self.prune_layer)
+        if self.prune_layer is not None:
+            check_prune_layer(self.prune_layer)
 
     def to_dict(self) -> dict:
         """Every field: the job identity, the MLflow params."""

@@ -35,9 +35,11 @@ class Family:
         visual_token_attrs: config attributes holding the visual placeholder token ids.
         default_prune_layer: K used when none is given (the paper: 2 for LLaVA, 1 for Qwen-VL).
         vision: the vision tower's kind for FLOPs: ``clip`` (a CLIP/SigLIP ViT over square
-            crops), ``qwen2_vl``, ``qwen2_5_vl`` (windowed), or ``None`` (not counted).
+            crops), ``qwen2_vl``, ``qwen2_5_vl`` (windowed), ``qwen3_vl``, or ``None`` (not counted).
         anyres: images are tiled into several crops (LLaVA-NeXT): the default visual-token
             count is 5 crops (base image + 2×2 grid) and crops = round(N / tokens per crop).
+        video_native: the processor takes a video as a video (``videos=``: its own placeholder
+            token and ``pixel_values_videos``); the others see a video's frames as N images.
     """
 
     model_type: str
@@ -47,6 +49,7 @@ class Family:
     default_prune_layer: int
     vision: str | None
     anyres: bool = False
+    video_native: bool = False
 
     def multimodal_model(self, model: Any) -> Any:
         """The module that receives ``input_ids`` and builds ``inputs_embeds`` (``model.model``)."""
@@ -77,11 +80,11 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family("llava", "llava-hf/llava-1.5-7b-hf", True, _LLAVA_TOKENS, 2, "clip"),
         Family("llava_next", "llava-hf/llava-v1.6-vicuna-7b-hf", True, _LLAVA_TOKENS, 2, "clip", anyres=True),
-        Family("llava_next_video", "llava-hf/LLaVA-NeXT-Video-7B-hf", True, _VIDEO_TOKENS, 2, "clip", anyres=True),
-        Family("llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf", True, _VIDEO_TOKENS, 2, "clip", anyres=True),
-        Family("qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct", True, _VIDEO_TOKENS, 1, "qwen2_vl"),
-        Family("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct", True, _VIDEO_TOKENS, 1, "qwen2_5_vl"),
-        Family("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", False, _VIDEO_TOKENS, 1, None),
+        Family("llava_next_video", "llava-hf/LLaVA-NeXT-Video-7B-hf", True, _VIDEO_TOKENS, 2, "clip", anyres=True, video_native=True),
+        Family("llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf", True, _VIDEO_TOKENS, 2, "clip", anyres=True, video_native=True),
+        Family("qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct", True, _VIDEO_TOKENS, 1, "qwen2_vl", video_native=True),
+        Family("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct", True, _VIDEO_TOKENS, 1, "qwen2_5_vl", video_native=True),
+        Family("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", False, _VIDEO_TOKENS, 1, "qwen3_vl", video_native=True),
     )
 }
 
@@ -115,7 +118,8 @@ def check_supported(config: Any, prune: PruneConfig) -> Family:
             f"model family {family.model_type!r} is not supported yet for pruning (method {prune.method!r}); "
             f"it runs with --method none; pruning supports: {_prunable()}"
         )
-    check_prune_layer(prune.prune_layer, int(config.get_text_config().num_hidden_layers))  # FLOPs need it too
+    k = family.default_prune_layer if prune.prune_layer is None else prune.prune_layer
+    check_prune_layer(k, int(config.get_text_config().num_hidden_layers))  # FLOPs need it too
     return family
 
 

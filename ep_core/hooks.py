@@ -402,6 +402,12 @@ def apply_pruning(model: nn.Module, config: PruneConfig) -> PruningHandle:
         raise ValueError("apply_pruning got a torch.compile'd model; pruning hooks need the uncompiled model")
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
+    if config.prune_layer is None:  # the family's default K
+        from dataclasses import replace
+
+        from ep_core.families import family_for
+
+        config = replace(config, prune_layer=family_for(model).default_prune_layer)
     return PruningHandle(model, config)
 
 

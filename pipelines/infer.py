@@ -6,12 +6,15 @@ and for each batch of decoded rows:
 1. takes each row's model inputs from the preprocessing stage (``pipelines.preprocess``: the
    chat prompt, token ids and pixel tensors, made on CPU workers), or makes them here for rows
    that come without (the bare loop): an image row is one image + the prompt; a video row is
-   its N frames given as N images in one prompt (LLaVA's multi-image input — image-only model
-   families see a video this way; video-native families come later);
+   its N frames as one video for a video-native family (the processor's ``videos=`` input:
+   Qwen-VL's ``video_pad`` tokens with their temporal grid, NeXT-Video's and OneVision's video
+   tokens), else its N frames given as N images in one prompt (LLaVA's multi-image input);
 2. refuses, as an error row, a prompt longer than the model's context;
 3. packs the rows into ``generate`` calls by tokens (``pipelines.packing``: shortest first,
    rows × longest prompt ≤ ``batch_tokens``, at most ``batch_size`` rows; rows of different
-   visual-token counts share a call), left-padded text and concatenated pixel tensors;
+   visual-token counts share a call), left-padded text and concatenated pixel tensors (an
+   image row and a video row may share a call; anyres crop stacks are zero-padded to the
+   call's largest, which the model cuts back by ``image_sizes``);
 4. runs greedy ``generate`` and returns one output row per input row, in the output schema,
    with ``generate_rows`` (rows of its call) and ``padding_share`` (of the call's token slots).
    A call that runs out of memory is split in halves and retried (``oom_splits`` counts the
@@ -30,6 +33,7 @@ later row of the predictor a ``transient`` error row.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -92,16 +96,15 @@ class CaptionPredictor:
         self.device = next(self.model.parameters()).device
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.image_token_id = getattr(self.processor, "image_token_id", None)
-        if self.image_token_id is None:
-            self.image_token_id = getattr(self.model.config, "image_token_id", None) or getattr(
-                self.model.config, "image_token_index", None
-            )
         self.attempts = attempts
         self._batch: str | None = None  # the batch key of the current call (with a ledger)
         self._poisoned: str | None = None  # without Ray: the device fault that ended this predictor's device
         self.handle = None
         family = FAMILIES.get(getattr(self.model.config, "model_type", None))
+        if prune.prune_layer is None and family is not None:  # the family's default K
+            self.prune = prune = dataclasses.replace(prune, prune_layer=family.default_prune_layer)
+        self.video_native = family is not None and family.video_native
+        self.visual_token_ids = family.visual_token_ids(self.model.config) if family is not None else ()
         if prune.method != "none" or (family is not None and family.prunable):
             # method "none" too: the handle's per-sample stats carry token counts and FLOPs
             self.handle = apply_pruning(self.model, prune)
@@ -137,23 +140,27 @@ class CaptionPredictor:
         """The row's model inputs: from the preprocessing stage (``encoded``), or made here."""
         import torch
 
-        encoding = unpack_encoding(row["encoded"]) if row.get("encoded") else encode_row(self.processor, row)
+        encoding = unpack_encoding(row["encoded"]) if row.get("encoded") else encode_row(self.processor, row, video_native=self.video_native)
         return {k: torch.from_numpy(v) for k, v in encoding.items()}
 
     def _collate(self, encs: list[dict]) -> dict:
+        """One call's inputs from its rows' encodings: sequence tensors left-padded to the
+        longest row; every other tensor concatenated over the rows that have it (an image row
+        has ``pixel_values``, a video row ``pixel_values_videos``), see :func:`concat_rows`."""
         import torch
 
         out = {}
         length = max(e["input_ids"].shape[1] for e in encs)
-        for key in encs[0]:
-            values = [e[key] for e in encs]
+        keys = list(dict.fromkeys(k for e in encs for k in e))
+        for key in keys:
+            values = [e[key] for e in encs if key in e]
             if key in _SEQUENCE_KEYS:
                 fill = self.pad_id if _SEQUENCE_KEYS[key] == "pad" else 0
                 out[key] = torch.stack(
                     [torch.nn.functional.pad(v[0], (length - v.shape[1], 0), value=fill) for v in values]
                 )
             elif isinstance(values[0], torch.Tensor):
-                out[key] = torch.cat(values, dim=0)
+                out[key] = concat_rows(values)
             else:
                 out[key] = values[0]
         return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in out.items()}
@@ -162,8 +169,9 @@ class CaptionPredictor:
         import torch
 
         inputs = self._collate(encs)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs and inputs[key].is_floating_point():
+                inputs[key] = inputs[key].to(self.model.dtype)
         start = time.perf_counter()
         self._prefill.arm()
         first_token = _FirstTokenTopK()
@@ -180,7 +188,7 @@ class CaptionPredictor:
         per_row = []
         for i in range(len(encs)):
             ids, mask = inputs["input_ids"][i], inputs["attention_mask"][i]
-            visual = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else None
+            visual = self._visual_count(ids) if self.visual_token_ids else None
             info = {"visual_tokens": visual, "visual_tokens_kept": visual, "text_tokens": int(mask.sum()) - (visual or 0)}
             if len(stats) == len(encs):
                 info.update({k: stats[i].get(k) for k in _STATS_COLUMNS})
@@ -238,12 +246,18 @@ class CaptionPredictor:
             self._run_group([ready[j] for j in call.rows], rows, results, padding_share=call.padding_share)
         return results
 
+    def _visual_count(self, ids) -> int:
+        """Visual placeholder tokens (image and video) in ``ids``."""
+        import torch
+
+        return int(torch.isin(ids, torch.tensor(self.visual_token_ids, device=ids.device)).sum()) if self.visual_token_ids else 0
+
     def _over_context(self, row: dict, enc: dict) -> str | None:
         """The error of a prompt that does not fit the model's context, else None."""
         length = enc["input_ids"].shape[1]
         if self.context is None or length + self.max_new_tokens <= self.context:
             return None
-        visual = int((enc["input_ids"] == self.image_token_id).sum()) if self.image_token_id is not None else 0
+        visual = self._visual_count(enc["input_ids"])
         what = f"video of {row.get('frames')} frames" if row.get("media_type") == "video" else "image"
         fix = ("use fewer --frames (or a smaller --max-side)" if row.get("media_type") == "video"
                else "use a shorter prompt (or, for a tiling model such as LLaVA-NeXT, a smaller --max-side)")
@@ -328,6 +342,25 @@ class CaptionPredictor:
             results = self.predict_rows(rows)
         self.attempts.finish.remote(self._batch)
         return to_table(results)
+
+
+def concat_rows(values: list):
+    """Tensors of several rows concatenated along dim 0. Where they differ beyond dim 0 (an
+    anyres family's ``pixel_values`` ``[1, crops, C, H, W]`` with another crop count per image
+    shape), each is zero-padded at the end of every other dim to the largest first; the model
+    reads each image's real crops by its ``image_sizes``, so the padding is never seen."""
+    import torch
+
+    if len({tuple(v.shape[1:]) for v in values}) > 1:
+        dims = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+        padded = []
+        for v in values:
+            pad: list[int] = []
+            for d in reversed(range(1, v.dim())):
+                pad += [0, dims[d - 1] - v.shape[d]]
+            padded.append(torch.nn.functional.pad(v, pad))
+        values = padded
+    return torch.cat(values, dim=0)
 
 
 class _FirstTokenTopK:

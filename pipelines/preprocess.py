@@ -26,11 +26,20 @@ PREPROCESSED_SCHEMA = pa.schema(
 )
 
 
-def encode_row(processor, row: dict) -> dict[str, np.ndarray]:
-    """The processor's output for one decoded row (an image, or a video's frames as images)."""
-    images = frames_of(row)
-    text = chat_prompt(processor, len(images), row["prompt"])
-    return {k: np.asarray(v) for k, v in processor(images=images, text=[text], return_tensors="np").items()}
+def encode_row(processor, row: dict, *, video_native: bool = False) -> dict[str, np.ndarray]:
+    """The processor's output for one decoded row: an image; a video's frames as one video
+    (``videos=``, a ``[T, H, W, 3]`` array, frames already sampled) for a video-native family
+    (``video_native``: :attr:`ep_core.families.Family.video_native`); else its frames as images."""
+    if video_native and row.get("media_type") == "video":
+        n, h, w = row["shape"]
+        video = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(n, h, w, 3)
+        text = chat_prompt(processor, 0, row["prompt"], video=True)
+        encoding = processor(videos=[video], text=[text], do_sample_frames=False, return_tensors="np")
+    else:
+        images = frames_of(row)
+        text = chat_prompt(processor, len(images), row["prompt"])
+        encoding = processor(images=images, text=[text], return_tensors="np")
+    return {k: np.asarray(v) for k, v in encoding.items()}
 
 
 def pack_encoding(encoding: dict[str, np.ndarray]) -> bytes:
@@ -54,13 +63,23 @@ def _processor(model: str):
     return load_processor(model)
 
 
+@functools.lru_cache(maxsize=4)
+def video_native(model: str) -> bool:
+    """The model's family takes videos as videos (:attr:`ep_core.families.Family.video_native`)."""
+    from ep_core.families import family_for
+    from ep_core.loading import load_model_config
+
+    return family_for(load_model_config(model)).video_native
+
+
 def preprocess_row(row: dict, model: str) -> dict:
     """A decoded row → the same row with ``encoded`` and ``prompt_tokens`` (or ``error``)."""
     out = {k: row.get(k) for k in PREPROCESSED_SCHEMA.names}
     if row.get("error") or row.get("pixels") is None:
         return out
     try:
-        encoding = encode_row(_processor(model), row)
+        native = row.get("media_type") == "video" and video_native(model)
+        encoding = encode_row(_processor(model), row, video_native=native)
     except Exception as exc:  # noqa: BLE001 - a processor failure costs this row only
         out["error"] = f"preprocessing failed ({type(exc).__name__}: {exc}): {row.get('source')}"
         return out

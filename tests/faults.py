@@ -95,7 +95,11 @@ def _failing_device() -> None:
 
 
 def install() -> None:
-    """Ray worker setup hook: every fault, in every worker of the session."""
+    """Ray worker setup hook: every fault, in every worker of the session, and the stand-in
+    video processor of the tiny Qwen-VL (``tests.video_standins``: no torchvision here)."""
+    from tests import video_standins
+
+    video_standins.install()
     faulty_video_decoder()
     _exit_on_nth_batch()
     _failing_device()

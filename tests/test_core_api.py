@@ -383,3 +383,17 @@ def test_load_model_reads_weights_straight_onto_the_device_in_the_resolved_dtype
     assert loading.resolve_dtype("auto", "cuda") == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert loading.resolve_dtype("auto", "cuda") == torch.bfloat16
+
+
+def test_the_api_takes_the_family_prune_layer_when_none_is_given():
+    """``PruneConfig`` without ``prune_layer``: K = 2 on LLaVA, K = 1 on Qwen-VL (the paper's)."""
+    from ep_core import PruneConfig, apply_pruning
+    from tests.tiny_models import build_tiny_llava, build_tiny_qwen_vl
+
+    assert PruneConfig(keep_ratio=0.5).prune_layer is None
+    for model, k in ((build_tiny_llava()[0], 2), (build_tiny_qwen_vl("qwen2_5_vl"), 1)):
+        handle = apply_pruning(model, PruneConfig(keep_ratio=0.5))
+        try:
+            assert handle.config.prune_layer == k
+        finally:
+            handle.remove()

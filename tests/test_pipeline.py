@@ -389,3 +389,34 @@ def test_sigterm_commits_what_arrived_marks_the_run_killed_and_a_rerun_finishes(
     assert [r.info.status for r in runs] == ["KILLED"]
     assert caption(args) == 0
     assert_exactly_once(out, all_ids)
+
+
+def test_a_video_reaches_a_video_native_model_as_one_video(ray_session, tmp_path, capsys):
+    """``ep caption`` on an mp4 and an image with a tiny Qwen2-VL: the video goes through the
+    processor's video input (its ``video_pad`` tokens, frames / temporal patch × grid), both rows
+    share one generate call, and the family's prune layer (1) is used when none is given."""
+    from tests.media_fixtures import write_mp4
+    from tests.tiny_models import QWEN_MERGE, QWEN_PATCH, QWEN_TEMPORAL
+    from tests.video_standins import save_tiny_qwen_vl
+
+    model = save_tiny_qwen_vl(str(tmp_path / "qwen"))
+    root = tmp_path / "media"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    write_mp4(str(root / "clip.mp4"), [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(12)])
+    Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(root / "photo.png")  # H 24, W 40
+    output = str(tmp_path / "out")
+    frames = 4
+    assert caption(["--model", model, "--input", str(root), "--output", output, "--method", "entropyprune",
+                    "--keep-ratio", "0.5", "--max-new-tokens", "4", "--frames", str(frames)]) == 0
+    rows = rows_by_source(output)
+    assert len(rows) == 2 and all(r["error"] is None and r["output"] for r in rows.values())
+    video, image = rows[str(root / "clip.mp4")], rows[str(root / "photo.png")]
+    side = 16  # the stand-in video processor's frame size
+    video_tokens = frames // QWEN_TEMPORAL * (side // QWEN_PATCH) ** 2 // QWEN_MERGE**2
+    image_tokens = (24 // QWEN_PATCH) * (40 // QWEN_PATCH) // QWEN_MERGE**2
+    assert (video["media_type"], video["frames"], video["visual_tokens"]) == ("video", frames, video_tokens)
+    assert image["visual_tokens"] == image_tokens
+    for row in (video, image):
+        assert row["visual_tokens_kept"] == int(0.5 * row["visual_tokens"] + 0.5)
+        assert row["prune_layer"] == 1 and row["generate_rows"] == 2

@@ -71,3 +71,42 @@ def test_a_processor_failure_costs_that_row_only(tmp_path, monkeypatch):
     assert out[0]["error"] is None and out[0]["prompt_tokens"] == 3
     assert out[1]["encoded"] is None and "this image breaks the processor" in out[1]["error"]
     assert out[1]["error"].startswith("preprocessing failed (ValueError") and out[1]["error"].endswith("1.png")
+
+
+def test_anyres_rows_with_different_crop_counts_share_a_call_and_match_their_rows_alone(next_dir, tmp_path):
+    """A square image tiles into 2×2 crops + base (5), a wide one into 1×2 + base (3): the call's
+    ``pixel_values`` stacks are zero-padded to 5 crops, and each row's output equals the row alone."""
+    from ep_core import PruneConfig
+    from pipelines.infer import CaptionPredictor
+
+    decoded = _decoded(tmp_path, [(16, 16), (16, 8)])
+    processor = preprocess._processor(next_dir)
+    crops = [preprocess.encode_row(processor, r)["pixel_values"].shape[1] for r in decoded]
+    assert crops[0] != crops[1]
+    predictor = CaptionPredictor(model=next_dir, prune=PruneConfig("entropyprune", keep_ratio=0.5), max_new_tokens=4, device="cpu")
+    together = predictor.predict_rows(decoded)
+    assert [r["generate_rows"] for r in together] == [2, 2]
+    for row, alone in zip(together, (predictor.predict_rows([r])[0] for r in decoded)):
+        assert row["error"] is None and alone["generate_rows"] == 1
+        assert (row["output"], row["first_token_ids"], row["visual_tokens_kept"]) == (
+            alone["output"], alone["first_token_ids"], alone["visual_tokens_kept"])
+        assert row["first_token_logprobs"] == pytest.approx(alone["first_token_logprobs"], abs=1e-4)
+
+
+def test_a_video_row_is_one_video_for_a_video_native_processor_and_frames_for_the_others(tmp_path):
+    from tests.media_fixtures import write_mp4
+    from tests.tiny_models import QWEN_IMAGE, QWEN_VIDEO
+    from tests.video_standins import qwen_processor
+
+    path = str(tmp_path / "clip.mp4")
+    write_mp4(path, [np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8) for i in range(8)])
+    row = decode_row({"sample_id": "v", "source": path, "path": path, "media_type": "video", "frames": 4,
+                      "prompt": "describe this video"})
+    assert row.get("error") is None
+    qwen = preprocess.encode_row(qwen_processor(), row, video_native=True)
+    assert "pixel_values" not in qwen and qwen["video_grid_thw"].tolist() == [[2, 4, 4]]
+    ids = qwen["input_ids"][0]
+    assert (ids == QWEN_VIDEO).sum() == 2 * 4 * 4 // 4 and (ids == QWEN_IMAGE).sum() == 0
+    assert set(qwen["mm_token_type_ids"][0][ids == QWEN_VIDEO].tolist()) == {2}
+    as_frames = preprocess.encode_row(qwen_processor(), row, video_native=False)
+    assert "pixel_values_videos" not in as_frames and len(as_frames["image_grid_thw"]) == 4
