@@ -182,8 +182,13 @@ def default_frames(config: Any, max_new_tokens: int) -> int:
 
     C = the text config's ``max_position_embeddings``, G the new tokens, V
     :func:`default_visual_tokens` of one image (LLaVA-1.5: (4096 − 64 − 32) / 576 → 6;
-    LLaVA-NeXT-Vicuna: V = 2880 of 4096 → 1). 8 when the context or V is unknown.
+    LLaVA-NeXT-Vicuna: V = 2880 of 4096 → 1). 8 when the context or V is unknown, and for
+    video-native families (a video is one video there, pooled or merged over time: 8 frames
+    cost NeXT-Video 8 × 144 tokens, Qwen-VL 4 temporal patches).
     """
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is not None and family.video_native:
+        return MAX_DEFAULT_FRAMES
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
     try:
         per_frame = default_visual_tokens(config)

@@ -120,6 +120,17 @@ def test_default_frames_fit_the_context():
     assert default_frames(load_model_config("qwen2.5-vl-7b"), 32) == 8  # 256 per image of 128k positions: the cap
 
 
+def test_default_frames_of_a_video_native_family_is_one_video_of_8_frames():
+    """Where a video is one video (pooled or merged over time), not N images, the default is 8
+    frames even when 8 frames as images would not fit (a 2,880-token LLaVA-NeXT image per frame)."""
+    from ep_core.families import default_frames
+
+    next_ = load_model_config("llava-v1.6-vicuna-7b")
+    video = type(next_)(**{**next_.to_dict(), "model_type": "llava_next_video"})  # the same shapes, video-native
+    video.model_type = "llava_next_video"
+    assert default_frames(next_, 32) == 1 and default_frames(video, 32) == 8
+
+
 def test_cpu_stage_memory_counts_frames_only_for_videos():
     from pipelines.caption import CPU_STAGE_BASE_BYTES, CaptionConfig, _cpu_stage_memory
 
