@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipelines.sources import local_path, readable
+
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_SIDE = 1024
 DEFAULT_DECODE_TIMEOUT_S = 60.0
@@ -258,19 +260,20 @@ def decode_row(
     out["pixels"], out["shape"] = None, None
     if out.get("error"):
         return out
+    path = local_path(row["path"])  # a file name that is not UTF-8 travels as its bytes
     try:
         if row["media_type"] == "image":
-            arr = load_image(row["path"], max_pixels=max_pixels, max_side=max_side)[None]
+            arr = load_image(path, max_pixels=max_pixels, max_side=max_side)[None]
         elif row["media_type"] == "video":
-            arr = shared_video_decoder(timeout_s).decode(row["path"], int(row["frames"]), max_side=max_side)
+            arr = shared_video_decoder(timeout_s).decode(path, int(row["frames"]), max_side=max_side)
             out["frames"] = int(arr.shape[0])
         else:
-            raise MediaError(f"unsupported media type {row['media_type']!r}: {row['path']}")
+            raise MediaError(f"unsupported media type {row['media_type']!r}: {path}")
     except MediaError as exc:
-        out["error"] = str(exc)
+        out["error"] = readable(str(exc))
         return out
     except Exception as exc:  # noqa: BLE001 - a bug here must still cost one row, not the job
-        out["error"] = f"decoding failed ({type(exc).__name__}: {exc}): {row.get('path')}"
+        out["error"] = readable(f"decoding failed ({type(exc).__name__}: {exc}): {path}")
         return out
     out["pixels"] = arr.tobytes()
     out["shape"] = [int(s) for s in arr.shape[:3]]

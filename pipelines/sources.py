@@ -153,12 +153,28 @@ def _read_manifest(path: str) -> list[dict]:
     return out
 
 
-def _utf8(text: str) -> bool:
+FS_BYTES = "fs-bytes:"  # a portable path holding a file name's bytes (hex): not valid UTF-8
+
+
+def readable(text: str) -> str:
+    """``text`` as valid UTF-8: bytes of a file name that are not UTF-8 (held by Python as
+    lone surrogates, ``surrogateescape``) become ``\\xNN`` escapes (``café`` in Latin-1 → ``caf\\xe9``)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def portable_path(path: str) -> str:
+    """A local path as a UTF-8 string that keeps every byte: the path itself when it is valid
+    UTF-8, else ``fs-bytes:`` + the hex of ``os.fsencode(path)``. :func:`local_path` inverts it."""
     try:
-        text.encode("utf-8")
+        path.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return FS_BYTES + os.fsencode(path).hex()
+    return path
+
+
+def local_path(text: str) -> str:
+    """The file system path of a :func:`portable_path` (``os.fsdecode`` of its bytes)."""
+    return os.fsdecode(bytes.fromhex(text[len(FS_BYTES):])) if text.startswith(FS_BYTES) else text
 
 
 def _kind_of(path: str) -> str:
@@ -205,10 +221,8 @@ def _make_row(entry: dict, base: str | None, prompt: str | None, frames: int) ->
     key = entry.get("key") or canonical_key(source)
     frame_spec = f"video:{frames}" if media_type == "video" else "image"
     sample_id = str(entry["id"]) if "id" in entry else make_sample_id(key, frame_spec, row_prompt)
-    if not _utf8(source):  # Parquet strings are UTF-8: the row says so, with a readable name
-        source = path = source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        error = error or f"file name is not valid UTF-8; rename the file to caption it: {source}"
-    error = error or _problem(source, path, media_type)
+    error = error or _problem(readable(source), path, media_type)
+    source, path = readable(source), portable_path(path)  # Parquet strings are UTF-8
     return {
         "sample_id": sample_id,
         "source": source,

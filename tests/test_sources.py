@@ -146,10 +146,27 @@ def test_odd_entries_become_error_rows_that_say_what_they_are(tmp_path):
     assert rows["ok.png"]["error"] is None and rows["inner.png"]["error"] is None
     assert rows["link.png"]["error"].startswith("symlink pointing outside the input folder")
     weird = [name for name in rows if name.startswith("caf")][0]
-    assert weird == "caf\\xe9.png" and "not valid UTF-8" in rows[weird]["error"]
-    rows["caf\\xe9.png"]["source"].encode("utf-8")  # a Parquet string
+    assert weird == "caf\\xe9.png" and rows[weird]["error"] is None  # an empty file: the decoder says so
+    rows["caf\\xe9.png"]["source"].encode("utf-8"), rows["caf\\xe9.png"]["path"].encode("utf-8")  # Parquet strings
     manifest = write_manifest(str(tmp_path / "m.jsonl"), [{"path": str(root / "dir.png")}, {"path": str(root / "pipe.png")},
                                                           {"path": "s3://bucket/a.png"}])
     errors = sorted(r["error"] for r in scan(manifest).rows)
     assert errors[0].startswith("not a local file: URLs and object stores are not read yet")
     assert errors[1].startswith("not a regular file (a FIFO)") and errors[2].startswith("not a regular file (a directory)")
+
+
+def test_a_file_name_that_is_not_utf8_is_captioned_from_its_exact_bytes(tmp_path):
+    """The path travels as ``fs-bytes:<hex>`` (UTF-8, lossless); the decoder opens those bytes."""
+    from pipelines.media import decode_row
+    from pipelines.sources import local_path, portable_path
+
+    name = os.fsencode(tmp_path) + b"/caf\xe9 \xff.png"
+    Image.new("RGB", (6, 4), (200, 10, 10)).save(name.decode("utf-8", "surrogateescape"), format="PNG")
+    Image.new("RGB", (6, 4), (0, 0, 0)).save(tmp_path / "caf.png")  # a near name with other pixels
+    rows = {r["source"]: r for r in scan(str(tmp_path)).rows}
+    row = rows[str(tmp_path) + "/caf\\xe9 \\xff.png"]
+    assert row["error"] is None and row["path"].startswith("fs-bytes:")
+    assert os.fsencode(local_path(row["path"])) == name and portable_path(local_path(row["path"])) == row["path"]
+    decoded = decode_row(row)
+    assert decoded["error"] is None and decoded["pixels"][:3] == bytes([200, 10, 10])
+    assert len({r["sample_id"] for r in rows.values()}) == 2
