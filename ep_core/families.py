@@ -127,9 +127,11 @@ def default_visual_tokens(config: Any) -> int:
     """Default number of visual tokens for one image, from a multimodal config (or a model
     name, whose config is read: see :func:`ep_core.loading.load_model_config`):
 
-    * CLIP-style towers: P = (image_size / patch_size)² per crop (+1 with the ``full``
-      feature strategy); anyres families (LLaVA-NeXT) count 5 crops, the base image plus a
-      2×2 grid (an upper figure: the real count depends on the aspect ratio);
+    * CLIP-style towers, P = :func:`tokens_per_crop`: LLaVA-1.5 one crop, N = P; LLaVA-NeXT
+      and NeXT-Video (anyres) 5 crops, the base image plus a 2×2 grid, N = 5P (the
+      EntropyPrune code's 2880; the real count depends on the aspect ratio and adds one
+      newline per row); OneVision a 2×2-grid image (768 px square with 384-px crops) counted
+      as its processor does, N = P + (2s)² + 2s with s = image_size / patch (3699 for SigLIP-384);
     * Qwen-VL: a 448×448 image, (448 / patch)² / merge².
 
     Raises ValueError for a text-only config or a family without a default.
@@ -144,12 +146,45 @@ def default_visual_tokens(config: Any) -> int:
         raise ValueError(f"config of type {model_type!r} has no vision_config; give the number of visual tokens explicitly")
     family = FAMILIES.get(model_type)
     kind = family.vision if family is not None else None
-    if kind == "clip" and model_type in ("llava", "llava_next"):
+    if model_type == "llava_onevision":
+        side = int(vision.image_size) // int(vision.patch_size)
+        return tokens_per_crop(config) + (2 * side) ** 2 + 2 * side
+    if kind == "clip" and model_type in ("llava", "llava_next", "llava_next_video"):
         return tokens_per_crop(config) * default_crops(config)
     if kind in ("qwen2_vl", "qwen2_5_vl"):
         merge = int(vision.spatial_merge_size)
         return (QWEN_DEFAULT_IMAGE_SIDE // int(vision.patch_size)) ** 2 // (merge * merge)
     raise ValueError(f"no default visual-token count for model type {model_type!r}; give the number of visual tokens explicitly")
+
+
+def video_visual_tokens(config: Any, frames: int) -> int:
+    """Visual tokens of one video of ``frames`` frames at the family's default frame size,
+    as the video-native families' own video paths produce them:
+
+    * LLaVA-NeXT-Video: each frame's s² patch features average-pooled by the stride r
+      (``spatial_pool_stride``, 2): F·(s/r)² (8 frames of CLIP-336: 8·144 = 1152);
+    * LLaVA-OneVision: each frame bilinearly pooled to ⌈s/2⌉², plus one newline for the whole
+      video: F·⌈s/2⌉² + 1 (8 frames of SigLIP-384: 8·196 + 1 = 1569);
+    * Qwen-VL: frames paired by the temporal patch (2), each pair of 448-px frames merged
+      like one image: ⌈F/2⌉·256.
+
+    Raises ValueError for a family that takes videos as N images (use N × the image count).
+    """
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is None or not family.video_native:
+        raise ValueError(f"model type {getattr(config, 'model_type', None)!r} sees a video as {frames} separate images; "
+                         "give the number of visual tokens explicitly")
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    vision = config.vision_config
+    if family.vision in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        temporal = int(getattr(vision, "temporal_patch_size", 2))
+        return -(-frames // temporal) * default_visual_tokens(config)
+    side = int(vision.image_size) // int(vision.patch_size)
+    if family.model_type == "llava_next_video":
+        stride = int(getattr(config, "spatial_pool_stride", 2))
+        return frames * (side // stride) ** 2
+    return frames * (-(-side // 2)) ** 2 + 1
 
 
 ANYRES_DEFAULT_CROPS = 5  # the base image plus a 2×2 grid
@@ -163,10 +198,11 @@ def default_crops(config: Any) -> int:
 
 def tokens_per_crop(config: Any) -> int:
     """Visual tokens of one square crop of a CLIP-style tower: (image_size / patch)², +1 CLS
-    with the ``full`` feature-select strategy."""
+    with the ``full`` feature-select strategy when the tower has one (CLIP; SigLIP has none)."""
     vision = config.vision_config
     per_crop = (int(vision.image_size) // int(vision.patch_size)) ** 2
-    if getattr(config, "vision_feature_select_strategy", "default") == "full":
+    has_cls = "clip" in str(getattr(vision, "model_type", "clip"))
+    if has_cls and getattr(config, "vision_feature_select_strategy", "default") == "full":
         per_crop += 1
     return per_crop
 

@@ -213,7 +213,7 @@ def _clip_like_flops(vision: Any, crops: int) -> int:
     return crops * (embed + int(vision.num_hidden_layers) * per_layer)
 
 
-def _qwen_vit_flops(vision: Any, visual_tokens: int, windowed: bool) -> int:
+def _qwen_vit_flops(vision: Any, visual_tokens: int, windowed: bool, slices: int = 1) -> int:
     """Qwen2-VL / Qwen2.5-VL ViT for ``visual_tokens`` merged tokens (FLOPs, approximate).
 
     P = visual_tokens·s² patches (s = spatial_merge_size, 2), each patch a
@@ -224,7 +224,8 @@ def _qwen_vit_flops(vision: Any, visual_tokens: int, windowed: bool) -> int:
       attention 2·2·D·pairs, pairs = P² in full-attention blocks, and P·min(w, P) in the
         window blocks of Qwen2.5-VL (w = (window_size/patch)² = 64 patches per window).
     The window count is an upper bound: windows cut by the image border are smaller in
-    reality. 2-D RoPE, norms and the window reordering are not counted.
+    reality. A video's ``slices`` temporal patches attend within themselves (full pairs
+    P²/slices). 2-D RoPE, norms and the window reordering are not counted.
     """
     if windowed:
         d = int(vision.hidden_size)
@@ -249,7 +250,7 @@ def _qwen_vit_flops(vision: Any, visual_tokens: int, windowed: bool) -> int:
     patches = visual_tokens * s * s
     embed = 2 * patches * channels * temporal * p * p * d
     dense = depth * (2 * patches * 4 * d * d + patches * mlp_per_token)
-    full_pairs = patches * patches
+    full_pairs = patches * patches // max(1, slices)
     window_pairs = patches * min(window, patches) if window else full_pairs
     attn = 4 * d * (full_blocks * full_pairs + (depth - full_blocks) * window_pairs)
     merged = d * s * s
@@ -278,13 +279,17 @@ def _crops(config: Any, visual_tokens: int) -> int:
     return max(1, math.ceil(visual_tokens / per_crop)) if visual_tokens else 0
 
 
-def vision_flops(config: Any, visual_tokens: int) -> int | None:
+def vision_flops(config: Any, visual_tokens: int, video_frames: int = 0) -> int | None:
     """FLOPs of the vision tower that produced ``visual_tokens`` tokens; None if unknown.
 
     * LLaVA-1.5: one 336-px crop through CLIP (see :func:`_clip_like_flops`); more crops if
       ``visual_tokens`` > 576 (several images).
-    * LLaVA-NeXT: round(N / 576) crops (2880 → 5: base image + 2×2 grid).
-    * Qwen2-VL / Qwen2.5-VL: see :func:`_qwen_vit_flops` (includes its patch merger).
+    * LLaVA-NeXT, NeXT-Video, OneVision images: round(N / P) crops (2880 → 5: base image +
+      2×2 grid; OneVision's SigLIP-384: 3699 → 5).
+    * A video of F = ``video_frames`` frames (video-native families): F crops, one tower pass
+      per frame, pooled afterwards (NeXT-Video, OneVision).
+    * Qwen2-VL / Qwen2.5-VL: see :func:`_qwen_vit_flops` (includes its patch merger); a video
+      attends within each of its ⌈F/2⌉ temporal patches.
     * A text-only config, or an unknown vision config: None.
     """
     vision = getattr(config, "vision_config", None)
@@ -292,18 +297,23 @@ def vision_flops(config: Any, visual_tokens: int) -> int | None:
         return None if vision is None else 0
     kind = _vision_kind(config)
     if kind in ("qwen2_vl", "qwen2_5_vl"):
-        return _qwen_vit_flops(vision, visual_tokens, windowed=kind == "qwen2_5_vl")
+        temporal = int(getattr(vision, "temporal_patch_size", 2))
+        slices = -(-video_frames // temporal) if video_frames else 1
+        return _qwen_vit_flops(vision, visual_tokens, windowed=kind == "qwen2_5_vl", slices=slices)
     if kind == "clip":
-        return _clip_like_flops(vision, _crops(config, visual_tokens))
+        return _clip_like_flops(vision, video_frames or _crops(config, visual_tokens))
     return None
 
 
-def projector_flops(config: Any, visual_tokens: int) -> int | None:
+def projector_flops(config: Any, visual_tokens: int, video_frames: int = 0) -> int | None:
     """FLOPs of the multimodal projector; None when there is no vision config.
 
     LLaVA's two-layer MLP runs on every crop's patch features (before LLaVA-NeXT's
     unpadding): 2·P·(D_v·d + d·d), with P = crops·576 and D_v = the vision width times the
-    number of feature layers. Qwen's merger is counted inside :func:`vision_flops` (returns 0).
+    number of feature layers. A video of F frames: P = F·(tokens per crop) where pooling
+    follows the projector (OneVision), P = N where it precedes it (NeXT-Video's
+    ``spatial_pool_stride`` resampler). Qwen's merger is counted inside :func:`vision_flops`
+    (returns 0).
     """
     vision = getattr(config, "vision_config", None)
     if vision is None:
@@ -316,7 +326,11 @@ def projector_flops(config: Any, visual_tokens: int) -> int | None:
     layers = getattr(config, "vision_feature_layer", -2)
     d_in = int(vision.hidden_size) * (len(layers) if isinstance(layers, (list, tuple)) else 1)
     family = FAMILIES.get(getattr(config, "model_type", ""))
-    if family is not None and family.anyres:
+    if video_frames and getattr(config, "spatial_pool_stride", None) is not None:
+        positions = visual_tokens  # pooled before the projector
+    elif video_frames:
+        positions = video_frames * tokens_per_crop(config)
+    elif family is not None and family.anyres:
         positions = _crops(config, visual_tokens) * tokens_per_crop(config)
     else:
         positions = visual_tokens
@@ -366,6 +380,7 @@ class FlopsReport:
     decode_flops_per_token: int
     decode_flops_per_token_full: int
     dtype_bytes: int
+    video_frames: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -378,6 +393,7 @@ def flops_report(
     text_tokens: int,
     prune_layer: int,
     dtype_bytes: int = 2,
+    video_frames: int = 0,
 ) -> FlopsReport:
     """All three FLOPs conventions and the KV-cache bytes for one sample.
 
@@ -389,10 +405,12 @@ def flops_report(
         text_tokens: every other prompt token (system prompt, template, question).
         prune_layer: K; layers 0..K−1 see all tokens. K = 0 prunes before the decoder.
         dtype_bytes: bytes per KV-cache element (2 for fp16/bf16).
+        video_frames: F > 0 when the visual tokens are one video of F frames through a
+            video-native family's video path (the vision tower then runs once per frame).
     """
     dims = text_dims(config)
     for name, value in (("visual_tokens", visual_tokens), ("visual_tokens_kept", visual_tokens_kept),
-                        ("text_tokens", text_tokens), ("dtype_bytes", dtype_bytes)):
+                        ("text_tokens", text_tokens), ("dtype_bytes", dtype_bytes), ("video_frames", video_frames)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if visual_tokens_kept > visual_tokens:
@@ -418,8 +436,8 @@ def flops_report(
     head = lm_head_flops(dims, n_hat)
     head_full = lm_head_flops(dims, n)
 
-    vis = None if isinstance(config, TextDims) else vision_flops(config, visual_tokens)
-    proj = None if isinstance(config, TextDims) else projector_flops(config, visual_tokens)
+    vis = None if isinstance(config, TextDims) else vision_flops(config, visual_tokens, video_frames)
+    proj = None if isinstance(config, TextDims) else projector_flops(config, visual_tokens, video_frames)
     if vis is None or proj is None:
         with_vision = with_vision_full = reduction_vision = None
         vis = None
@@ -458,4 +476,5 @@ def flops_report(
         decode_flops_per_token=decode_flops_per_token(dims, n, n_hat, K),
         decode_flops_per_token_full=decode_flops_per_token(dims, n, n, 0),
         dtype_bytes=dtype_bytes,
+        video_frames=video_frames,
     )

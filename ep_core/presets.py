@@ -12,6 +12,8 @@ preset                        checkpoint it mirrors                  class
 ``llava-v1.6-vicuna-7b``      ``llava-hf/llava-v1.6-vicuna-7b-hf``   LlavaNextConfig
 ``qwen2-vl-7b``               ``Qwen/Qwen2-VL-7B-Instruct``          Qwen2VLConfig
 ``qwen2.5-vl-7b``             ``Qwen/Qwen2.5-VL-7B-Instruct``        Qwen2_5_VLConfig
+``llava-onevision-qwen2-7b``  ``llava-hf/llava-onevision-qwen2-7b-ov-hf``  LlavaOnevisionConfig
+``llava-next-video-7b``       ``llava-hf/LLaVA-NeXT-Video-7B-hf``    LlavaNextVideoConfig
 ============================  =====================================  ==================
 
 The hub ids in the middle column are accepted as aliases of the presets (still offline).
@@ -25,6 +27,11 @@ Default visual tokens per image (:func:`ep_core.families.default_visual_tokens`)
   The real count depends on the image's aspect ratio (unpadding plus one ``image_newline``
   token per row: a square 672×672 image gives 576 + 48·48 + 48 = 2928); pass the per-sample
   count when it matters.
+* LLaVA-NeXT-Video: images as LLaVA-NeXT (2880); a video of F frames F·144 (CLIP's 24×24
+  patches average-pooled by 2).
+* LLaVA-OneVision: SigLIP-384 (27×27 = 729 patches, no CLS token) with anyres_max_9 tiling;
+  the default image is a 768-px square, base + 2×2 grid + 54 newlines = **3699**; a video of
+  F frames F·196 + 1 (each frame pooled to 14×14, one newline).
 * Qwen2-VL and Qwen2.5-VL: dynamic resolution, 14-px patches merged 2×2, so a 448×448 image gives
   (448/14)² / 4 = **256** tokens. Any other size: ⌈H/28⌉·⌈W/28⌉ roughly (after the processor's
   rounding to multiples of 28).
@@ -188,12 +195,82 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# LLaVA-OneVision-7B: the HF conversion of lmms-lab/llava-onevision-qwen2-7b-ov. Its text
+# config is Qwen2-7B-Instruct's with the vocabulary grown by <image> and <video> and padded to
+# a multiple of 64 (152064 + 2 → 152128); the SigLIP so400m tower keeps 26 of its 27 layers
+# and no pooling head; the ids and the anyres_max_9 grid are LlavaOnevisionConfig's defaults,
+# spelled out.
+_ONEVISION_GRID = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+PRESETS["llava-onevision-qwen2-7b"] = {
+    "architectures": ["LlavaOnevisionForConditionalGeneration"],
+    "model_type": "llava_onevision",
+    "image_token_index": 151646,
+    "video_token_index": 151647,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "full",
+    "vision_aspect_ratio": "anyres_max_9",
+    "use_image_newline_parameter": True,
+    "tie_word_embeddings": False,
+    "image_grid_pinpoints": _ONEVISION_GRID,
+    "text_config": {
+        "model_type": "qwen2",
+        "_name_or_path": "Qwen/Qwen2-7B-Instruct",
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "vocab_size": 152128,
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 16,
+        "image_size": 384,
+        "patch_size": 14,
+        "num_channels": 3,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-06,
+        "vision_use_head": False,
+    },
+}
+# LLaVA-NeXT-Video-7B: the HF conversion of lmms-lab/LLaVA-NeXT-Video-7B, Vicuna-7B-v1.5 with
+# linear RoPE scaling ×2, <video> = 32000 and <image> = 32001 (vocabulary 32000 + 3, padded
+# to 32064), CLIP ViT-L/14-336 and LLaVA-1.6's grid; frames pooled by 2 before the projector.
+PRESETS["llava-next-video-7b"] = {
+    "architectures": ["LlavaNextVideoForConditionalGeneration"],
+    "model_type": "llava_next_video",
+    "image_token_index": 32001,
+    "video_token_index": 32000,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "spatial_pool_mode": "average",
+    "spatial_pool_stride": 2,
+    "use_image_newline_parameter": True,
+    "tie_word_embeddings": False,
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "text_config": {**_VICUNA_7B, "pad_token_id": 0, "rope_scaling": {"type": "linear", "factor": 2.0}},
+    "vision_config": dict(_CLIP_L_336),
+}
+
 PRESET_ALIASES: dict[str, str] = {
     "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b",
     "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b",
     "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-v1.6-vicuna-7b",
     "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b",
     "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b",
+    "llava-hf/LLaVA-NeXT-Video-7B-hf": "llava-next-video-7b",
 }
 
 PRESET_CHECKPOINTS: dict[str, str] = {preset: hub_id for hub_id, preset in PRESET_ALIASES.items()}
@@ -208,9 +285,11 @@ def resolve_preset(name: str) -> str | None:
 
 
 def _config_class(model_type: str):
-    from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers import (LlavaConfig, LlavaNextConfig, LlavaNextVideoConfig, LlavaOnevisionConfig,
+                              Qwen2_5_VLConfig, Qwen2VLConfig)
 
-    classes = {"llava": LlavaConfig, "llava_next": LlavaNextConfig, "qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig}
+    classes = {"llava": LlavaConfig, "llava_next": LlavaNextConfig, "llava_next_video": LlavaNextVideoConfig,
+               "llava_onevision": LlavaOnevisionConfig, "qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig}
     return classes[model_type]
 
 

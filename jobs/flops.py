@@ -2,6 +2,7 @@
 
     ep flops --model llava-1.5-7b --budget 128 --text-tokens 57
     ep flops --model /path/to/model_dir --keep-ratio 0.25 --text-tokens 40 --prune-layer 1 --json
+    ep flops --model llava-next-video-7b --frames 8 --keep-ratio 0.125 --text-tokens 40
 
 ``--model`` is ``demo``, a preset (see ``ep_core.presets``), a local directory with a
 config.json, or a hub id (needs network): the one resolution of ``ep_core.loading``. Three conventions are printed (see ``ep_core.flops``): the
@@ -16,8 +17,10 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ep_core.presets import PRESETS
+
     parser.add_argument("--model", required=True,
-                        help="'demo', a preset (llava-1.5-7b, llava-1.5-13b, llava-v1.6-vicuna-7b, qwen2.5-vl-7b), "
+                        help=f"'demo', a preset ({', '.join(PRESETS)}), "
                              "a model directory with config.json, or a hub id")
     parser.add_argument("--budget", type=float, default=None,
                         help="layer-averaged visual tokens B (the papers' 192/128/64); "
@@ -29,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune-layer", type=int, default=None,
                         help="K: first decoder layer that sees the pruned sequence (default: the family's, 2 for LLaVA, 1 for Qwen-VL)")
     parser.add_argument("--visual-tokens", type=int, default=None,
-                        help="visual tokens N in the prompt (default: the model's per-image default)")
+                        help="visual tokens N in the prompt (default: the model's per-image default, "
+                             "or with --frames the video's)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="count one video of F frames through a video-native family's video path "
+                             "(NeXT-Video, OneVision, Qwen-VL): N from the family's pooling, one vision pass per frame")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per KV-cache element (default 2: fp16/bf16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -38,7 +45,7 @@ def compute(args: argparse.Namespace) -> dict:
     """The result dict of ``ep flops`` (also usable from Python with a Namespace)."""
     from ep_core.budget import keep_count, keep_count_for_ratio, layer_averaged_budget
     from ep_core.config import check_prune_layer
-    from ep_core.families import default_visual_tokens, family_for
+    from ep_core.families import default_visual_tokens, family_for, video_visual_tokens
     from ep_core.flops import flops_report
     from ep_core.loading import load_model_config
 
@@ -58,8 +65,14 @@ def compute(args: argparse.Namespace) -> dict:
     if args.prune_layer is None:
         args.prune_layer = family_for(config).default_prune_layer
     check_prune_layer(args.prune_layer, num_layers)
+    frames = getattr(args, "frames", None) or 0
+    if getattr(args, "frames", None) is not None and args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    if frames and not family_for(config).video_native:
+        raise ValueError(f"--frames: {config.model_type} has no video path (a video reaches it as N images); "
+                         "give --visual-tokens N x the image count instead")
     if args.visual_tokens is None:
-        visual = default_visual_tokens(config)
+        visual = video_visual_tokens(config, frames) if frames else default_visual_tokens(config)
     else:
         visual = args.visual_tokens
     if visual < 1:
@@ -72,7 +85,8 @@ def compute(args: argparse.Namespace) -> dict:
     else:
         kept = keep_count_for_ratio(args.keep_ratio, visual)
 
-    report = flops_report(config, visual, kept, args.text_tokens, args.prune_layer, dtype_bytes=args.dtype_bytes)
+    report = flops_report(config, visual, kept, args.text_tokens, args.prune_layer, dtype_bytes=args.dtype_bytes,
+                          video_frames=frames)
     result = {
         "model": str(args.model),
         "budget": args.budget,
@@ -94,9 +108,10 @@ def _num(x: int | None) -> str:
 def format_table(r: dict) -> str:
     k, lay = r["prune_layer"], r["num_layers"]
     budget = f"budget {r['budget']:g}; " if r["budget"] is not None else ""
+    video = f" (one video, {r['video_frames']} frames)" if r.get("video_frames") else ""
     lines = [
         f"model           {r['model']}  ({lay} decoder layers, prune at layer {k})",
-        f"visual tokens   {r['visual_tokens']} -> {r['visual_tokens_kept']} kept "
+        f"visual tokens   {r['visual_tokens']}{video} -> {r['visual_tokens_kept']} kept "
         f"({budget}keep ratio {100 * r['keep_ratio']:.1f}%, layer-averaged {r['layer_averaged_budget']:.1f})",
         f"prompt tokens   {r['text_tokens']} text + {r['visual_tokens']} visual = {r['tokens']} "
         f"-> {r['tokens_pruned']} from layer {k} on",

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from ep_core.config import PruneConfig
-from ep_core.families import FAMILIES, check_supported, default_visual_tokens, family_for
+from ep_core.families import FAMILIES, check_supported, default_visual_tokens, family_for, video_visual_tokens
 from ep_core.loading import load_model_config, resolve_model_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -173,3 +173,28 @@ def test_without_prune_layer_each_command_takes_the_familys_default(capsys):
     assert caption_k("--model", "demo") == 2 and caption_k("--model", "qwen2.5-vl-7b", "--prune-layer", "3") == 3
     assert main(["flops", "--model", "qwen2-vl-7b", "--keep-ratio", "0.25", "--text-tokens", "40", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["prune_layer"] == 1
+
+
+@pytest.mark.parametrize("model_type", ["llava_onevision", "llava_next_video"])
+def test_video_and_image_token_counts_are_what_the_models_produce(model_type):
+    """The counts behind ``ep flops`` (a video of F frames; OneVision's default 2×2-grid image)
+    equal the features the tiny models' own feature functions return."""
+    import torch
+
+    from tests.tiny_models import _feature_count, build_tiny_llava_video
+
+    model = build_tiny_llava_video(model_type)
+    cfg, side = model.config, model.config.vision_config.image_size
+    with torch.no_grad():
+        for frames in (1, 3):
+            out = model.model.get_video_features(torch.randn(1, frames, 3, side, side), vision_feature_layer=-1,
+                                                 vision_feature_select_strategy=None)
+            assert video_visual_tokens(cfg, frames) == _feature_count(out)
+        if model_type == "llava_onevision":
+            out = model.model.get_image_features(torch.randn(1, 5, 3, side, side), torch.tensor([[2 * side, 2 * side]]),
+                                                 vision_feature_layer=-1, vision_feature_select_strategy=None)
+            assert default_visual_tokens(cfg) == _feature_count(out)
+    qwen = load_model_config("qwen2-vl-7b")
+    assert video_visual_tokens(qwen, 8) == 4 * 256 and video_visual_tokens(qwen, 7) == 4 * 256  # pairs of frames
+    with pytest.raises(ValueError, match="separate images"):
+        video_visual_tokens(load_model_config("llava-1.5-7b"), 8)

@@ -152,6 +152,27 @@ def test_qwen2_vit_matches_flop_counter():
     assert projector_flops(cfg, 6) == 0  # the merger is inside vision_flops
 
 
+@pytest.mark.parametrize("model_type", ["llava_onevision", "llava_next_video"])
+def test_a_video_through_the_video_path_matches_flop_counter(model_type):
+    """One tower pass per frame, the projector before (OneVision) or after (NeXT-Video) the
+    frames are pooled: the count of ``vision_flops + projector_flops`` with ``video_frames``
+    is what torch counts in the model's own ``get_video_features``."""
+    from tests.tiny_models import _feature_count, build_tiny_llava_video
+
+    model = build_tiny_llava_video(model_type)
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+    cfg, frames = model.config, 3
+    side = cfg.vision_config.image_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model.model.get_video_features(torch.randn(1, frames, 3, side, side), vision_feature_layer=-1,
+                                             vision_feature_select_strategy=None)
+    visual = _feature_count(out)
+    counted = vision_flops(cfg, visual, video_frames=frames) + projector_flops(cfg, visual, video_frames=frames)
+    assert counted == counter.get_total_flops()
+    # the image rule would see round(N / P) crops, not one per frame
+    assert vision_flops(cfg, visual) != vision_flops(cfg, visual, video_frames=frames)
+
+
 @pytest.mark.parametrize("grid, window_size, exact", [((8, 8), 56, True), ((8, 8), 112, True), ((10, 14), 56, False)])
 def test_qwen25_vit_matches_flop_counter(grid, window_size, exact):
     from transformers import Qwen2_5_VLConfig
@@ -265,6 +286,8 @@ def test_report_rejects_bad_input():
         ("llava-v1.6-vicuna-7b", "LlavaNextConfig", 4096, 32, 32, 32064, 2880),
         ("qwen2-vl-7b", "Qwen2VLConfig", 3584, 28, 4, 152064, 256),
         ("qwen2.5-vl-7b", "Qwen2_5_VLConfig", 3584, 28, 4, 152064, 256),
+        ("llava-onevision-qwen2-7b", "LlavaOnevisionConfig", 3584, 28, 4, 152128, 729 + 54 * 54 + 54),
+        ("llava-next-video-7b", "LlavaNextVideoConfig", 4096, 32, 32, 32064, 2880),
     ],
 )
 def test_presets_build_real_config_objects(name, cls, hidden, layers, kv_heads, vocab, visual):
@@ -324,6 +347,21 @@ def test_cli_reproduces_the_papers_68_2_percent(capsys):
     assert r["flops_reduction_with_vision"] < r["flops_reduction"]
     cfg = load_model_config("llava-1.5-7b")
     assert r["prefill_flops"] == prefill_flops(text_dims(cfg), 633, 57 + r["visual_tokens_kept"], 2)
+
+
+def test_cli_frames_counts_one_video_through_the_video_path(capsys):
+    rc, out, _ = run_cli(capsys, "--model", "llava-next-video-7b", "--frames", "8", "--keep-ratio", "0.125",
+                         "--text-tokens", "40", "--json")
+    assert rc == 0
+    r = json.loads(out)
+    assert (r["visual_tokens"], r["visual_tokens_kept"], r["video_frames"], r["prune_layer"]) == (8 * 144, 144, 8, 2)
+    cfg = load_model_config("llava-next-video-7b")
+    assert r["vision_flops"] == vision_flops(cfg, 1152, video_frames=8) + projector_flops(cfg, 1152, video_frames=8)
+    rc, out, _ = run_cli(capsys, "--model", "llava-onevision-qwen2-7b", "--frames", "8", "--keep-ratio", "0.25",
+                         "--text-tokens", "40")
+    assert rc == 0 and "1569 (one video, 8 frames) -> 392 kept" in out
+    rc, _, err = run_cli(capsys, "--model", "llava-1.5-7b", "--frames", "8", "--keep-ratio", "0.25", "--text-tokens", "40")
+    assert rc == 2 and "no video path" in err
 
 
 def test_cli_keep_ratio_and_table(capsys):

@@ -224,7 +224,8 @@ def build_tiny_llava_video(model_type: str = "llava_onevision", seed: int = 0, a
                  image_size=LLAVA_VIDEO_SIDE, patch_size=4)
     if model_type == "llava_onevision":
         config = transformers.LlavaOnevisionConfig(
-            text_config={"model_type": "qwen2", **text}, vision_config={"model_type": "siglip_vision_model", **tower},
+            text_config={"model_type": "qwen2", **text},
+            vision_config={"model_type": "siglip_vision_model", "vision_use_head": False, **tower},  # as the checkpoints
             image_token_index=LLAVA_VIDEO_IMAGE, video_token_index=LLAVA_VIDEO_VIDEO,
             image_grid_pinpoints=LLAVA_VIDEO_PINPOINTS, vision_feature_layer=-1)
         model = transformers.LlavaOnevisionForConditionalGeneration(config)
