@@ -5,8 +5,10 @@ A budget is given one of two ways (never both):
 * ``budget`` B: the papers' *layer-averaged* visual-token count ("192 / 128 / 64" for
   LLaVA-1.5). The first K layers see all N tokens, so the count kept after layer K is
   k = ⌊(L·B − K·N) / (L − K)⌋, clamped to [0, N].
-* ``keep_ratio`` r: the share of visual tokens kept after layer K, k = round(r·N), clamped
+* ``keep_ratio`` r: the share of visual tokens kept after layer K, k = ⌊r·N + ½⌋, clamped
   to [0, N].
+* ``keep_tokens`` T: the count kept after layer K, k = min(T, N) (the official code's
+  LLaVA-1.6 path, "k = B directly").
 
 Every result reports both numbers (see :func:`layer_averaged_budget`).
 """

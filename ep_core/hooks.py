@@ -353,6 +353,8 @@ class PruningHandle:
             return keep_count(self.config.budget, num_visual, self.num_layers, self.config.prune_layer)
         if self.config.keep_ratio is not None:
             return keep_count_for_ratio(self.config.keep_ratio, num_visual)
+        if self.config.keep_tokens is not None:
+            return min(self.config.keep_tokens, num_visual)
         return num_visual
 
     def _all_row_stats(self, keep: torch.Tensor | None, slot_valid: torch.Tensor | None) -> list[dict]:

@@ -1,7 +1,7 @@
 """``ep caption``: caption / answer questions about a folder or manifest of images and videos.
 
     ep caption --model PATH_OR_ID --input DIR_OR_MANIFEST --output DIR [--method M]
-               [--budget B | --keep-ratio R] [--prune-layer K] [--prompt TEXT]
+               [--budget B | --keep-ratio R | --keep-tokens T] [--prune-layer K] [--prompt TEXT]
                [--max-new-tokens N] [--frames N] [--batch-size N] [--batch-tokens T] [--workers N]
                [--address RAY_ADDRESS]
     python -m jobs.caption --config jobs/configs/NAME.yaml [flags that override it]
@@ -29,6 +29,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "method": (str, "pruning method: none, entropyprune, random, fastv, dart (default none)"),
     "budget": (float, "layer-averaged visual-token budget B (the papers' 192/128/64)"),
     "keep_ratio": (float, "share of visual tokens kept after the prune layer, 0..1"),
+    "keep_tokens": (int, "visual tokens kept per row after the prune layer, min(T, N): the official LLaVA-1.6 path (e.g. 320)"),
     "prune_layer": (prune_layer_arg, "decoder layer K where pruning happens (default: the family's, 2 for LLaVA, 1 for Qwen-VL), or 'auto': K from the calibration profile (ep calibrate), else the family's default"),
     "profile": (str, "with --prune-layer auto: the profile file to read (default: the model's profile written by ep calibrate)"),
     "seed": (int, "seed of the random method (default 0)"),
@@ -95,7 +96,7 @@ def load_yaml_config(path: str) -> dict:
     return out
 
 
-_PRUNE_FLAGS = ("method", "budget", "keep_ratio", "prune_layer", "seed")
+_PRUNE_FLAGS = ("method", "budget", "keep_ratio", "keep_tokens", "prune_layer", "seed")
 
 
 def config_from_args(args: argparse.Namespace):

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kept k = floor((L*B - K*N) / (L - K))")
     parser.add_argument("--keep-ratio", type=float, default=None,
                         help="share of visual tokens kept from the prune layer on, in [0, 1]")
+    parser.add_argument("--keep-tokens", type=int, default=None,
+                        help="visual tokens kept from the prune layer on, k = min(T, N) (the official LLaVA-1.6 path, e.g. 320)")
     parser.add_argument("--text-tokens", type=int, default=None,
                         help="non-visual prompt tokens (system prompt, template, question), e.g. 57")
     parser.add_argument("--prune-layer", type=int, default=None,
@@ -49,10 +51,15 @@ def compute(args: argparse.Namespace) -> dict:
     from ep_core.flops import flops_report
     from ep_core.loading import load_model_config
 
-    if args.budget is not None and args.keep_ratio is not None:
-        raise ValueError("give either --budget (layer-averaged visual tokens) or --keep-ratio, not both")
-    if args.budget is None and args.keep_ratio is None:
-        raise ValueError("give --budget B (e.g. 128) or --keep-ratio R (e.g. 0.25)")
+    keep_tokens = getattr(args, "keep_tokens", None)
+    given = [f for f, v in (("--budget", args.budget), ("--keep-ratio", args.keep_ratio), ("--keep-tokens", keep_tokens))
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of --budget (layer-averaged visual tokens), --keep-ratio or --keep-tokens, not {' and '.join(given)}")
+    if not given:
+        raise ValueError("give --budget B (e.g. 128), --keep-ratio R (e.g. 0.25) or --keep-tokens T (e.g. 320)")
+    if keep_tokens is not None and keep_tokens < 0:
+        raise ValueError(f"--keep-tokens must be >= 0, got {keep_tokens}")
     if args.text_tokens is None:
         raise ValueError("--text-tokens is required: the non-visual prompt tokens (e.g. 57 for an MME-style prompt)")
     if args.text_tokens < 0:
@@ -82,6 +89,8 @@ def compute(args: argparse.Namespace) -> dict:
         if not args.budget >= 0:
             raise ValueError(f"--budget must be >= 0 visual tokens per layer, got {args.budget}")
         kept = keep_count(args.budget, visual, num_layers, args.prune_layer)
+    elif keep_tokens is not None:
+        kept = min(keep_tokens, visual)
     else:
         kept = keep_count_for_ratio(args.keep_ratio, visual)
 

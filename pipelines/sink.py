@@ -63,6 +63,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("padding_share", pa.float64()),  # padding share of that call's token slots
         pa.field("generated_at", pa.float64()),  # unix time at the end of that call
         pa.field("oom_splits", pa.int32()),  # halvings after out-of-memory errors before that call ran
+        pa.field("keep_tokens", pa.int64()),  # PruneConfig.keep_tokens (the "k = B directly" budget), else null
     ]
 )
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)

@@ -116,11 +116,14 @@ def test_zero_kept_tokens_still_generates(tiny, batch):
     [
         (dict(method="magic", budget=64), "unknown pruning method 'magic'; choose one of: none, entropyprune"),
         (dict(method="entropyprune"), "needs a budget"),
-        (dict(method="random", budget=64, keep_ratio=0.5), "either budget"),
+        (dict(method="random", budget=64, keep_ratio=0.5), "not budget and keep_ratio"),
         (dict(method="fastv", budget=-3), "budget must be"),
         (dict(method="fastv", budget=float("inf")), "budget must be a finite number"),
         (dict(method="fastv", budget=float("nan")), "budget must be a finite number"),
         (dict(method="dart", keep_ratio=1.5), "keep_ratio must be between 0 and 1"),
+        (dict(method="fastv", keep_ratio=0.5, keep_tokens=64), "not keep_ratio and keep_tokens"),
+        (dict(method="fastv", keep_tokens=-1), "keep_tokens must be an integer >= 0"),
+        (dict(method="fastv", keep_tokens=2.5), "keep_tokens must be an integer >= 0"),
         (dict(method="entropyprune", budget=64, prune_layer=0), "prune_layer must be an integer >= 1"),
         (dict(method="entropyprune", budget=64, prune_layer=1.5), "prune_layer must be an integer >= 1"),
     ],
@@ -397,3 +400,24 @@ def test_the_api_takes_the_family_prune_layer_when_none_is_given():
             assert handle.config.prune_layer == k
         finally:
             handle.remove()
+
+
+def test_keep_tokens_travels_from_the_caption_flags_to_the_rows_and_old_identities_stay(tmp_path):
+    """``--keep-tokens`` becomes ``PruneConfig.keep_tokens``, an output column and part of the
+    job identity; a config without it has the identity it had before the field existed."""
+    import argparse
+
+    from jobs.caption import add_arguments, config_from_args
+    from pipelines.sink import OUTPUT_COLUMNS
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", "demo", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--method", "fastv"]
+    cfg = config_from_args(parser.parse_args(base + ["--keep-tokens", "320"]))
+    assert cfg.prune == PruneConfig("fastv", keep_tokens=320, prune_layer=2)
+    assert cfg.prune.row_fields()["keep_tokens"] == 320 and "keep_tokens" in OUTPUT_COLUMNS
+    assert cfg.job_identity()["keep_tokens"] == 320
+    old = config_from_args(parser.parse_args(base + ["--keep-ratio", "0.25"]))
+    assert set(old.prune.to_dict()) == {"method", "budget", "keep_ratio", "prune_layer", "seed"}
+    with pytest.raises(ValueError, match="not keep_ratio and keep_tokens"):
+        config_from_args(parser.parse_args(base + ["--keep-ratio", "0.25", "--keep-tokens", "320"]))

@@ -288,6 +288,23 @@ def test_mixed_counts_masked_reference_and_cache_invariance(next_mixed, method, 
 
 
 @pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_keep_tokens_keeps_that_many_per_row_directly(next_mixed, method):
+    """``keep_tokens`` T (the official LLaVA-1.6 path): each row keeps min(T, N) of its own N,
+    with no layer averaging, and equals the masked reference, cached or not."""
+    model, _, _, batch = next_mixed
+    counts = sorted((batch["input_ids"] == model.config.image_token_id).sum(1).tolist())
+    tokens = counts[len(counts) // 2]  # some rows have fewer, some more
+    with apply_pruning(model, PruneConfig(method, keep_tokens=tokens)) as handle:
+        pruned = _generate(model, batch)
+        stats = handle.stats
+        uncached = _generate(model, batch, use_cache=False)
+    assert [s["visual_tokens_kept"] for s in stats] == [min(tokens, s["visual_tokens"]) for s in stats]
+    assert any(s["visual_tokens"] < tokens for s in stats) and any(s["visual_tokens"] > tokens for s in stats)
+    _assert_same_generation(pruned, uncached)
+    _assert_same_generation(pruned, _masked_reference_generate(model, batch, stats))
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
 def test_mixed_counts_batch_invariance(next_mixed, method):
     """Each row of a left-padded batch of different visual-token counts (and zero-padded
     anyres patches) is pruned and decoded exactly as alone."""

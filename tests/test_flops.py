@@ -372,13 +372,17 @@ def test_cli_keep_ratio_and_table(capsys):
     assert (r["visual_tokens"], r["visual_tokens_kept"], r["prune_layer"]) == (256, 64, 1)
     rc, out, _ = run_cli(capsys, "--model", "llava-1.5-7b", "--budget", "64", "--text-tokens", "57")
     assert rc == 0 and "reduction" in out and "576 -> 29 kept" in out
+    rc, out, _ = run_cli(capsys, "--model", "llava-v1.6-vicuna-7b", "--keep-tokens", "320", "--text-tokens", "57",
+                         "--json")  # the official LLaVA-1.6 path: k = B directly
+    r = json.loads(out)
+    assert rc == 0 and (r["visual_tokens"], r["visual_tokens_kept"]) == (2880, 320)
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--model", "llava-9b", "--budget", "128", "--text-tokens", "57"], "presets"),
-        (["--model", "llava-1.5-7b", "--budget", "128", "--keep-ratio", "0.5", "--text-tokens", "57"], "not both"),
+        (["--model", "llava-1.5-7b", "--budget", "128", "--keep-ratio", "0.5", "--text-tokens", "57"], "not --budget and --keep-ratio"),
         (["--model", "llava-1.5-7b", "--text-tokens", "57"], "--budget"),
         (["--model", "llava-1.5-7b", "--budget", "128"], "--text-tokens"),
         (["--model", "llava-1.5-7b", "--keep-ratio", "1.5", "--text-tokens", "5"], "keep_ratio"),
