@@ -55,12 +55,20 @@ _FLAGS: dict[str, tuple[type, str]] = {
 }
 
 
+# on/off flags (``--name``; YAML ``name: true``); off unless given
+_SWITCHES: dict[str, str] = {
+    "follow_symlinks_outside": "follow a folder input's file symlinks that resolve outside it (default: each is an error row)",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the same settings as the flags (flags override it)")
     parser.add_argument("--experiment", default="caption", help="MLflow experiment name (default caption)")
     parser.add_argument("--no-tracking", action="store_true", help="do not record the run in MLflow")
     for name, (kind, help_text) in _FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
+    for name, help_text in _SWITCHES.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=help_text)
 
 
 def load_yaml_config(path: str) -> dict:
@@ -81,8 +89,13 @@ def load_yaml_config(path: str) -> dict:
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name in _SWITCHES:
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} in {path} must be true or false, got {value!r}")
+            out[name] = value
+            continue
         if name not in _FLAGS:
-            raise ValueError(f"unknown key {key!r} in {path}; known keys: {', '.join(_FLAGS)}")
+            raise ValueError(f"unknown key {key!r} in {path}; known keys: {', '.join([*_FLAGS, *_SWITCHES])}")
         kind = _FLAGS[name][0]
         if value is not None:
             try:
@@ -106,7 +119,7 @@ def config_from_args(args: argparse.Namespace):
     from pipelines.caption import CaptionConfig
 
     settings = load_yaml_config(args.config) if getattr(args, "config", None) else {}
-    for name in _FLAGS:
+    for name in (*_FLAGS, *_SWITCHES):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value

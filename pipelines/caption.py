@@ -19,6 +19,7 @@ actor (``pipelines.failures``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -35,7 +36,8 @@ from pipelines.failures import AttemptLedger
 from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipelines.packing import CallTally
 from pipelines.preprocess import prepare_block
-from pipelines.sink import ParquetSink, check_job, done_ids, drop_transient, output_lock
+from pipelines.sink import (OutputWriteError, ParquetSink, annotate_lock, check_job, done_ids, drop_transient,
+                            output_lock)
 from pipelines.sources import scan
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class CaptionConfig:
     flush_rows: int = 256
     flush_seconds: float = 30.0
     num_cpus: int | None = None  # CPUs of a Ray instance started locally (default: all)
+    follow_symlinks_outside: bool = False  # a folder input's file symlinks that leave it: error rows unless True
     run_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -196,14 +199,24 @@ def _cpu_stage_memory(cfg: CaptionConfig, rows_per_block: int, any_video: bool) 
     return CPU_STAGE_BASE_BYTES + images * (2 * cfg.max_side * cfg.max_side * 3 + crops * 3 * side * side * 4)
 
 
+MIN_FREE_BYTES = 64 << 20  # free space an output needs to start: part files, the MLflow store, the job files
+
+
 def _check_writable(output: str) -> None:
     """Refuse an output directory that cannot be created or written (checked on the nearest
-    existing ancestor), before any work."""
+    existing ancestor), or whose file system has less than :data:`MIN_FREE_BYTES` free, before
+    any work."""
+    import shutil
+
     path = os.path.abspath(output)
     while not os.path.exists(path):
         path = os.path.dirname(path)
     if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
         raise PermissionError(f"output {output} cannot be written ({path} is not a writable directory); choose another --output")
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE_BYTES:
+        raise ValueError(f"output {output}: only {free >> 20} MiB free on its file system ({path}); "
+                         f"ep caption needs at least {MIN_FREE_BYTES >> 20} MiB: free some space or choose another --output")
 
 
 class CaptionJob:
@@ -239,7 +252,7 @@ class CaptionJob:
         the progress lines at DEBUG instead of INFO (the sweep runs many jobs)."""
         cfg = self.cfg
         say = log.debug if quiet else log.info
-        scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames)
+        scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames, follow_symlinks_outside=cfg.follow_symlinks_outside)
         with output_lock(cfg.output):  # one writer per output directory
             return self._run_locked(cfg, scanned, say, progress, quiet)
 
@@ -278,10 +291,10 @@ class CaptionJob:
         stepped items/s while it runs, then the cost metrics of the rows this run wrote).
         Returns ``(summary, tracker)``; a tracking failure never stops the job."""
         cfg = self.cfg
-        with output_lock(cfg.output):  # before the MLflow store beside the outputs is opened
-            return self._run_tracked_locked(experiment, tracking)
+        with output_lock(cfg.output) as stale:  # before the MLflow store beside the outputs is opened
+            return self._run_tracked_locked(experiment, tracking, stale)
 
-    def _run_tracked_locked(self, experiment: str, tracking: bool):
+    def _run_tracked_locked(self, experiment: str, tracking: bool, stale: dict | None = None):
         import pyarrow.compute as pc
 
         from pipelines.sink import read_output
@@ -289,8 +302,12 @@ class CaptionJob:
 
         cfg = self.cfg
         tracker = Tracker(cfg.output, experiment, enabled=tracking)
+        if stale and stale.get("mlflow_run") and stale.get("mlflow_uri") == tracker.shown_uri:
+            tracker.mark_killed(stale["mlflow_run"])  # the job before this one was killed: say so in its run
         with tracker.run(f"caption-{cfg.prune.method}", cfg.run_params()):
             cfg.run_id = cfg.run_id or tracker.current_run_id  # output rows point at their MLflow run
+            if tracker.current_run_id:
+                annotate_lock(cfg.output, mlflow_run=tracker.current_run_id, mlflow_uri=tracker.shown_uri)
             summary = self.run(progress=lambda rows, seconds: tracker.metrics({"items_per_s": rows / seconds}, step=rows))
             if tracker.active:
                 table = read_output(cfg.output)
@@ -461,10 +478,17 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
                     progress(sink.rows_written, now - start)
         flush()
     except KeyboardInterrupt:  # SIGINT / SIGTERM: commit what arrived, then let the edge end the job
-        flush()
+        with contextlib.suppress(OutputWriteError):
+            flush()
         raise
+    except OutputWriteError as exc:  # the disk is full or the folder unwritable: what is committed stays
+        summary.failure = exc.strerror
+        log.warning(f"[caption] {exc.strerror}")  # a warning: shown even when the progress lines are quiet
     except Exception as exc:  # noqa: BLE001 - keep what is done, say how to resume
-        flush()
+        try:
+            flush()
+        except OutputWriteError as write_exc:
+            log.warning(f"[caption] {write_exc.strerror}")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         summary.failure = f"{type(exc).__name__}: {first}"
         say(f"[caption] the job failed ({summary.failure}); rows already written are kept")

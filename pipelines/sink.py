@@ -21,6 +21,7 @@ model or pruning setting into the same directory is refused instead of mixing re
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -129,21 +130,24 @@ def read_output(output_dir: str) -> pa.Table:
 def output_lock(output_dir: str):
     """Be the only writer of ``output_dir`` for the block: create ``_lock.json`` exclusively
     (host, pid, start time), remove it at the end. A lock whose owner is gone (same host, no such
-    process) is taken over; any other is refused with one line that names its owner. Nested
-    blocks of one process share the outer block's lock."""
+    process) is taken over, and the block receives what that lock said (``as stale``: a dict,
+    e.g. the killed job's MLflow run; None otherwise); any other is refused with one line that
+    names its owner. Nested blocks of one process share the outer block's lock."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_FILE)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    stale = None
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             owner = _lock_owner(path)
             if owner is not None and (owner.get("host"), owner.get("pid")) == (me["host"], me["pid"]):
-                yield  # this process holds it already (an outer block): nested, nothing to do
+                yield None  # this process holds it already (an outer block): nested, nothing to do
                 return
             if owner is not None and owner.get("host") == me["host"] and not _alive(owner.get("pid")):
                 os.remove(path)  # its job ended without removing it (killed): take it over
+                stale = owner
                 continue
             who = f"host {owner.get('host')}, pid {owner.get('pid')}, since {owner.get('since')}" if owner else "unknown owner"
             raise ValueError(
@@ -154,10 +158,19 @@ def output_lock(output_dir: str):
             json.dump(me, fh)
         break
     try:
-        yield
+        yield stale
     finally:
         if (_lock_owner(path) or {}).get("pid") == me["pid"]:
             os.remove(path)
+
+
+def annotate_lock(output_dir: str, **fields) -> None:
+    """Add ``fields`` to the ``_lock.json`` this process holds (e.g. its MLflow run, so that the
+    next job can mark that run KILLED if this one is killed); nothing if it holds none."""
+    path = os.path.join(output_dir, LOCK_FILE)
+    owner = _lock_owner(path)
+    if owner is not None and (owner.get("host"), owner.get("pid")) == (socket.gethostname(), os.getpid()):
+        _atomic_write_bytes(path, json.dumps({**owner, **fields}).encode())
 
 
 def _lock_owner(path: str) -> dict | None:
@@ -210,12 +223,32 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
 
 def _atomic_write_table(table: pa.Table, path: str) -> None:
     """Write ``table`` to a hidden temporary file, sync it, rename it to ``path``: a reader sees
-    the old file or the new one, never a part of one."""
+    the old file or the new one, never a part of one. A failed write leaves no temporary file."""
     tmp = _hidden_tmp(path)
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+class OutputWriteError(OSError):
+    """A part file could not be written (the disk is full, the folder became read-only, ...):
+    what was committed before stays, and a rerun resumes from it."""
+
+
+def _write_error(exc: OSError, output_dir: str, rows_written: int) -> OutputWriteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"no space left on the device holding {output_dir}"
+        fix = "free some space, then run the same command again to resume"
+    else:
+        what = f"cannot write to {output_dir} ({exc.strerror or exc})"
+        fix = "fix the folder, then run the same command again to resume"
+    return OutputWriteError(exc.errno, f"{what}; the {rows_written} rows this run committed before stay; {fix}")
 
 
 class ParquetSink:
@@ -252,7 +285,10 @@ class ParquetSink:
         name = f"part-{self.run_id}-{self._seq:06d}.parquet"
         self._seq += 1
         final = os.path.join(self.output_dir, name)
-        _atomic_write_table(table, final)
+        try:
+            _atomic_write_table(table, final)
+        except OSError as exc:
+            raise _write_error(exc, self.output_dir, self.rows_written) from exc
         self._written |= batch_ids
         self.rows_written += len(keep)
         self.errors_written += len(keep) - table.column("error").null_count

@@ -58,18 +58,20 @@ class SourceScan:
     duplicates: int = 0  # identical (path, frames, prompt) rows in a manifest, kept once
 
 
-def scan(input_path: str, *, prompt: str | None = None, frames: int = 8) -> SourceScan:
+def scan(input_path: str, *, prompt: str | None = None, frames: int = 8,
+         follow_symlinks_outside: bool = False) -> SourceScan:
     """The rows of a directory or manifest, sorted so that equal media types sit together.
 
     ``prompt`` overrides the default captioning prompt for rows that have none; ``frames`` is
-    the number of uniformly spaced frames decoded per video.
+    the number of uniformly spaced frames decoded per video. In a directory, a file symlink
+    that resolves outside it is an error row unless ``follow_symlinks_outside``.
     """
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     if not os.path.exists(input_path):
         raise FileNotFoundError(f"input not found: {input_path}")
     if os.path.isdir(input_path):
-        found = _walk(input_path)
+        found = _walk(input_path, follow_outside=follow_symlinks_outside)
         entries = [e for e in found if media_type_of(e["source"]) and not os.path.basename(e["source"]).startswith(".")]
         skipped = len(found) - len(entries)
         base = None
@@ -97,10 +99,10 @@ def scan(input_path: str, *, prompt: str | None = None, frames: int = 8) -> Sour
     return result
 
 
-def _walk(root: str) -> list[dict]:
+def _walk(root: str, follow_outside: bool = False) -> list[dict]:
     """Every file under ``root``, keyed by its path relative to ``root`` (so the same folder
     resumes however it is spelled). A file symlink that resolves outside ``root`` is kept as
-    an error row; directory symlinks are not followed."""
+    an error row (followed with ``follow_outside``); directory symlinks are not followed."""
     root = os.path.normpath(root)
     real_root = os.path.realpath(root)
     out = []
@@ -109,8 +111,10 @@ def _walk(root: str) -> list[dict]:
         for name in sorted(filenames):  # hidden files too: the scan counts them as skipped
             path = os.path.join(dirpath, name)
             entry = {"source": path, "key": os.path.relpath(path, root).replace(os.sep, "/")}
-            if os.path.islink(path) and os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
-                entry["error"] = f"symlink pointing outside the input folder ({os.path.realpath(path)}), not followed: {path}"
+            if (not follow_outside and os.path.islink(path)
+                    and os.path.commonpath([real_root, os.path.realpath(path)]) != real_root):
+                entry["error"] = (f"symlink pointing outside the input folder ({os.path.realpath(path)}), not followed "
+                                  f"(--follow-symlinks-outside follows it): {path}")
             out.append(entry)
     return out
 

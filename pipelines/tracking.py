@@ -204,6 +204,22 @@ class Tracker:
                 if self.active:
                     self._fail(f"could not end run {name!r}: {exc}")
 
+    def mark_killed(self, run_id: str) -> bool:
+        """End the run ``run_id`` of a job that was killed (still RUNNING in the store) as
+        KILLED; True if it was marked. A failure only logs its one line."""
+        if not self.active:
+            return False
+        try:
+            client = self._mlflow.tracking.MlflowClient()
+            if client.get_run(run_id).info.status != "RUNNING":
+                return False
+            client.set_terminated(run_id, status="KILLED")
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop the job
+            log.warning(f"MLflow: could not mark the killed job's run {run_id}: {redact_text(str(exc), self.uri)}")
+            return False
+        log.info(f"MLflow: run {run_id} of the job that was killed in this output is marked KILLED")
+        return True
+
     def params(self, values: dict) -> None:
         values = {k: v for k, v in values.items() if v is not None}
         if values:

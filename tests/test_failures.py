@@ -145,3 +145,81 @@ def test_a_generate_error_that_is_not_the_device_costs_only_its_row_as_an_input_
     out = {r["sample_id"]: r for r in predictor.predict_rows(rows)}
     assert out["2"]["error_kind"] == "input" and "this image breaks the model" in out["2"]["error"]
     assert all(out[s].get("output") is not None and out[s]["error_kind"] is None for s in ("0", "1", "3"))
+
+
+def test_an_output_without_free_space_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    import collections
+    import shutil
+
+    from jobs.caption import main
+
+    (tmp_path / "in").mkdir()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - (3 << 20), 3 << 20))
+    rc = main(["--model", "demo", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "only 3 MiB free" in err[0] and "at least 64 MiB" in err[0] and str(tmp_path) in err[0]
+
+
+def test_a_part_that_cannot_be_written_leaves_no_file_and_says_how_to_resume(tmp_path, monkeypatch):
+    import errno
+
+    sink = ParquetSink(str(tmp_path), "run1")
+    rows = [{"sample_id": str(i), "source": f"{i}.png", "output": "x"} for i in range(4)]
+    sink.write(to_table(rows[:2]))
+
+    def full(table, where, *a, **kw):
+        open(where, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pipelines.sink.pq.write_table", full)
+    from pipelines.sink import OutputWriteError
+
+    with pytest.raises(OutputWriteError, match=r"no space left on the device holding .*the 2 rows this run committed"):
+        sink.write(to_table(rows[2:]))
+    assert sorted(os.listdir(tmp_path)) == ["part-run1-000000.parquet"]
+    assert read_output(str(tmp_path)).column("sample_id").to_pylist() == ["0", "1"]
+
+
+def test_the_run_of_a_killed_job_is_marked_killed_by_the_next_job_in_that_output(tmp_path, monkeypatch, caplog):
+    """A SIGKILLed job leaves its lock (with its MLflow run) and a RUNNING run; the next job in
+    the same output takes the lock over and ends that run as KILLED."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from jobs.caption import main
+    from pipelines.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    (tmp_path / "in").mkdir()  # nothing to caption: the job ends without starting Ray
+    tracker = Tracker(str(out), "caption")
+    run = mlflow.tracking.MlflowClient().create_run(mlflow.get_experiment_by_name("caption").experiment_id)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    (out / "_lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "then",
+                                                "mlflow_run": run.info.run_id, "mlflow_uri": tracker.shown_uri}))
+    assert mlflow.tracking.MlflowClient().get_run(run.info.run_id).info.status == "RUNNING"
+    import pipelines.caption
+
+    seen = []  # what the lock says while this job runs: its own MLflow run, for the job after it
+    real_annotate = pipelines.caption.annotate_lock
+
+    def spy(output_dir, **fields):
+        real_annotate(output_dir, **fields)
+        seen.append(json.loads((out / "_lock.json").read_text()))
+
+    monkeypatch.setattr(pipelines.caption, "annotate_lock", spy)
+    with caplog.at_level("INFO", logger="pipelines.tracking"):
+        assert main(["--model", "demo", "--input", str(tmp_path / "in"), "--output", str(out)]) == 0
+    assert len(seen) == 1 and seen[0]["pid"] == os.getpid() and seen[0]["mlflow_uri"] == tracker.shown_uri
+    assert seen[0]["mlflow_run"] not in (None, run.info.run_id)
+    assert mlflow.tracking.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+    assert "marked KILLED" in caplog.text and not (out / "_lock.json").exists()
+    runs = mlflow.search_runs(experiment_names=["caption"], output_format="list")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # this job's own run ended normally

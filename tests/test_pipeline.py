@@ -420,3 +420,41 @@ def test_a_video_reaches_a_video_native_model_as_one_video(ray_session, tmp_path
     for row in (video, image):
         assert row["visual_tokens_kept"] == int(0.5 * row["visual_tokens"] + 0.5)
         assert row["prune_layer"] == 1 and row["generate_rows"] == 2
+
+
+def test_a_full_disk_mid_run_keeps_the_committed_rows_says_so_in_one_line_and_a_rerun_resumes(
+        ray_session, tiny_model, tmp_path, monkeypatch, capsys):
+    """Part files hit ENOSPC: no temporary file is left, the job ends (exit 1) with one line that
+    says what happened, and the same command resumes (the sink keeping the parts committed
+    before: tests/test_failures.py)."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    images = image_dir(str(tmp_path / "in"), 6)
+    out = str(tmp_path / "out")
+    args = ["--model", tiny_model, "--input", images, "--output", out, "--method", "fastv", "--keep-ratio", "0.5",
+            "--batch-size", "2", "--max-new-tokens", "2", "--flush-rows", "2", "--no-tracking"]
+    real, calls = pq.write_table, []
+
+    def full_disk(table, where, *a, **kw):
+        calls.append(where)
+        if len(calls) >= 1:
+            with open(where, "wb") as fh:  # half a file, then the device is full
+                fh.write(b"PAR1")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, *a, **kw)
+
+    monkeypatch.setattr("pipelines.sink.pq.write_table", full_disk)
+    assert caption(args) == 1
+    printed = capsys.readouterr()
+    said = [line for line in (printed.out + printed.err).splitlines() if "no space left" in line]
+    assert said and "run the same command again to resume" in said[0] and "Traceback" not in printed.err
+    assert printed.out.strip().splitlines()[-1].startswith("ep caption INCOMPLETE")
+    assert part_files(out) == [] and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    monkeypatch.setattr("pipelines.sink.pq.write_table", real)
+    assert caption(args) == 0
+    assert "6 to process" in capsys.readouterr().out
+    from pipelines.sources import scan
+
+    assert_exactly_once(out, {r["sample_id"] for r in scan(images).rows})

@@ -145,6 +145,8 @@ def test_odd_entries_become_error_rows_that_say_what_they_are(tmp_path):
     rows = {os.path.basename(r["source"]): r for r in scan(str(root)).rows}
     assert rows["ok.png"]["error"] is None and rows["inner.png"]["error"] is None
     assert rows["link.png"]["error"].startswith("symlink pointing outside the input folder")
+    followed = {os.path.basename(r["source"]): r for r in scan(str(root), follow_symlinks_outside=True).rows}
+    assert followed["link.png"]["error"] is None and followed["pipe.png"]["error"] is not None  # the flag, nothing else
     weird = [name for name in rows if name.startswith("caf")][0]
     assert weird == "caf\\xe9.png" and rows[weird]["error"] is None  # an empty file: the decoder says so
     rows["caf\\xe9.png"]["source"].encode("utf-8"), rows["caf\\xe9.png"]["path"].encode("utf-8")  # Parquet strings
@@ -170,3 +172,20 @@ def test_a_file_name_that_is_not_utf8_is_captioned_from_its_exact_bytes(tmp_path
     decoded = decode_row(row)
     assert decoded["error"] is None and decoded["pixels"][:3] == bytes([200, 10, 10])
     assert len({r["sample_id"] for r in rows.values()}) == 2
+
+
+def test_follow_symlinks_outside_is_a_caption_switch_and_a_yaml_key(tmp_path):
+    import argparse
+
+    from jobs.caption import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", "demo", "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    assert config_from_args(parser.parse_args(base)).follow_symlinks_outside is False
+    assert config_from_args(parser.parse_args(base + ["--follow-symlinks-outside"])).follow_symlinks_outside is True
+    (tmp_path / "job.yaml").write_text("follow-symlinks-outside: true\n")
+    assert config_from_args(parser.parse_args(base + ["--config", str(tmp_path / "job.yaml")])).follow_symlinks_outside
+    (tmp_path / "bad.yaml").write_text("follow_symlinks_outside: maybe\n")
+    with pytest.raises(ValueError, match="must be true or false"):
+        config_from_args(parser.parse_args(base + ["--config", str(tmp_path / "bad.yaml")]))
