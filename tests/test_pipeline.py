@@ -350,9 +350,12 @@ def test_caption_run_is_tracked_and_a_down_server_costs_no_work(ray_session, tin
     assert "take all 2 CPUs of the cluster" in capsys.readouterr().err
 
 
-def test_sigterm_commits_what_arrived_marks_the_run_killed_and_a_rerun_finishes(ray_session, tiny_model, tmp_path):
-    """SIGTERM to a running driver: exit 143 with one line, the parts written stay, the lock is
-    released, the MLflow run is KILLED (not FINISHED or RUNNING); the same command again finishes."""
+def test_sigterm_commits_what_arrived_marks_the_run_killed_and_a_rerun_finishes(ray_session, tiny_model, tmp_path,
+                                                                               capsys):
+    """A second job into the output of a running one is refused in one line (exit 2). SIGTERM
+    to the running driver: exit 143 with one line, the parts written stay, the lock is released,
+    the MLflow run is KILLED (not FINISHED or RUNNING); the same command again finishes, and a
+    plain Parquet read of the folder sees one row per sample."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.sink import LOCK_FILE
@@ -372,6 +375,11 @@ def test_sigterm_commits_what_arrived_marks_the_run_killed_and_a_rerun_finishes(
         while not part_files(out) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert part_files(out), f"no output file appeared (driver exit status {proc.poll()})"
+        capsys.readouterr()
+        assert caption(args) == 2  # the second job: refused while the first one writes
+        refused = capsys.readouterr().err.strip().splitlines()
+        assert len(refused) == 1 and f"output directory {out} is in use by another job" in refused[0]
+        assert f"pid {proc.pid}" in refused[0] and proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=90)
     finally:
@@ -389,6 +397,10 @@ def test_sigterm_commits_what_arrived_marks_the_run_killed_and_a_rerun_finishes(
     assert [r.info.status for r in runs] == ["KILLED"]
     assert caption(args) == 0
     assert_exactly_once(out, all_ids)
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(out).column("sample_id").to_pylist()  # any Parquet reader of the folder
+    assert len(ids) == len(set(ids)) == len(all_ids)
 
 
 def test_a_video_reaches_a_video_native_model_as_one_video(ray_session, tmp_path, capsys):
