@@ -9,8 +9,9 @@ counter needs about its vision side. Adding a family is adding an entry plus a t
 Pruning is supported only where the language model follows the transformers 5.x
 decoder-layer call convention (hidden states positional; ``attention_mask``,
 ``position_embeddings``, ``position_ids`` and the cache as keyword arguments) and the whole
-sequence goes through one rotary table computed once per forward (not yet true of Qwen-VL's
-3-D M-RoPE, nor checked for the video families).
+sequence goes through one rotary table computed once per forward (Qwen-VL's M-RoPE tables
+are merged per token before the layers, so they qualify). Qwen3-VL's DeepStack additions are
+made to follow the kept tokens (``Family.deepstack``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class Family:
             count is 5 crops (base image + 2×2 grid) and crops = round(N / tokens per crop).
         video_native: the processor takes a video as a video (``videos=``: its own placeholder
             token and ``pixel_values_videos``); the others see a video's frames as N images.
+        deepstack: the text model adds visual features at the visual positions after its first
+            layers (Qwen3-VL's DeepStack, ``_deepstack_process``); the hooks make those
+            additions follow the kept tokens after layer K.
     """
 
     model_type: str
@@ -50,6 +54,7 @@ class Family:
     vision: str | None
     anyres: bool = False
     video_native: bool = False
+    deepstack: bool = False
 
     def multimodal_model(self, model: Any) -> Any:
         """The module that receives ``input_ids`` and builds ``inputs_embeds`` (``model.model``)."""
@@ -84,7 +89,7 @@ FAMILIES: dict[str, Family] = {
         Family("llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf", True, _VIDEO_TOKENS, 2, "clip", anyres=True, video_native=True),
         Family("qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct", True, _VIDEO_TOKENS, 1, "qwen2_vl", video_native=True),
         Family("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct", True, _VIDEO_TOKENS, 1, "qwen2_5_vl", video_native=True),
-        Family("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", False, _VIDEO_TOKENS, 1, "qwen3_vl", video_native=True),
+        Family("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", True, _VIDEO_TOKENS, 1, "qwen3_vl", video_native=True, deepstack=True),
     )
 }
 

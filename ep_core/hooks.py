@@ -24,6 +24,12 @@ anyres): the batch after layer K has ``P = max_b P_b`` slots, each row's kept to
 right-aligned, and the ``P − P_b`` filler slots on the left masked out as keys in every
 layer ≥ K, prefill and decode (a filler query always sees itself, so no attention row is
 empty). No row drops anything → nothing is gathered and the model runs unchanged.
+
+DeepStack (Qwen3-VL, ``Family.deepstack``) adds visual features to the hidden states at the
+visual positions after the first decoder layers. After layer K those additions must follow the
+kept tokens: the handle wraps the text model's own ``_deepstack_process`` on the instance (the
+method itself is untouched; ``remove()`` restores it) to hand it, after the cut, the kept visual
+positions of the shortened sequence and those tokens' rows of the features.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class _Prefill:
     layer_kwargs: dict = field(default_factory=dict)  # gathered cos/sin, mask, position ids
     decode_kv: int = 0  # key length of the current decode step in the full (layer < K) cache
     step_mask: tuple | None = None  # (the decode step's mask for layers >= K,), computed once per step
+    cut: tuple | None = None  # (keep, slot_valid) of this forward once layer K has cut it (DeepStack follows it)
 
 
 class PruningHandle:
@@ -84,6 +91,7 @@ class PruningHandle:
         self.stats: list[dict] = []
         self._state: _Prefill | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._restore: list = []  # undo actions of instance-level wrappers (DeepStack)
         if self.rule is not None:  # method "none" only observes: it refuses nothing the model can do
             _refuse_unsupported(model, self.text_config)
 
@@ -100,6 +108,8 @@ class PruningHandle:
                 self._hooks.append(
                     self.layers[index].register_forward_pre_hook(self._layer_pre_hook(index), with_kwargs=True)
                 )
+            if self.family.deepstack:
+                self._wrap_deepstack(language_model)
 
     # ------------------------------------------------------------------ public
     def remove(self) -> None:
@@ -107,6 +117,8 @@ class PruningHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        while self._restore:
+            self._restore.pop()()
         self._state = None
 
     def __enter__(self) -> "PruningHandle":
@@ -122,6 +134,8 @@ class PruningHandle:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         pruning = self.rule is not None
+        if self._state is not None:
+            self._state.cut = None  # a new forward: nothing is cut until its layer K
         if pruning and cache is not None and not isinstance(cache, DynamicCache):
             raise RuntimeError(
                 f"pruned models need a DynamicCache (per-layer cache lengths differ after pruning), got "
@@ -249,6 +263,7 @@ class PruningHandle:
             keep, slot_valid, state.has_filler = selection
             state.layer_dtype = hidden.dtype
             state.keep, state.slot_valid = keep, slot_valid
+        state.cut = (keep, slot_valid)
 
         cos, sin = kwargs["position_embeddings"]
         kwargs["position_embeddings"] = (_gather_tokens(cos, keep), _gather_tokens(sin, keep))
@@ -334,6 +349,37 @@ class PruningHandle:
             kept[b, visual_pos] = False
             kept[b, visual_pos[self.rule.select(row, ks[b])]] = True
         return kept
+
+    # ------------------------------------------------------------------ DeepStack (Qwen3-VL)
+    def _wrap_deepstack(self, language_model: nn.Module) -> None:
+        """Make the text model's ``_deepstack_process(hidden, visual_pos_masks, visual_embeds)``
+        follow the cut: after layer K it gets the kept visual positions of the shortened sequence
+        and the rows of ``visual_embeds`` of those tokens (rows are ordered like the True entries
+        of ``visual_pos_masks``, batch-major). Before the cut, or with nothing cut, it runs as is."""
+        original = getattr(language_model, "_deepstack_process", None)
+        if original is None:
+            raise ValueError(
+                f"{self.family.model_type}: {type(language_model).__name__} has no _deepstack_process; this "
+                "transformers version adds DeepStack features differently, which the pruning hooks do not support"
+            )
+        previous = language_model.__dict__.get("_deepstack_process")
+
+        def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
+            state = self._state
+            if state is not None and state.cut is not None and visual_pos_masks is not None:
+                keep, slot_valid = state.cut
+                visual_pos_masks, visual_embeds = _deepstack_kept(visual_pos_masks, visual_embeds, keep, slot_valid)
+            return original(hidden_states, visual_pos_masks, visual_embeds)
+
+        language_model._deepstack_process = deepstack_process
+
+        def restore() -> None:
+            if previous is None:
+                language_model.__dict__.pop("_deepstack_process", None)
+            else:
+                language_model._deepstack_process = previous
+
+        self._restore.append(restore)
 
     def _decode_mask(self, state: _Prefill, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The decode step's mask for layers ≥ K: key columns ``keep`` + generated positions."""
@@ -449,6 +495,16 @@ def _right_aligned(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.
     order = torch.sort(mask.to(torch.int8), dim=1, stable=True)
     start = mask.shape[1] - width
     return order.indices[:, start:], order.values[:, start:].bool()
+
+
+def _deepstack_kept(visual_pos_masks, visual_embeds, keep, slot_valid):
+    """DeepStack's ``visual_pos_masks [B, T]`` and ``visual_embeds [N, D]`` (one row per True
+    entry, batch-major) → the kept visual slots ``[B, P]`` of the cut sequence and their rows."""
+    mask = visual_pos_masks.to(keep.device)
+    rank = mask.flatten().cumsum(0).view_as(mask) - 1  # each visual token's row of visual_embeds
+    kept = mask.gather(1, keep) & slot_valid  # filler slots hold dropped positions: never added to
+    rows = rank.gather(1, keep)[kept]
+    return kept, visual_embeds[rows.to(visual_embeds.device)]
 
 
 def _gather_tokens(table: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -20,19 +20,29 @@ def test_every_family_of_the_table_has_what_the_code_reads():
         assert family.model_type == model_type
         assert family.default_prune_layer >= 1 and family.visual_token_attrs
     prunable = {t for t, f in FAMILIES.items() if f.prunable}
-    assert prunable == {"llava", "llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl"}
+    assert prunable == {"llava", "llava_next", "llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
     assert FAMILIES["qwen2_5_vl"].default_prune_layer == 1 and FAMILIES["llava"].default_prune_layer == 2
 
 
-def test_check_supported_refuses_from_the_config_alone():
+def _unprunable(monkeypatch, model_type: str) -> None:
+    """Make ``model_type`` a family that loads and runs only unpruned (every real family prunes now)."""
+    from dataclasses import replace
+
+    monkeypatch.setitem(FAMILIES, model_type, replace(FAMILIES[model_type], prunable=False))
+
+
+def test_check_supported_refuses_from_the_config_alone(monkeypatch):
     from transformers import Qwen3VLConfig
 
     qwen = load_model_config("qwen2.5-vl-7b")  # a preset: offline, no weights
     assert check_supported(qwen, PruneConfig("entropyprune", keep_ratio=0.5, prune_layer=1)).model_type == "qwen2_5_vl"
     qwen3 = Qwen3VLConfig()
+    assert check_supported(qwen3, PruneConfig("entropyprune", keep_ratio=0.5, prune_layer=1)).model_type == "qwen3_vl"
+    _unprunable(monkeypatch, "qwen3_vl")
     assert check_supported(qwen3, PruneConfig("none")).model_type == "qwen3_vl"
-    with pytest.raises(ValueError, match="'qwen3_vl' is not supported yet for pruning.*pruning supports: llava"):
+    with pytest.raises(ValueError, match="'qwen3_vl' is not supported yet for pruning.*pruning supports: llava") as refused:
         check_supported(qwen3, PruneConfig("entropyprune", keep_ratio=0.5, prune_layer=1))
+    assert "qwen3_vl (e.g." not in str(refused.value)  # not offered among the families that prune
     llava = load_model_config("llava-1.5-7b")
     with pytest.raises(ValueError, match="between 1 and 31 for this 32-layer decoder, got 32"):
         check_supported(llava, PruneConfig("fastv", keep_ratio=0.5, prune_layer=32))
@@ -60,13 +70,14 @@ def test_ep_flops_resolves_demo_like_every_other_command(capsys):
     assert (r["visual_tokens"], r["visual_tokens_kept"], r["num_layers"]) == (144, 48, 6)
 
 
-def test_caption_preflight_refuses_unsupported_pruning_before_ray(tmp_path, capsys):
+def test_caption_preflight_refuses_unsupported_pruning_before_ray(tmp_path, capsys, monkeypatch):
     import ray
 
     from jobs.cli import main
 
     from transformers import Qwen3VLConfig
 
+    _unprunable(monkeypatch, "qwen3_vl")  # a family that runs only unpruned
     (tmp_path / "in").mkdir()
     Qwen3VLConfig().save_pretrained(tmp_path / "qwen3")
     args = ["caption", "--model", str(tmp_path / "qwen3"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]

@@ -24,23 +24,25 @@ def images(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def unprunable_model(tmp_path_factory) -> str:
-    """A model directory of a family that runs only unpruned (its config alone: no weights)."""
-    from transformers import Qwen3VLConfig
+def unsupported_model(tmp_path_factory) -> str:
+    """A model directory of a family the table does not have (its config alone: no weights).
+    Every family of the table prunes; refusing a family that runs only unpruned is checked
+    in-process (tests/test_families.py), where the table can be patched."""
+    from transformers import PaliGemmaConfig
 
-    path = tmp_path_factory.mktemp("qwen3_vl")
-    Qwen3VLConfig().save_pretrained(path)
+    path = tmp_path_factory.mktemp("paligemma")
+    PaliGemmaConfig().save_pretrained(path)
     return str(path)
 
 
-def _cases(images: str, unprunable: str, tmp: str) -> dict[str, tuple[list[str], str]]:
+def _cases(images: str, unsupported: str, tmp: str) -> dict[str, tuple[list[str], str]]:
     not_a_dir = os.path.join(tmp, "a-file")
     open(not_a_dir, "w").close()
     base = ["--input", images, "--output", os.path.join(tmp, "out")]
     return {
         "unsupported family with pruning": (
-            ["--model", unprunable, *base, "--method", "entropyprune", "--keep-ratio", "0.5"],
-            "is not supported yet for pruning"),
+            ["--model", unsupported, *base, "--method", "entropyprune", "--keep-ratio", "0.5"],
+            "model family 'paligemma' (PaliGemmaConfig) is not supported yet; supported: llava"),
         "prune layer out of range": (
             ["--model", "demo", *base, "--method", "entropyprune", "--keep-ratio", "0.5", "--prune-layer", "99"],
             "prune_layer must be between 1 and"),
@@ -59,12 +61,12 @@ CASES = ["unsupported family with pruning", "prune layer out of range", "flash a
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_usage_errors_exit_2_in_one_line_before_ray(case, images, unprunable_model, tmp_path):
+def test_usage_errors_exit_2_in_one_line_before_ray(case, images, unsupported_model, tmp_path):
     import importlib.util
 
     if case.startswith("flash") and importlib.util.find_spec("flash_attn") is not None:
         pytest.fail("flash-attn is installed here: this case needs a machine without it")
-    args, expected = _cases(images, unprunable_model, str(tmp_path))[case]
+    args, expected = _cases(images, unsupported_model, str(tmp_path))[case]
     ray_tmp = tmp_path / "ray-tmp"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=REPO, HF_HUB_OFFLINE="1", RAY_TMPDIR=str(ray_tmp), MLFLOW_TRACKING_URI="")

@@ -1,0 +1,292 @@
+"""The oracles of docs/design.md §4 on Qwen3-VL, a tiny random model whose DeepStack adds
+visual features to the hidden states after decoder layers 0, 1 and 2 (as the real checkpoints
+do with their three DeepStack layers). After the cut at layer K those additions must land on
+the kept visual tokens of the shortened sequence, each with its own feature row.
+
+Why the usual masked reference is the right one here: in the unpruned model whose layers ≥ K
+cannot see the dropped tokens, the dropped tokens still receive their DeepStack additions, but
+no kept token ever reads them again (their keys and values are masked from layer K on), and
+every kept token receives exactly its own additions, as in the pruned model. So the kept
+tokens' hidden states, hence the logits, must agree. A pruned model that adds the wrong rows,
+or adds nothing after the cut, does not.
+
+Inputs are built by hand (the video processors need torchvision, absent with the CPU torch
+here), following Qwen3-VL's processor: a video is one ``<|vision_start|> … <|vision_end|>``
+group per temporal patch, each after a timestamp token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ep_core import PruneConfig, apply_pruning
+from ep_core.families import FAMILIES
+from tests.oracles import FLASH_LIKE, install_masked_reference, padded_kept_mask
+from tests.tiny_models import (
+    QWEN_IMAGE, QWEN_MERGE, QWEN_PAD, QWEN_PATCH, QWEN_TEMPORAL, QWEN_VIDEO, QWEN_VISION_END, QWEN_VISION_START,
+    QWEN_VOCAB,
+)
+
+PRUNING_METHODS = ["entropyprune", "random", "fastv", "dart"]
+BACKENDS = ["sdpa", "eager", FLASH_LIKE]
+NEW_TOKENS = 4
+DEEPSTACK_LAYERS = 3  # additions after decoder layers 0, 1, 2 of 4
+TIMESTAMP = 5  # a text token standing for the processor's "<t seconds>" before each video frame group
+SUPPRESS = [QWEN_VISION_START, QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END]  # a random model must not generate them
+
+IMAGES = [{"prompt": [11, 12, 13, 14], "image": (4, 4)}, {"prompt": [21, 22], "image": (6, 4)},
+          {"prompt": [31, 32, 33, 34, 35, 36], "image": (4, 8)}]  # 4, 6, 8 visual tokens (2×2 merge)
+MIXED = [IMAGES[0], {"prompt": [41, 42, 43], "video": (4, 4, 6)}, IMAGES[2]]  # 4, 12 (2 temporal patches × 6), 8
+
+
+def build_tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa"):
+    """A random-weight Qwen3-VL: 4 GQA decoder layers (head_dim 16, interleaved M-RoPE sections
+    4/2/2), a 3-block vision tower (patch 4, 2×2 merge, temporal patch 2) whose blocks 0, 1, 2
+    feed DeepStack, token ids those of ``tests.tiny_models.build_qwen_tokenizer``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=QWEN_VOCAB, max_position_embeddings=512, bos_token_id=2, eos_token_id=3,
+                pad_token_id=QWEN_PAD,
+                rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0,
+                                 "mrope_interleaved": True})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=QWEN_PATCH,
+                  spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL, out_hidden_size=64,
+                  num_position_embeddings=16, deepstack_visual_indexes=list(range(DEEPSTACK_LAYERS)))
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
+                                        video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
+                                        vision_end_token_id=QWEN_VISION_END)
+    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
+    model.set_attn_implementation({"text_config": attn_implementation, "vision_config": "sdpa"})
+    model.generation_config.eos_token_id = None  # random weights: never stop early, compare full lengths
+    return model
+
+
+def qwen3_inputs(rows: list[dict], seed: int = 0) -> dict:
+    """Left-padded inputs: each row ``{"prompt": [ids], "image": (h, w)}`` or ``{"prompt": [ids],
+    "video": (frames, h, w)}`` in patches (h, w even, frames a multiple of 2), random pixels. A
+    video is one vision group per temporal patch, each after a timestamp token (Qwen3-VL's
+    ``get_rope_index`` numbers each group as one frame)."""
+    gen = torch.Generator().manual_seed(seed)
+    patch_dim = 3 * QWEN_TEMPORAL * QWEN_PATCH * QWEN_PATCH
+    sequences, types, images, image_grids, videos, video_grids = [], [], [], [], [], []
+    for row in rows:
+        is_video = "video" in row
+        frames, h, w = row["video"] if is_video else (QWEN_TEMPORAL, *row["image"])
+        t = frames // QWEN_TEMPORAL  # temporal patches
+        per_group = h * w // (QWEN_MERGE * QWEN_MERGE)
+        token_id, type_id = (QWEN_VIDEO, 2) if is_video else (QWEN_IMAGE, 1)
+        ids, ty = [], []
+        for _ in range(t):
+            if is_video:
+                ids, ty = ids + [TIMESTAMP], ty + [0]
+            ids += [QWEN_VISION_START] + [token_id] * per_group + [QWEN_VISION_END]
+            ty += [0] + [type_id] * per_group + [0]
+        sequences.append(ids + list(row["prompt"]))
+        types.append(ty + [0] * len(row["prompt"]))
+        (videos if is_video else images).append(torch.randn(t * h * w, patch_dim, generator=gen))
+        (video_grids if is_video else image_grids).append([t, h, w])
+    length = max(len(s) for s in sequences)
+    pad = [length - len(s) for s in sequences]
+    out = {
+        "input_ids": torch.tensor([[QWEN_PAD] * p + s for p, s in zip(pad, sequences)]),
+        "attention_mask": torch.tensor([[0] * p + [1] * len(s) for p, s in zip(pad, sequences)]),
+        "mm_token_type_ids": torch.tensor([[0] * p + ty for p, ty in zip(pad, types)]),
+    }
+    if images:
+        out["pixel_values"], out["image_grid_thw"] = torch.cat(images), torch.tensor(image_grids)
+    if videos:
+        out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(videos), torch.tensor(video_grids)
+    return out
+
+
+def _alone(rows: list[dict], i: int, seed: int) -> dict:
+    """Row ``i`` of ``qwen3_inputs(rows, seed)`` as its own batch: unpadded, its own pixels."""
+    batch = qwen3_inputs(rows, seed)
+    valid = batch["attention_mask"][i].bool()
+    out = {k: batch[k][i : i + 1, valid] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    is_video = ["video" in row for row in rows]
+    j = sum(1 for r in range(i) if is_video[r] == is_video[i])  # its index among the images (or the videos)
+    pixels, grids = ("pixel_values_videos", "video_grid_thw") if is_video[i] else ("pixel_values", "image_grid_thw")
+    sizes = [int(g.prod()) for g in batch[grids]]
+    out[pixels] = batch[pixels][sum(sizes[:j]) : sum(sizes[: j + 1])]
+    out[grids] = batch[grids][j : j + 1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_qwen3_vl()
+
+
+@pytest.fixture(params=BACKENDS)
+def model(request, tiny):
+    tiny.set_attn_implementation({"text_config": request.param, "vision_config": "sdpa"})
+    yield tiny
+    tiny.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+
+
+def _generate(model, inputs: dict, **kwargs):
+    return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                          output_scores=True, return_dict_in_generate=True, pad_token_id=QWEN_PAD,
+                          suppress_tokens=SUPPRESS, **kwargs)
+
+
+def _assert_same_generation(a, b) -> None:
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.scores, b.scores):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+
+
+def _masked_reference(model, batch: dict, stats: list[dict], k: int):
+    """Unpruned generate, eager attention, layers >= K unable to see the tokens ``stats`` dropped
+    (DeepStack left as the model does it: every visual token, dropped or not, gets its additions)."""
+    kept = padded_kept_mask(stats, batch["attention_mask"])
+    backend = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+    hooks = install_masked_reference(model, k, kept, batch["attention_mask"].bool(), float_mask=True)
+    try:
+        return _generate(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.set_attn_implementation({"text_config": backend, "vision_config": "sdpa"})
+
+
+def _check_stats(batch: dict, stats: list[dict]) -> None:
+    ids = batch["input_ids"]
+    visual = [int(torch.isin(row, torch.tensor([QWEN_IMAGE, QWEN_VIDEO])).sum()) for row in ids]
+    assert len(set(visual)) == len(visual), "the rows must differ in visual-token count"
+    assert [s["visual_tokens"] for s in stats] == visual
+    assert [s["visual_tokens_kept"] for s in stats] == [int(0.5 * n + 0.5) for n in visual]  # ⌊r·N + ½⌋
+    video = [int((row == QWEN_VIDEO).sum()) for row in ids]
+    assert [s["video_tokens"] for s in stats] == video
+    assert all(s["video_tokens_kept"] == (s["visual_tokens_kept"] if v else 0) for s, v in zip(stats, video))
+
+
+def test_the_family_is_prunable_with_deepstack_and_the_tiny_model_injects_after_three_layers(tiny):
+    family = FAMILIES["qwen3_vl"]
+    assert family.prunable and family.deepstack and family.default_prune_layer == 1
+    assert not any(f.deepstack for t, f in FAMILIES.items() if t != "qwen3_vl")
+    assert len(tiny.config.vision_config.deepstack_visual_indexes) == DEEPSTACK_LAYERS < tiny.config.text_config.num_hidden_layers
+
+
+def test_deepstack_features_matter_in_the_tiny_model(tiny):
+    """The oracles below can catch a DeepStack mistake only if the additions change the logits."""
+    batch = qwen3_inputs(MIXED, 1)
+    language_model = tiny.model.language_model
+    with torch.no_grad():
+        full = tiny(**batch).logits[:, -1]
+        language_model._deepstack_process = lambda hidden, mask, embeds: hidden  # no additions at all
+        try:
+            without = tiny(**batch).logits[:, -1]
+        finally:
+            del language_model._deepstack_process
+    assert (full - without).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("method", ["none", *PRUNING_METHODS])
+def test_keep_all_is_bit_identical(model, method):
+    batch = qwen3_inputs(MIXED, 0)
+    reference = _generate(model, batch)
+    with apply_pruning(model, PruneConfig(method, keep_ratio=1.0, prune_layer=1)):
+        pruned = _generate(model, batch)
+    assert torch.equal(pruned.sequences, reference.sequences)
+    for x, y in zip(pruned.scores, reference.scores):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+@pytest.mark.parametrize("which", ["images", "image-video-image"])
+def test_masked_reference_and_cache_invariance(model, method, which):
+    batch = qwen3_inputs(IMAGES if which == "images" else MIXED, 1)
+    with apply_pruning(model, PruneConfig(method, keep_ratio=0.5, prune_layer=1)) as handle:
+        pruned = _generate(model, batch)
+        stats = handle.stats
+        uncached = _generate(model, batch, use_cache=False)
+        assert handle.stats == stats
+    _check_stats(batch, stats)
+    _assert_same_generation(pruned, _masked_reference(model, batch, stats, 1))
+    _assert_same_generation(pruned, uncached)
+
+
+@pytest.mark.parametrize("k", [2, 3])  # 2: the last addition follows the cut; 3: every addition precedes it
+@pytest.mark.parametrize("method", ["entropyprune", "random"])
+def test_masked_reference_at_later_prune_layers(model, method, k):
+    batch = qwen3_inputs(MIXED, 3)
+    with apply_pruning(model, PruneConfig(method, keep_ratio=0.5, prune_layer=k)) as handle:
+        pruned = _generate(model, batch)
+        stats = handle.stats
+        uncached = _generate(model, batch, use_cache=False)
+    _check_stats(batch, stats)
+    _assert_same_generation(pruned, _masked_reference(model, batch, stats, k))
+    _assert_same_generation(pruned, uncached)
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_batch_invariance_with_different_visual_counts(tiny, method):
+    with apply_pruning(tiny, PruneConfig(method, keep_ratio=0.5, prune_layer=1)) as handle:
+        together = _generate(tiny, qwen3_inputs(MIXED, 2))
+        batch_stats = handle.stats
+        for i in range(len(MIXED)):
+            alone = _generate(tiny, _alone(MIXED, i, 2))
+            assert handle.stats[0]["kept_positions"] == batch_stats[i]["kept_positions"]
+            assert torch.equal(alone.sequences[0, -NEW_TOKENS:], together.sequences[i, -NEW_TOKENS:])
+            for a, b in zip(alone.scores, together.scores):
+                torch.testing.assert_close(a[0], b[i], atol=2e-5, rtol=1e-5)
+
+
+def test_additions_after_the_cut_land_on_the_kept_tokens_with_their_own_rows(tiny):
+    """What ``_deepstack_process`` receives: before the cut the model's own mask and features;
+    after it, per row, the kept visual slots of the shortened sequence and exactly the feature
+    rows of those tokens, in order. ``remove()`` takes the wrapper away."""
+    batch = qwen3_inputs(MIXED, 4)
+    language_model = tiny.model.language_model
+    original = type(language_model)._deepstack_process
+    calls = []
+
+    def spy(self, hidden, mask, embeds):
+        calls.append((hidden.shape[1], mask.clone(), embeds.clone()))
+        return original(self, hidden, mask, embeds)
+
+    type(language_model)._deepstack_process = spy  # the class method, under the handle's instance-level wrapper
+    try:
+        with torch.no_grad():
+            tiny(**batch)  # unpruned: the full features of every layer
+            unpruned, calls[:] = list(calls), []
+            with apply_pruning(tiny, PruneConfig("random", keep_ratio=0.5, prune_layer=1)) as handle:
+                assert "_deepstack_process" in language_model.__dict__
+                tiny(**batch)
+                stats = handle.stats
+            assert "_deepstack_process" not in language_model.__dict__
+    finally:
+        type(language_model)._deepstack_process = original
+    assert len(unpruned) == len(calls) == DEEPSTACK_LAYERS
+    length, visual, _ = unpruned[0]
+    assert length == batch["input_ids"].shape[1]
+    assert torch.equal(visual, torch.isin(batch["input_ids"], torch.tensor([QWEN_IMAGE, QWEN_VIDEO])))
+    assert calls[0][0] == length and torch.equal(calls[0][1], visual) and torch.equal(calls[0][2], unpruned[0][2])
+    kept = padded_kept_mask(stats, batch["attention_mask"]) & visual  # [B, T] the kept visual tokens
+    rank = visual.flatten().cumsum(0).view_as(visual) - 1  # each visual token's feature row
+    rows = torch.cat([rank[b][kept[b]] for b in range(kept.shape[0])])
+    for layer in range(1, DEEPSTACK_LAYERS):  # after the cut at K = 1
+        cut_length, mask, embeds = calls[layer]
+        assert cut_length < length and mask.shape == (kept.shape[0], cut_length)
+        assert mask.sum(1).tolist() == kept.sum(1).tolist() == [s["visual_tokens_kept"] for s in stats]
+        assert torch.equal(embeds, unpruned[layer][2][rows])
+
+
+def test_inputs_carry_three_dimensional_positions_per_video_frame(tiny):
+    """The oracles mean something only if visual tokens are numbered in 3-D, a video's frames
+    as separate groups (Qwen3-VL's timestamps), and the text model receives 4 rows of ids."""
+    batch = qwen3_inputs(MIXED, 0)
+    grids = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw")}
+    positions, _ = tiny.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], **grids,
+                                             attention_mask=batch["attention_mask"])
+    assert positions.shape[0] == 3 and positions.shape[1:] == batch["input_ids"].shape
+    visual = batch["mm_token_type_ids"] > 0
+    assert not torch.equal(positions[1][visual], positions[2][visual])  # height and width differ
+    assert (positions[0][visual] != positions[1][visual]).any()
+    video = batch["mm_token_type_ids"][1] == 2
+    assert len(set(positions[0, 1][video].tolist())) == 2  # two temporal patches, two time positions
