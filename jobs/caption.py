@@ -24,7 +24,14 @@ from jobs.cli import prune_layer_arg
 # flag → (type, help); every flag is also a YAML key. Defaults live in CaptionConfig.
 _FLAGS: dict[str, tuple[type, str]] = {
     "model": (str, "local model directory or hub id (LLaVA / Qwen-VL families)"),
-    "input": (str, "a directory (walked recursively) or a .jsonl/.csv/.parquet manifest with a 'path' column"),
+    "input": (str, "a directory (walked recursively), a .jsonl/.csv/.parquet manifest with a 'path' column, "
+                   "a Parquet dataset whose rows hold image bytes, or WebDataset .tar shards (a file or a folder)"),
+    "input_format": (str, "auto (default: detected from what --input holds), folder, manifest, parquet or webdataset"),
+    "image_column": (str, "Parquet dataset: the column of image bytes, binary or a struct with 'bytes' (default image)"),
+    "video_column": (str, "Parquet dataset: the column of video bytes (default video)"),
+    "prompt_column": (str, "Parquet dataset: the column of per-row prompts (default prompt)"),
+    "reference_column": (str, "Parquet dataset: the column of reference answers or captions (default reference)"),
+    "id_column": (str, "Parquet dataset: the column of sample ids (default id; else ids hash shard, row and prompt)"),
     "output": (str, "output directory for the Parquet part files (rerun to resume)"),
     "method": (str, "pruning method: none, entropyprune, random, fastv, dart (default none)"),
     "budget": (float, "layer-averaged visual-token budget B (the papers' 192/128/64)"),

@@ -78,6 +78,12 @@ class CaptionConfig:
     flush_seconds: float = 30.0
     num_cpus: int | None = None  # CPUs of a Ray instance started locally (default: all)
     follow_symlinks_outside: bool = False  # a folder input's file symlinks that leave it: error rows unless True
+    input_format: str = "auto"  # folder, manifest, parquet (rows of image bytes), webdataset; auto: detected
+    image_column: str = "image"  # the columns of a Parquet dataset (pipelines.shards.ShardColumns)
+    video_column: str = "video"
+    prompt_column: str = "prompt"
+    reference_column: str = "reference"
+    id_column: str = "id"
     run_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -102,6 +108,10 @@ class CaptionConfig:
             raise ValueError(f"decode-timeout must be > 0 seconds, got {self.decode_timeout!r}")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError(f"num-gpus must be >= 0, got {self.num_gpus!r}")
+        from pipelines.sources import INPUT_FORMATS
+
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input-format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.device == "cpu" and self.num_gpus:
@@ -110,6 +120,13 @@ class CaptionConfig:
             raise ValueError("--device cuda with --num-gpus 0: give the model workers a GPU share above 0")
         if self.wait_for_gpus is not None and not self.wait_for_gpus >= 0:
             raise ValueError(f"wait-for-gpus must be >= 0 seconds, got {self.wait_for_gpus!r}")
+
+    def shard_columns(self):
+        """The Parquet dataset columns to read (``--image-column`` …)."""
+        from pipelines.shards import ShardColumns
+
+        return ShardColumns(image=self.image_column, video=self.video_column, prompt=self.prompt_column,
+                            reference=self.reference_column, id=self.id_column)
 
     def job_identity(self) -> dict:
         """What the rows of an output directory depend on (a rerun must match it): every setting
@@ -252,7 +269,8 @@ class CaptionJob:
         the progress lines at DEBUG instead of INFO (the sweep runs many jobs)."""
         cfg = self.cfg
         say = log.debug if quiet else log.info
-        scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames, follow_symlinks_outside=cfg.follow_symlinks_outside)
+        scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames, follow_symlinks_outside=cfg.follow_symlinks_outside,
+                       input_format=cfg.input_format, columns=cfg.shard_columns())
         with output_lock(cfg.output):  # one writer per output directory
             return self._run_locked(cfg, scanned, say, progress, quiet)
 

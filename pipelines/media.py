@@ -16,12 +16,14 @@ decoded pixels (``pixels``: raw uint8 bytes, ``shape``: ``[n, h, w]``, 3 channel
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import warnings
 
@@ -29,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipelines.shards import parse_member_ref, read_member
 from pipelines.sources import local_path, readable
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -76,13 +79,21 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
-    """Decode ``path`` to an ``h × w × 3`` uint8 array; raises :class:`MediaError`."""
+def load_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
+               label: str | None = None) -> np.ndarray:
+    """Decode ``path`` (a file name, or a file object named ``label`` in messages) to an
+    ``h × w × 3`` uint8 array; raises :class:`MediaError`."""
+    if label is not None:
+        return _load_image(path, max_pixels, max_side, label)
+    return _load_image(path, max_pixels, max_side, path)
+
+
+def _load_image(source, max_pixels: int, max_side: int, path: str) -> np.ndarray:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if w < 1 or h < 1:
                     raise MediaError(f"image has no pixels ({w}x{h}): {path}")
@@ -105,7 +116,7 @@ def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int
     except Image.DecompressionBombError as exc:
         raise MediaError(f"image too large (decompression bomb?): {exc}: {path}") from None
     except UnidentifiedImageError:
-        size = _size_or_none(path)
+        size = _size_or_none(source)
         what = "empty file (0 bytes)" if size == 0 else "not an image PIL can read"
         raise MediaError(f"{what}: {path}") from None
     except FileNotFoundError:
@@ -117,9 +128,11 @@ def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int
     return np.ascontiguousarray(arr)
 
 
-def _size_or_none(path: str) -> int | None:
+def _size_or_none(source) -> int | None:
+    if hasattr(source, "getbuffer"):  # in memory (a shard member)
+        return source.getbuffer().nbytes
     try:
-        return os.path.getsize(path)
+        return os.path.getsize(source)
     except OSError:
         return None
 
@@ -261,11 +274,22 @@ def decode_row(
     if out.get("error"):
         return out
     path = local_path(row["path"])  # a file name that is not UTF-8 travels as its bytes
+    member = parse_member_ref(path) is not None  # inside a shard: read its bytes (pipelines.shards)
     try:
+        if member:
+            path = readable(row["source"])
+            try:
+                data = read_member(row["path"])
+            except (OSError, ValueError, KeyError, tarfile.TarError) as exc:
+                raise MediaError(f"cannot read the shard member ({type(exc).__name__}: {exc}): {path}") from None
         if row["media_type"] == "image":
-            arr = load_image(path, max_pixels=max_pixels, max_side=max_side)[None]
+            source = io.BytesIO(data) if member else path
+            arr = load_image(source, max_pixels=max_pixels, max_side=max_side, label=path)[None]
         elif row["media_type"] == "video":
-            arr = shared_video_decoder(timeout_s).decode(path, int(row["frames"]), max_side=max_side)
+            if member:
+                arr = _decode_video_bytes(data, path, int(row["frames"]), max_side, timeout_s)
+            else:
+                arr = shared_video_decoder(timeout_s).decode(path, int(row["frames"]), max_side=max_side)
             out["frames"] = int(arr.shape[0])
         else:
             raise MediaError(f"unsupported media type {row['media_type']!r}: {path}")
@@ -278,6 +302,20 @@ def decode_row(
     out["pixels"] = arr.tobytes()
     out["shape"] = [int(s) for s in arr.shape[:3]]
     return out
+
+
+def _decode_video_bytes(data: bytes, label: str, frames: int, max_side: int, timeout_s: float) -> np.ndarray:
+    """A video held in memory (a shard member), decoded from a temporary file by the child."""
+    import tempfile
+
+    suffix = os.path.splitext(label)[1] or ".mp4"
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            return shared_video_decoder(timeout_s).decode(tmp.name, frames, max_side=max_side)
+        except MediaError as exc:
+            raise MediaError(str(exc).replace(tmp.name, label)) from None
 
 
 def frames_of(row: dict) -> list[Image.Image]:

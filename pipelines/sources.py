@@ -1,4 +1,5 @@
-"""Inputs → rows: a directory walked recursively, or a manifest (.jsonl, .csv, .parquet).
+"""Inputs → rows: a directory walked recursively, a manifest (.jsonl, .csv, .parquet), or a
+sharded dataset (Parquet files whose rows hold image bytes, WebDataset tars: ``pipelines.shards``).
 
 Every row gets a stable ``sample_id`` that every later stage carries unchanged and that the
 sink uses for exactly-once resume:
@@ -58,19 +59,39 @@ class SourceScan:
     duplicates: int = 0  # identical (path, frames, prompt) rows in a manifest, kept once
 
 
+INPUT_FORMATS = ("auto", "folder", "manifest", "parquet", "webdataset")
+
+
 def scan(input_path: str, *, prompt: str | None = None, frames: int = 8,
-         follow_symlinks_outside: bool = False) -> SourceScan:
-    """The rows of a directory or manifest, sorted so that equal media types sit together.
+         follow_symlinks_outside: bool = False, input_format: str = "auto", columns=None) -> SourceScan:
+    """The rows of a directory, manifest or sharded dataset, sorted so that equal media types
+    sit together.
 
     ``prompt`` overrides the default captioning prompt for rows that have none; ``frames`` is
     the number of uniformly spaced frames decoded per video. In a directory, a file symlink
     that resolves outside it is an error row unless ``follow_symlinks_outside``.
+    ``input_format`` (``auto``: detected, see :func:`pipelines.shards.detect_format`) and
+    ``columns`` (a :class:`pipelines.shards.ShardColumns`) say how to read a sharded dataset.
     """
+    from pipelines.shards import ShardColumns, detect_format, scan_parquet_dataset, scan_webdataset
+
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
     if not os.path.exists(input_path):
         raise FileNotFoundError(f"input not found: {input_path}")
-    if os.path.isdir(input_path):
+    columns = columns or ShardColumns()
+    if input_format == "auto":
+        input_format = detect_format(input_path, columns) or ("folder" if os.path.isdir(input_path) else "manifest")
+    if input_format in ("parquet", "webdataset"):
+        entries = scan_parquet_dataset(input_path, columns) if input_format == "parquet" else scan_webdataset(input_path)
+        if not entries:
+            raise ValueError(f"input {input_path} holds no {input_format} samples (--input-format {input_format})")
+        skipped, base = 0, None
+    elif input_format == "folder" and not os.path.isdir(input_path):
+        raise ValueError(f"--input-format folder: {input_path} is not a directory")
+    elif os.path.isdir(input_path):
         found = _walk(input_path, follow_outside=follow_symlinks_outside)
         entries = [e for e in found if media_type_of(e["source"]) and not os.path.basename(e["source"]).startswith(".")]
         skipped = len(found) - len(entries)
@@ -80,7 +101,8 @@ def scan(input_path: str, *, prompt: str | None = None, frames: int = 8,
         base = os.path.dirname(os.path.abspath(input_path))
     else:
         raise ValueError(
-            f"input must be a directory or a manifest ({', '.join(MANIFEST_EXTS)}), got {input_path}"
+            f"input must be a directory, a manifest ({', '.join(MANIFEST_EXTS)}), a Parquet dataset of image bytes "
+            f"or WebDataset .tar shards, got {input_path}"
         )
 
     result = SourceScan(skipped_files=skipped)
@@ -210,9 +232,12 @@ def _problem(source: str, path: str, media_type: str | None) -> str | None:
 
 def _make_row(entry: dict, base: str | None, prompt: str | None, frames: int) -> dict:
     source = entry["source"]
-    media_type = media_type_of(source)
-    path = source if base is None or os.path.isabs(source) else os.path.join(base, source)
-    path = os.path.abspath(path)
+    if "ref" in entry:  # a member of a shard (pipelines.shards): its bytes are read by the decoder
+        media_type, path = entry["media_type"], entry["ref"]
+    else:
+        media_type = media_type_of(source)
+        path = source if base is None or os.path.isabs(source) else os.path.join(base, source)
+        path = os.path.abspath(path)
     n_frames = frames if media_type == "video" else None
     row_prompt = entry.get("prompt")
     if row_prompt is None:
@@ -225,7 +250,8 @@ def _make_row(entry: dict, base: str | None, prompt: str | None, frames: int) ->
     key = entry.get("key") or canonical_key(source)
     frame_spec = f"video:{frames}" if media_type == "video" else "image"
     sample_id = str(entry["id"]) if "id" in entry else make_sample_id(key, frame_spec, row_prompt)
-    error = error or _problem(readable(source), path, media_type)
+    if "ref" not in entry:
+        error = error or _problem(readable(source), path, media_type)
     source, path = readable(source), portable_path(path)  # Parquet strings are UTF-8
     return {
         "sample_id": sample_id,

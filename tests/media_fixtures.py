@@ -11,9 +11,12 @@ import io
 import json
 import os
 import struct
+import tarfile
 import zlib
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 # --------------------------------------------------------------------------- AVI (MJPEG)
@@ -209,3 +212,40 @@ def save_tiny_llava_next(path: str, **kwargs) -> str:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------ sharded datasets
+
+
+def png_bytes(seed: int, size=(10, 8)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_hf_shards(root, shards: int = 2, rows: int = 3, row_group_size: int = 2) -> list[bytes]:
+    """``datasets``-style shards: ``image`` a struct of ``bytes`` and ``path``, ``question``
+    and ``answer`` text columns; several row groups per shard."""
+    os.makedirs(root, exist_ok=True)
+    images = []
+    for s in range(shards):
+        data = [png_bytes(10 * s + i) for i in range(rows)]
+        images += data
+        table = pa.table({
+            "image": pa.array([{"bytes": b, "path": f"{s}_{i}.png"} for i, b in enumerate(data)],
+                              pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            "question": [f"what is in image {s}-{i}?" for i in range(rows)],
+            "answer": [f"answer {s}-{i}" for i in range(rows)],
+        })
+        pq.write_table(table, os.path.join(root, f"train-{s:05d}-of-{shards:05d}.parquet"), row_group_size=row_group_size)
+    return images
+
+
+def write_tar(path, samples: dict[str, dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))

@@ -470,3 +470,26 @@ def test_a_full_disk_mid_run_keeps_the_committed_rows_says_so_in_one_line_and_a_
     from pipelines.sources import scan
 
     assert_exactly_once(out, {r["sample_id"] for r in scan(images).rows})
+
+
+def test_a_parquet_dataset_of_image_bytes_is_captioned_once_per_row_and_resumes(ray_session, tiny_model, tmp_path, capsys):
+    """``--input`` a folder of ``datasets``-style Parquet shards (image bytes, question and answer
+    columns): one output row per dataset row, its prompt and reference from the columns, decoded
+    on the workers from the row's bytes; the same command again has nothing to do."""
+    from tests.media_fixtures import write_hf_shards
+
+    root = str(tmp_path / "ds")
+    write_hf_shards(root, shards=2, rows=3)
+    out = str(tmp_path / "out")
+    args = ["--model", tiny_model, "--input", root, "--output", out, "--method", "dart", "--keep-ratio", "0.5",
+            "--batch-size", "4", "--max-new-tokens", "2", "--prompt-column", "question", "--reference-column", "answer",
+            "--no-tracking"]
+    assert caption(args) == 0
+    assert "6 inputs, 0 already" in capsys.readouterr().out
+    rows = rows_by_source(out)
+    assert set(rows) == {f"train-{s:05d}-of-00002.parquet#{i}" for s in range(2) for i in range(3)}
+    row = rows["train-00001-of-00002.parquet#2"]
+    assert row["prompt"] == "what is in image 1-2?" and row["reference"] == "answer 1-2"
+    assert all(r["error"] is None and r["visual_tokens_kept"] < r["visual_tokens"] for r in rows.values())
+    assert caption(args) == 0
+    assert "0 to process" in capsys.readouterr().out

@@ -97,7 +97,7 @@ def test_clear_errors_for_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="input not found"):
         scan(str(tmp_path / "nope"))
     (tmp_path / "list.txt").write_text("a.png\n")
-    with pytest.raises(ValueError, match="directory or a manifest"):
+    with pytest.raises(ValueError, match="a directory, a manifest .* or WebDataset .tar shards"):
         scan(str(tmp_path / "list.txt"))
     bad = write_manifest(str(tmp_path / "m.jsonl"), [{"file": "a.png"}])
     with pytest.raises(ValueError, match="needs a 'path' column"):

@@ -1,0 +1,268 @@
+"""Sharded inputs: Parquet datasets whose rows hold the image (or video) bytes, and WebDataset
+tar shards. The scan reads only what identifies and describes a row (Parquet metadata and the
+small columns; tar headers and the small text members); the bytes are read later, by the
+worker that decodes the row, through the row's ``path``: a *member reference*
+``shard-member:["parquet" | "tar", <shard file>, <row index | member name>, <column>]``.
+
+Layouts understood:
+
+* **Parquet dataset** (the Hugging Face ``datasets`` layout, LAION-style shards): one file or a
+  folder of ``.parquet`` files; an image column (default ``image``) that is either binary or a
+  struct with a ``bytes`` field (``datasets.Image``), or a video column (default ``video``);
+  optional prompt / reference / id columns (defaults ``prompt``, ``reference``, ``id``).
+* **WebDataset**: one ``.tar`` or a folder of them; members grouped by key (the member name up
+  to the first dot of its base name), each sample one image or video member (``jpg``, ``png``,
+  ``mp4``, …) plus optional ``txt`` (the reference) and ``json`` (``prompt``, ``reference``,
+  ``id``) members.
+
+A row's ``source`` reads ``<shard>#<row>`` (Parquet) or ``<shard>:<member>`` (tar), relative
+to the input folder; its ``sample_id`` is the id column / json ``id`` when there is one, else
+the usual hash of that source, the frame spec and the prompt (:func:`pipelines.sources.make_sample_id`).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+
+MEMBER_REF = "shard-member:"
+SHARD_FORMATS = ("parquet", "webdataset")
+
+
+@dataclass(frozen=True)
+class ShardColumns:
+    """Column names of a Parquet dataset (``--image-column`` …)."""
+
+    image: str = "image"
+    video: str = "video"
+    prompt: str = "prompt"
+    reference: str = "reference"
+    id: str = "id"
+
+
+def member_ref(kind: str, shard: str, key: int | str, column: str | None = None) -> str:
+    """The ``path`` of a row whose bytes live inside a shard."""
+    return MEMBER_REF + json.dumps([kind, os.path.abspath(shard), key, column], ensure_ascii=False)
+
+
+def parse_member_ref(path: str) -> tuple[str, str, int | str, str | None] | None:
+    """(kind, shard, key, column) of a member reference, or None for a plain path."""
+    if not isinstance(path, str) or not path.startswith(MEMBER_REF):
+        return None
+    kind, shard, key, column = json.loads(path[len(MEMBER_REF):])
+    return kind, shard, key, column
+
+
+def read_member(path: str) -> bytes:
+    """The bytes a member reference points at; OSError / ValueError when they cannot be read."""
+    kind, shard, key, column = parse_member_ref(path)
+    if kind == "parquet":
+        return _parquet_value(shard, int(key), column)
+    if kind == "tar":
+        handle = _open_tar(shard)
+        member = handle.extractfile(str(key))
+        if member is None:
+            raise ValueError(f"tar member {key} is not a regular file")
+        return member.read()
+    raise ValueError(f"unknown shard kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------- reading bytes
+
+
+@functools.lru_cache(maxsize=16)
+def _parquet_file(path: str):
+    """The open file and the first row of each row group (a worker keeps a few shards open)."""
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(path)
+    starts, total = [], 0
+    for g in range(handle.metadata.num_row_groups):
+        starts.append(total)
+        total += handle.metadata.row_group(g).num_rows
+    return handle, starts, total
+
+
+@functools.lru_cache(maxsize=4)
+def _row_group_column(path: str, group: int, column: str):
+    handle, _, _ = _parquet_file(path)
+    return handle.read_row_group(group, columns=[column]).column(column)
+
+
+def _parquet_value(path: str, row: int, column: str) -> bytes:
+    import bisect
+
+    _, starts, total = _parquet_file(path)
+    if not 0 <= row < total:
+        raise ValueError(f"row {row} is beyond the {total} rows of {path}")
+    group = bisect.bisect_right(starts, row) - 1
+    value = _row_group_column(path, group, column)[row - starts[group]].as_py()
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None:
+        raise ValueError(f"column {column!r} of row {row} holds no bytes")
+    return bytes(value)
+
+
+@functools.lru_cache(maxsize=16)
+def _open_tar(path: str) -> tarfile.TarFile:
+    handle = tarfile.open(path, "r:*")
+    handle.getmembers()  # read the headers once: later lookups are by name
+    return handle
+
+
+# ----------------------------------------------------------------------------- detecting
+
+
+def _shard_files(path: str, ext: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(ext) and not f.startswith((".", "_"))]
+    return found
+
+
+def _bytes_column(schema, name: str) -> bool:
+    import pyarrow as pa
+
+    if name not in schema.names:
+        return False
+    kind = schema.field(name).type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return True
+    return pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+
+
+def detect_format(path: str, columns: ShardColumns = ShardColumns()) -> str | None:
+    """``parquet`` or ``webdataset`` when ``path`` (a file, or a folder with no images or videos
+    of its own) is a sharded input; None for a folder of media files or a manifest."""
+    import pyarrow.parquet as pq
+
+    from pipelines.sources import media_type_of
+
+    lower = path.lower()
+    if os.path.isfile(path):
+        if lower.endswith(".tar"):
+            return "webdataset"
+        if lower.endswith(".parquet"):
+            schema = pq.read_schema(path)
+            if "path" not in schema.names and (_bytes_column(schema, columns.image) or _bytes_column(schema, columns.video)):
+                return "parquet"
+        return None
+    if not os.path.isdir(path):
+        return None
+    kinds = set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "_"))]
+        for name in filenames:
+            if name.startswith((".", "_")):
+                continue
+            if media_type_of(name):
+                return None  # a folder of images / videos
+            kinds.add(os.path.splitext(name)[1].lower())
+    if ".tar" in kinds:
+        return "webdataset"
+    if ".parquet" in kinds:
+        first = _shard_files(path, ".parquet")[0]
+        schema = pq.read_schema(first)
+        if _bytes_column(schema, columns.image) or _bytes_column(schema, columns.video):
+            return "parquet"
+    return None
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+def scan_parquet_dataset(path: str, columns: ShardColumns = ShardColumns()) -> list[dict]:
+    """One entry per row of every shard: ``source`` ``<shard>#<row>``, ``media_type``, ``ref``
+    (the member reference), and the prompt / reference / id columns where present. Reads the
+    metadata and the small columns only."""
+    import pyarrow.parquet as pq
+
+    root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    entries = []
+    for shard in _shard_files(path, ".parquet"):
+        schema = pq.read_schema(shard)
+        rel = os.path.relpath(shard, root).replace(os.sep, "/")
+        if _bytes_column(schema, columns.image):
+            media, column = "image", columns.image
+        elif _bytes_column(schema, columns.video):
+            media, column = "video", columns.video
+        else:
+            raise ValueError(f"Parquet shard {shard} has no image column {columns.image!r} or video column "
+                             f"{columns.video!r} of bytes (columns: {', '.join(schema.names)}); "
+                             "name yours with --image-column / --video-column")
+        small = [c for c in (columns.prompt, columns.reference, columns.id) if c in schema.names]
+        table = pq.read_table(shard, columns=small) if small else None
+        rows = pq.ParquetFile(shard).metadata.num_rows
+        values = {c: table.column(c).to_pylist() for c in small} if table is not None else {}
+        for i in range(rows):
+            entry = {"source": f"{rel}#{i}", "key": f"{rel}#{i}", "media_type": media,
+                     "ref": member_ref("parquet", shard, i, column)}
+            for name, field_name in (("prompt", columns.prompt), ("reference", columns.reference), ("id", columns.id)):
+                value = values.get(field_name, [None] * rows)[i]
+                if value is not None:
+                    entry[name] = value
+            entries.append(entry)
+    return entries
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """WebDataset's split of a member name: (key, extension), at the first dot of the base name."""
+    head, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def scan_webdataset(path: str) -> list[dict]:
+    """One entry per sample key with an image or video member of every tar shard: ``source``
+    ``<shard>:<member>``, ``media_type``, ``ref``; its ``txt`` member becomes the reference,
+    its ``json`` member may give ``prompt``, ``reference`` and ``id``."""
+    from pipelines.sources import media_type_of
+
+    root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    entries = []
+    for shard in _shard_files(path, ".tar"):
+        rel = os.path.relpath(shard, root).replace(os.sep, "/")
+        try:
+            handle = _open_tar(shard)
+        except (OSError, tarfile.TarError) as exc:
+            entries.append({"source": rel, "key": rel, "media_type": "image", "ref": member_ref("tar", shard, ""),
+                            "error": f"not a readable tar shard ({exc}): {shard}"})
+            continue
+        samples: dict[str, dict] = {}
+        for member in handle.getmembers():
+            if not member.isfile():
+                continue
+            key, ext = _member_key(member.name)
+            samples.setdefault(key, {})[ext] = member.name
+        for key, members in samples.items():
+            media = [(ext, name) for ext, name in sorted(members.items()) if media_type_of("x." + ext)]
+            if not media:
+                continue
+            ext, name = media[0]
+            entry = {"source": f"{rel}:{name}", "key": f"{rel}:{name}", "media_type": media_type_of("x." + ext),
+                     "ref": member_ref("tar", shard, name)}
+            if "txt" in members:
+                entry["reference"] = handle.extractfile(members["txt"]).read().decode("utf-8", "replace").strip()
+            if "json" in members:
+                try:
+                    meta = json.loads(handle.extractfile(members["json"]).read())
+                except ValueError:
+                    meta = {}
+                for name_ in ("prompt", "reference", "id"):
+                    if isinstance(meta, dict) and meta.get(name_) is not None:
+                        entry[name_] = meta[name_]
+            entries.append(entry)
+    return entries
+
+
+def open_member_image(path: str) -> io.BytesIO:
+    """The bytes of a member reference as a file object (PIL opens it)."""
+    return io.BytesIO(read_member(path))
