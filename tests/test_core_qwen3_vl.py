@@ -1,4 +1,4 @@
-"""The oracles of docs/design.md §4 on Qwen3-VL, a tiny random model whose DeepStack adds
+"""DeepStack on Qwen3-VL, a tiny random model (``tests.tiny_models.build_tiny_qwen3_vl``) whose DeepStack adds
 visual features to the hidden states after decoder layers 0, 1 and 2 (as the real checkpoints
 do with their three DeepStack layers). After the cut at layer K those additions must land on
 the kept visual tokens of the shortened sequence, each with its own feature row.
@@ -10,9 +10,9 @@ every kept token receives exactly its own additions, as in the pruned model. So 
 tokens' hidden states, hence the logits, must agree. A pruned model that adds the wrong rows,
 or adds nothing after the cut, does not.
 
-Inputs are built by hand (the video processors need torchvision, absent with the CPU torch
-here), following Qwen3-VL's processor: a video is one ``<|vision_start|> … <|vision_end|>``
-group per temporal patch, each after a timestamp token."""
+The family-wide oracles (keep-all, masked reference and cache invariance at K = 1 on every
+backend, batch invariance) run on it in tests/test_core_video_families.py; here: later prune
+layers, what ``_deepstack_process`` receives, and that the tiny model's numbers mean something."""
 
 from __future__ import annotations
 
@@ -23,96 +23,17 @@ from ep_core import PruneConfig, apply_pruning
 from ep_core.families import FAMILIES
 from tests.oracles import FLASH_LIKE, install_masked_reference, padded_kept_mask
 from tests.tiny_models import (
-    QWEN_IMAGE, QWEN_MERGE, QWEN_PAD, QWEN_PATCH, QWEN_TEMPORAL, QWEN_VIDEO, QWEN_VISION_END, QWEN_VISION_START,
-    QWEN_VOCAB,
+    QWEN3_DEEPSTACK_LAYERS as DEEPSTACK_LAYERS, QWEN_IMAGE, QWEN_PAD, QWEN_VIDEO, QWEN_VISION_END, QWEN_VISION_START,
+    build_tiny_qwen3_vl, qwen3_inputs,
 )
 
-PRUNING_METHODS = ["entropyprune", "random", "fastv", "dart"]
 BACKENDS = ["sdpa", "eager", FLASH_LIKE]
 NEW_TOKENS = 4
-DEEPSTACK_LAYERS = 3  # additions after decoder layers 0, 1, 2 of 4
-TIMESTAMP = 5  # a text token standing for the processor's "<t seconds>" before each video frame group
 SUPPRESS = [QWEN_VISION_START, QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END]  # a random model must not generate them
 
 IMAGES = [{"prompt": [11, 12, 13, 14], "image": (4, 4)}, {"prompt": [21, 22], "image": (6, 4)},
           {"prompt": [31, 32, 33, 34, 35, 36], "image": (4, 8)}]  # 4, 6, 8 visual tokens (2×2 merge)
 MIXED = [IMAGES[0], {"prompt": [41, 42, 43], "video": (4, 4, 6)}, IMAGES[2]]  # 4, 12 (2 temporal patches × 6), 8
-
-
-def build_tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa"):
-    """A random-weight Qwen3-VL: 4 GQA decoder layers (head_dim 16, interleaved M-RoPE sections
-    4/2/2), a 3-block vision tower (patch 4, 2×2 merge, temporal patch 2) whose blocks 0, 1, 2
-    feed DeepStack, token ids those of ``tests.tiny_models.build_qwen_tokenizer``."""
-    import transformers
-
-    torch.manual_seed(seed)
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=16, vocab_size=QWEN_VOCAB, max_position_embeddings=512, bos_token_id=2, eos_token_id=3,
-                pad_token_id=QWEN_PAD,
-                rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0,
-                                 "mrope_interleaved": True})
-    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=QWEN_PATCH,
-                  spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL, out_hidden_size=64,
-                  num_position_embeddings=16, deepstack_visual_indexes=list(range(DEEPSTACK_LAYERS)))
-    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
-                                        video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
-                                        vision_end_token_id=QWEN_VISION_END)
-    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
-    model.set_attn_implementation({"text_config": attn_implementation, "vision_config": "sdpa"})
-    model.generation_config.eos_token_id = None  # random weights: never stop early, compare full lengths
-    return model
-
-
-def qwen3_inputs(rows: list[dict], seed: int = 0) -> dict:
-    """Left-padded inputs: each row ``{"prompt": [ids], "image": (h, w)}`` or ``{"prompt": [ids],
-    "video": (frames, h, w)}`` in patches (h, w even, frames a multiple of 2), random pixels. A
-    video is one vision group per temporal patch, each after a timestamp token (Qwen3-VL's
-    ``get_rope_index`` numbers each group as one frame)."""
-    gen = torch.Generator().manual_seed(seed)
-    patch_dim = 3 * QWEN_TEMPORAL * QWEN_PATCH * QWEN_PATCH
-    sequences, types, images, image_grids, videos, video_grids = [], [], [], [], [], []
-    for row in rows:
-        is_video = "video" in row
-        frames, h, w = row["video"] if is_video else (QWEN_TEMPORAL, *row["image"])
-        t = frames // QWEN_TEMPORAL  # temporal patches
-        per_group = h * w // (QWEN_MERGE * QWEN_MERGE)
-        token_id, type_id = (QWEN_VIDEO, 2) if is_video else (QWEN_IMAGE, 1)
-        ids, ty = [], []
-        for _ in range(t):
-            if is_video:
-                ids, ty = ids + [TIMESTAMP], ty + [0]
-            ids += [QWEN_VISION_START] + [token_id] * per_group + [QWEN_VISION_END]
-            ty += [0] + [type_id] * per_group + [0]
-        sequences.append(ids + list(row["prompt"]))
-        types.append(ty + [0] * len(row["prompt"]))
-        (videos if is_video else images).append(torch.randn(t * h * w, patch_dim, generator=gen))
-        (video_grids if is_video else image_grids).append([t, h, w])
-    length = max(len(s) for s in sequences)
-    pad = [length - len(s) for s in sequences]
-    out = {
-        "input_ids": torch.tensor([[QWEN_PAD] * p + s for p, s in zip(pad, sequences)]),
-        "attention_mask": torch.tensor([[0] * p + [1] * len(s) for p, s in zip(pad, sequences)]),
-        "mm_token_type_ids": torch.tensor([[0] * p + ty for p, ty in zip(pad, types)]),
-    }
-    if images:
-        out["pixel_values"], out["image_grid_thw"] = torch.cat(images), torch.tensor(image_grids)
-    if videos:
-        out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(videos), torch.tensor(video_grids)
-    return out
-
-
-def _alone(rows: list[dict], i: int, seed: int) -> dict:
-    """Row ``i`` of ``qwen3_inputs(rows, seed)`` as its own batch: unpadded, its own pixels."""
-    batch = qwen3_inputs(rows, seed)
-    valid = batch["attention_mask"][i].bool()
-    out = {k: batch[k][i : i + 1, valid] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    is_video = ["video" in row for row in rows]
-    j = sum(1 for r in range(i) if is_video[r] == is_video[i])  # its index among the images (or the videos)
-    pixels, grids = ("pixel_values_videos", "video_grid_thw") if is_video[i] else ("pixel_values", "image_grid_thw")
-    sizes = [int(g.prod()) for g in batch[grids]]
-    out[pixels] = batch[pixels][sum(sizes[:j]) : sum(sizes[: j + 1])]
-    out[grids] = batch[grids][j : j + 1]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -186,31 +107,6 @@ def test_deepstack_features_matter_in_the_tiny_model(tiny):
     assert (full - without).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("method", ["none", *PRUNING_METHODS])
-def test_keep_all_is_bit_identical(model, method):
-    batch = qwen3_inputs(MIXED, 0)
-    reference = _generate(model, batch)
-    with apply_pruning(model, PruneConfig(method, keep_ratio=1.0, prune_layer=1)):
-        pruned = _generate(model, batch)
-    assert torch.equal(pruned.sequences, reference.sequences)
-    for x, y in zip(pruned.scores, reference.scores):
-        assert torch.equal(x, y)
-
-
-@pytest.mark.parametrize("method", PRUNING_METHODS)
-@pytest.mark.parametrize("which", ["images", "image-video-image"])
-def test_masked_reference_and_cache_invariance(model, method, which):
-    batch = qwen3_inputs(IMAGES if which == "images" else MIXED, 1)
-    with apply_pruning(model, PruneConfig(method, keep_ratio=0.5, prune_layer=1)) as handle:
-        pruned = _generate(model, batch)
-        stats = handle.stats
-        uncached = _generate(model, batch, use_cache=False)
-        assert handle.stats == stats
-    _check_stats(batch, stats)
-    _assert_same_generation(pruned, _masked_reference(model, batch, stats, 1))
-    _assert_same_generation(pruned, uncached)
-
-
 @pytest.mark.parametrize("k", [2, 3])  # 2: the last addition follows the cut; 3: every addition precedes it
 @pytest.mark.parametrize("method", ["entropyprune", "random"])
 def test_masked_reference_at_later_prune_layers(model, method, k):
@@ -222,19 +118,6 @@ def test_masked_reference_at_later_prune_layers(model, method, k):
     _check_stats(batch, stats)
     _assert_same_generation(pruned, _masked_reference(model, batch, stats, k))
     _assert_same_generation(pruned, uncached)
-
-
-@pytest.mark.parametrize("method", PRUNING_METHODS)
-def test_batch_invariance_with_different_visual_counts(tiny, method):
-    with apply_pruning(tiny, PruneConfig(method, keep_ratio=0.5, prune_layer=1)) as handle:
-        together = _generate(tiny, qwen3_inputs(MIXED, 2))
-        batch_stats = handle.stats
-        for i in range(len(MIXED)):
-            alone = _generate(tiny, _alone(MIXED, i, 2))
-            assert handle.stats[0]["kept_positions"] == batch_stats[i]["kept_positions"]
-            assert torch.equal(alone.sequences[0, -NEW_TOKENS:], together.sequences[i, -NEW_TOKENS:])
-            for a, b in zip(alone.scores, together.scores):
-                torch.testing.assert_close(a[0], b[i], atol=2e-5, rtol=1e-5)
 
 
 def test_additions_after_the_cut_land_on_the_kept_tokens_with_their_own_rows(tiny):

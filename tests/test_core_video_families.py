@@ -1,6 +1,6 @@
 """The oracles of docs/design.md §4 on the video-capable families, each a tiny random model:
-Qwen2-VL and Qwen2.5-VL (M-RoPE: kept tokens keep their 3-D positions, decoding continues from
-the unpruned numbering), LLaVA-OneVision and LLaVA-NeXT-Video (anyres images, pooled video
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL (M-RoPE: kept tokens keep their 3-D positions, decoding
+continues from the unpruned numbering; Qwen3-VL's DeepStack additions follow the cut), LLaVA-OneVision and LLaVA-NeXT-Video (anyres images, pooled video
 frames). Rows of different visual-token counts, an image row beside a video row, every
 method, every attention backend. Inputs are built by hand (the video processors need
 torchvision, absent with the CPU torch here)."""
@@ -18,7 +18,7 @@ from ep_core.families import FAMILIES
 from tests.oracles import FLASH_LIKE, install_masked_reference, padded_kept_mask
 from tests.tiny_models import (
     LLAVA_VIDEO_IMAGE, LLAVA_VIDEO_VIDEO, QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END, QWEN_VISION_START,
-    build_tiny_llava_video, build_tiny_qwen_vl, llava_video_inputs, qwen_inputs,
+    build_tiny_llava_video, build_tiny_qwen3_vl, build_tiny_qwen_vl, llava_video_inputs, qwen3_inputs, qwen_inputs,
 )
 
 PRUNING_METHODS = ["entropyprune", "random", "fastv", "dart"]
@@ -51,6 +51,14 @@ def _qwen(model_type: str) -> Tiny:
                 [QWEN_VISION_START, QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END])
 
 
+def _qwen3(model_type: str) -> Tiny:
+    """Qwen3-VL: DeepStack additions after decoder layers 0-2 must follow the cut at K = 1
+    (more of them: tests/test_core_qwen3_vl.py); a video is one group per temporal patch."""
+    qwen = _qwen("qwen2_5_vl")  # the same image rows
+    return Tiny(build_tiny_qwen3_vl(), qwen3_inputs, QWEN_IMAGE, QWEN_VIDEO, qwen.rows,
+                [qwen.rows[0], {"prompt": [41, 42, 43], "video": (4, 4, 6)}, qwen.rows[2]], qwen.suppress)
+
+
 def _llava_video(model_type: str) -> Tiny:
     model = build_tiny_llava_video(model_type)
     images = [{"prompt": [11, 12, 13, 14], "image": (16, 16)}, {"prompt": [21, 22], "image": (16, 32)},
@@ -59,7 +67,8 @@ def _llava_video(model_type: str) -> Tiny:
                 images, [images[0], {"prompt": [41, 42, 43], "video": 3}, images[2]], [LLAVA_VIDEO_IMAGE, LLAVA_VIDEO_VIDEO])
 
 
-FAMILY_BUILDERS = {"qwen2_5_vl": _qwen, "qwen2_vl": _qwen, "llava_onevision": _llava_video, "llava_next_video": _llava_video}
+FAMILY_BUILDERS = {"qwen2_5_vl": _qwen, "qwen2_vl": _qwen, "qwen3_vl": _qwen3, "llava_onevision": _llava_video,
+                   "llava_next_video": _llava_video}
 
 
 @pytest.fixture(scope="module", params=list(FAMILY_BUILDERS))

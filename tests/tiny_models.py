@@ -191,6 +191,11 @@ def qwen_inputs(rows: list[dict], seed: int = 0) -> dict:
         pixels = torch.randn(t * h * w, patch_dim, generator=gen)
         (videos if kind == "video" else images).append(pixels)
         (video_grids if kind == "video" else image_grids).append([t, h, w])
+    return _qwen_batch(sequences, types, images, image_grids, videos, video_grids)
+
+
+def _qwen_batch(sequences, types, images, image_grids, videos, video_grids) -> dict:
+    """Rows of ids and token types, left-padded; flat patches with one grid per image / video."""
     length = max(len(s) for s in sequences)
     pad = [length - len(s) for s in sequences]
     out = {
@@ -203,6 +208,62 @@ def qwen_inputs(rows: list[dict], seed: int = 0) -> dict:
     if videos:
         out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(videos), torch.tensor(video_grids)
     return out
+
+
+QWEN3_DEEPSTACK_LAYERS = 3  # the tiny Qwen3-VL adds DeepStack features after decoder layers 0, 1, 2 of 4
+QWEN3_TIMESTAMP = 5  # a text token standing for the processor's "<t seconds>" before each video frame group
+
+
+def build_tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa"):
+    """A random-weight Qwen3-VL: 4 GQA decoder layers (head_dim 16, interleaved M-RoPE sections
+    4/2/2), a 3-block vision tower (patch 4, 2×2 merge, temporal patch 2) whose blocks 0, 1, 2
+    feed DeepStack, token ids those of :func:`build_qwen_tokenizer`. Inputs: :func:`qwen3_inputs`."""
+    import transformers
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=QWEN_VOCAB, max_position_embeddings=512, bos_token_id=2, eos_token_id=3,
+                pad_token_id=QWEN_PAD,
+                rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0,
+                                 "mrope_interleaved": True})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=QWEN_PATCH,
+                  spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL, out_hidden_size=64,
+                  num_position_embeddings=16, deepstack_visual_indexes=list(range(QWEN3_DEEPSTACK_LAYERS)))
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
+                                        video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
+                                        vision_end_token_id=QWEN_VISION_END)
+    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
+    model.set_attn_implementation({"text_config": attn_implementation, "vision_config": "sdpa"})
+    model.generation_config.eos_token_id = None  # random weights: never stop early, compare full lengths
+    return model
+
+
+def qwen3_inputs(rows: list[dict], seed: int = 0) -> dict:
+    """Left-padded inputs for :func:`build_tiny_qwen3_vl`: each row ``{"prompt": [ids], "image":
+    (h, w)}`` or ``{"prompt": [ids], "video": (frames, h, w)}`` in patches (h, w even, frames a
+    multiple of 2), random pixels. A video is one vision group per temporal patch, each after a
+    timestamp token, as Qwen3-VL's processor writes it (its ``get_rope_index`` numbers each
+    group as one frame)."""
+    gen = torch.Generator().manual_seed(seed)
+    patch_dim = 3 * QWEN_TEMPORAL * QWEN_PATCH * QWEN_PATCH
+    sequences, types, images, image_grids, videos, video_grids = [], [], [], [], [], []
+    for row in rows:
+        is_video = "video" in row
+        frames, h, w = row["video"] if is_video else (QWEN_TEMPORAL, *row["image"])
+        t = frames // QWEN_TEMPORAL  # temporal patches
+        per_group = h * w // (QWEN_MERGE * QWEN_MERGE)
+        token_id, type_id = (QWEN_VIDEO, 2) if is_video else (QWEN_IMAGE, 1)
+        ids, ty = [], []
+        for _ in range(t):
+            if is_video:
+                ids, ty = ids + [QWEN3_TIMESTAMP], ty + [0]
+            ids += [QWEN_VISION_START] + [token_id] * per_group + [QWEN_VISION_END]
+            ty += [0] + [type_id] * per_group + [0]
+        sequences.append(ids + list(row["prompt"]))
+        types.append(ty + [0] * len(row["prompt"]))
+        (videos if is_video else images).append(torch.randn(t * h * w, patch_dim, generator=gen))
+        (video_grids if is_video else image_grids).append([t, h, w])
+    return _qwen_batch(sequences, types, images, image_grids, videos, video_grids)
 
 
 # ---------------------------------------------------------------------------- LLaVA-OneVision / LLaVA-NeXT-Video
