@@ -134,6 +134,19 @@ def test_budget_clamps_and_round_trips():
         assert layer_averaged_budget(k, 576, 32, 2) <= b < layer_averaged_budget(k + 1, 576, 32, 2)
 
 
+def test_budget_edges_are_valid_not_errors():
+    """B = 0 and a fractional B < 1 are valid budgets (k = 0 after the clamp), and so is an
+    image with no visual tokens (N = 0: nothing to keep). By hand, L = 32, K = 2:
+    B = 0 → ⌊(0 − 1152) / 30⌋ < 0 → 0; B = 0.5 → ⌊(16 − 1152) / 30⌋ < 0 → 0;
+    N = 0, B = 128 → ⌊4096 / 30⌋ = 136, clamped to N = 0."""
+    assert keep_count(0, 576, 32, 2) == 0
+    assert keep_count(0.5, 576, 32, 2) == 0
+    assert keep_count(128, 0, 32, 2) == 0
+    assert keep_count_for_ratio(0.5, 0) == 0
+    # and the layer-averaged budget of keeping nothing of nothing is 0
+    assert layer_averaged_budget(0, 0, 32, 2) == 0
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
@@ -141,6 +154,10 @@ def test_budget_clamps_and_round_trips():
         (lambda: keep_count(128, 576, 32, 0), "prune_layer must be between 1 and 31"),
         (lambda: keep_count(128, 576, 32, 32), "prune_layer must be between 1 and 31"),
         (lambda: keep_count_for_ratio(1.5, 576), r"keep_ratio must be in \[0, 1\]"),
+        (lambda: keep_count(128, -1, 32, 2), "num_visual must be >= 0"),
+        # the round-trip formula checks K against L as well: K = L would divide by zero below
+        (lambda: layer_averaged_budget(98, 576, 32, 0), "prune_layer must be between 1 and 31"),
+        (lambda: layer_averaged_budget(98, 576, 32, 32), "prune_layer must be between 1 and 31"),
     ],
 )
 def test_budget_errors(call, match):

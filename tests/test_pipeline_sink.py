@@ -240,3 +240,161 @@ def test_a_changed_prompt_or_frame_count_is_a_different_job(tmp_path):
         check_job(out, CaptionConfig(**base, prompt="What color?", frames=4).job_identity())
     with pytest.raises(ValueError, match="frames: 4 -> 8"):
         check_job(out, CaptionConfig(**base, prompt="Describe.", frames=8).job_identity())
+
+
+# ---------------------------------------------------------------------------- mutation-testing oracles
+def _part(out, name, rows, drop_error_kind=False):
+    table = to_table(rows)
+    if drop_error_kind:  # a part written before error kinds existed
+        table = table.drop_columns(["error_kind"])
+    pq.write_table(table, os.path.join(out, name))
+
+
+def test_drop_transient_by_hand_over_clean_mixed_all_transient_and_old_parts(tmp_path):
+    """Four parts, by hand: a clean one (untouched, even though its ok rows have a null kind),
+    a mixed one (rewritten without its transient row, its ok row kept), an all-transient one
+    (deleted) and an old one without the error_kind column (read as done). 1 + 2 = 3 dropped."""
+    from pipelines.sink import drop_transient
+
+    out = str(tmp_path)
+    ok = lambda sid: {"sample_id": sid, "output": "x"}  # noqa: E731
+    err = lambda sid, kind: {"sample_id": sid, "error": f"{kind}: /{sid}", "error_kind": kind}  # noqa: E731
+    _part(out, "part-r-000000.parquet", [ok("a"), err("b", "input")])
+    _part(out, "part-r-000001.parquet", [err("c", "transient"), ok("d")])
+    _part(out, "part-r-000002.parquet", [err("e", "transient"), err("f", "transient")])
+    _part(out, "part-s-000000.parquet", [ok("g"), {"sample_id": "h", "error": "decode: /h"}], drop_error_kind=True)
+    clean_before = open(os.path.join(out, "part-r-000000.parquet"), "rb").read()
+    assert drop_transient(out) == 3
+    assert sorted(os.listdir(out)) == ["part-r-000000.parquet", "part-r-000001.parquet", "part-s-000000.parquet"]
+    assert open(os.path.join(out, "part-r-000000.parquet"), "rb").read() == clean_before  # not rewritten
+    assert pq.read_table(os.path.join(out, "part-r-000001.parquet")).column("sample_id").to_pylist() == ["d"]
+    assert done_ids(out) == {"a", "b", "d", "g", "h"}
+    assert drop_transient(out) == 0
+
+
+def test_read_output_reads_parts_of_old_and_new_schemas_together(tmp_path):
+    out = str(tmp_path)
+    _part(out, "part-a-000000.parquet", [{"sample_id": "a", "output": "x", "error_kind": None}], drop_error_kind=True)
+    _part(out, "part-b-000000.parquet", [{"sample_id": "b", "error": "e", "error_kind": "input"}])
+    table = read_output(out)
+    assert table.schema == OUTPUT_SCHEMA
+    assert table.column("sample_id").to_pylist() == ["a", "b"] and table.column("error_kind").to_pylist() == [None, "input"]
+
+
+def test_sink_names_parts_in_sequence_counts_rows_and_never_writes_a_duplicate(tmp_path):
+    """part-<run_id>-<seq>.parquet with seq 000000, 000001, ...; the counters by hand; a batch's
+    duplicates are not in its part file (any Parquet reader sees each id once)."""
+    out = str(tmp_path / "out")
+    sink = ParquetSink(out, "r1")
+    assert (sink.rows_written, sink.errors_written, sink.transient_written, sink.duplicates_dropped) == (0, 0, 0, 0)
+    e = lambda sid, kind: {"sample_id": sid, "error": f"{kind}: /{sid}", "error_kind": kind}  # noqa: E731
+    names = [os.path.basename(sink.write(to_table([{"sample_id": "a", "output": "x"}, e("b", "transient")]))),
+             # a again (dropped), c twice in the batch (once kept), two more errors, one transient
+             os.path.basename(sink.write(to_table([{"sample_id": "a"}, e("c", "input"), e("c", "input"),
+                                                   e("d", "transient"), {"sample_id": "f", "output": "y"}]))),
+             os.path.basename(sink.write(to_table([e("g", "input")])))]
+    assert names == ["part-r1-000000.parquet", "part-r1-000001.parquet", "part-r1-000002.parquet"]
+    # rows a b | c d f | g = 6; errors b | c d | g = 4; transient b | d = 2; dropped a, c = 2
+    assert (sink.rows_written, sink.errors_written, sink.transient_written, sink.duplicates_dropped) == (6, 4, 2, 2)
+    assert pq.read_table(os.path.join(out, names[1])).column("sample_id").to_pylist() == ["c", "d", "f"]
+    assert sorted(pq.read_table(out).column("sample_id").to_pylist()) == list("abcdfg")
+
+
+def test_sink_trusts_the_given_already_done_set(tmp_path):
+    """``already_done`` replaces the directory scan: an id in it is dropped although no part holds it."""
+    out = str(tmp_path / "out")
+    sink = ParquetSink(out, "r", already_done={"x"})
+    sink.write(to_table([{"sample_id": "x"}, {"sample_id": "y"}]))
+    assert done_ids(out) == {"y"} and sink.duplicates_dropped == 1
+
+
+def test_a_failed_write_goes_through_a_hidden_temporary_beside_the_part_and_removes_it(tmp_path, monkeypatch):
+    """The temporary file is written beside the part (same directory: the rename is atomic), not
+    in the working directory, and a write that fails removes it; a crash's leftover (a process
+    killed mid-write cannot remove it) is removed by the next sink."""
+    import pipelines.sink as sink_module
+
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    written = []
+
+    def dies(table, where, **kwargs):
+        written.append(where)
+        with open(where, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(sink_module.pq, "write_table", dies)
+    with pytest.raises(OSError):
+        ParquetSink(str(out), "r1").write(to_table([{"sample_id": "a"}]))
+    (where,) = written
+    name = os.path.basename(where)
+    assert os.path.dirname(where) == str(out) and name.startswith(".part-r1-000000.parquet.") and name.endswith(".tmp")
+    assert os.listdir(out) == [] and os.listdir(cwd) == []
+    (out / name).write_bytes(b"half")  # what a killed writer leaves
+    monkeypatch.undo()
+    ParquetSink(str(out), "r2")
+    assert os.listdir(out) == []
+
+
+def test_part_files_of_a_directory_whose_name_has_glob_characters(tmp_path):
+    out = str(tmp_path / "run[1]*")
+    sink = ParquetSink(out, "r")
+    sink.write(to_table([{"sample_id": "a"}]))
+    assert done_ids(out) == {"a"} and read_output(out).num_rows == 1
+
+
+def test_check_job_records_the_job_in_the_output_dir_and_names_every_changed_key(tmp_path, monkeypatch):
+    """_job.json lands in the output directory (not the working directory); a key only one of
+    the two jobs has is a difference too; every difference is named, then what to do."""
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    check_job(out, {"method": "none"})
+    assert json.load(open(os.path.join(out, "_job.json"))) == {"method": "none"} and not os.path.exists("_job.json")
+    ParquetSink(out, "r").write(to_table([{"sample_id": "a"}]))
+    with pytest.raises(ValueError) as refused:
+        check_job(out, {"method": "random", "budget": 64})
+    assert str(refused.value) == (
+        f"output directory {out} holds rows of a different job (budget: None -> 64, method: 'none' -> 'random'); "
+        "use another --output, or delete that directory to start over"
+    )
+    with pytest.raises(ValueError, match=r"\(seed: 1 -> None\)"):
+        check_job(out, {"method": "none", "seed": 1} if False else {"method": "none"}) if False else None
+        check_job(str(tmp_path / "out"), {"method": "none"})  # same job: accepted
+        json.dump({"method": "none", "seed": 1}, open(os.path.join(out, "_job.json"), "w"))
+        check_job(out, {"method": "none"})  # a key the old job had and the new one lacks
+
+
+def test_lock_left_by_an_unreadable_owner_is_refused_and_a_live_owner_is_not_signalled(tmp_path):
+    """A lock whose pid cannot be read (or whose file is not JSON) is assumed alive: refused, not
+    taken over. Asking whether the owner lives sends it no signal (signal 0): it keeps running."""
+    import socket
+    import subprocess
+    import sys
+
+    from pipelines.sink import LOCK_FILE, output_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_FILE
+    for pid in ("not-a-pid", None):
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "since": "then"}))
+        with pytest.raises(ValueError, match=f"pid {pid}, since then"):
+            with output_lock(str(out)):
+                pass
+    lock.write_text("{not json")
+    with pytest.raises(ValueError, match="unknown owner"):
+        with output_lock(str(out)):
+            pass
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "since": "now"}))
+        with pytest.raises(ValueError, match="in use by another job"):
+            with output_lock(str(out)):
+                pass
+        with pytest.raises(subprocess.TimeoutExpired):
+            other.wait(timeout=1)  # still alive
+    finally:
+        other.kill()
+        other.wait()
