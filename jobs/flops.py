@@ -72,9 +72,10 @@ def compute(args: argparse.Namespace) -> dict:
     if args.prune_layer is None:
         args.prune_layer = family_for(config).default_prune_layer
     check_prune_layer(args.prune_layer, num_layers)
-    frames = getattr(args, "frames", None) or 0
-    if getattr(args, "frames", None) is not None and args.frames < 1:
-        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    frames = getattr(args, "frames", None)
+    if frames is not None and frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {frames}")
+    frames = frames or 0
     if frames and not family_for(config).video_native:
         raise ValueError(f"--frames: {config.model_type} has no video path (a video reaches it as N images); "
                          "give --visual-tokens N x the image count instead")

@@ -108,10 +108,6 @@ class CaptionConfig:
             raise ValueError(f"decode-timeout must be > 0 seconds, got {self.decode_timeout!r}")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError(f"num-gpus must be >= 0, got {self.num_gpus!r}")
-        from pipelines.sources import INPUT_FORMATS
-
-        if self.input_format not in INPUT_FORMATS:
-            raise ValueError(f"input-format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.device == "cpu" and self.num_gpus:

@@ -23,14 +23,12 @@ the usual hash of that source, the frame spec and the prompt (:func:`pipelines.s
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import tarfile
 from dataclasses import dataclass
 
 MEMBER_REF = "shard-member:"
-SHARD_FORMATS = ("parquet", "webdataset")
 
 
 @dataclass(frozen=True)
@@ -188,7 +186,8 @@ def scan_parquet_dataset(path: str, columns: ShardColumns = ShardColumns()) -> l
     root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     entries = []
     for shard in _shard_files(path, ".parquet"):
-        schema = pq.read_schema(shard)
+        handle = pq.ParquetFile(shard)
+        schema = handle.schema_arrow
         rel = os.path.relpath(shard, root).replace(os.sep, "/")
         if _bytes_column(schema, columns.image):
             media, column = "image", columns.image
@@ -198,17 +197,16 @@ def scan_parquet_dataset(path: str, columns: ShardColumns = ShardColumns()) -> l
             raise ValueError(f"Parquet shard {shard} has no image column {columns.image!r} or video column "
                              f"{columns.video!r} of bytes (columns: {', '.join(schema.names)}); "
                              "name yours with --image-column / --video-column")
-        small = [c for c in (columns.prompt, columns.reference, columns.id) if c in schema.names]
-        table = pq.read_table(shard, columns=small) if small else None
-        rows = pq.ParquetFile(shard).metadata.num_rows
-        values = {c: table.column(c).to_pylist() for c in small} if table is not None else {}
-        for i in range(rows):
+        fields = {name: column_name for name, column_name in
+                  (("prompt", columns.prompt), ("reference", columns.reference), ("id", columns.id))
+                  if column_name in schema.names}
+        table = handle.read(columns=list(fields.values())) if fields else None
+        values = {name: table.column(c).to_pylist() for name, c in fields.items()}
+        for i in range(handle.metadata.num_rows):
             entry = {"source": f"{rel}#{i}", "key": f"{rel}#{i}", "media_type": media,
                      "ref": member_ref("parquet", shard, i, column)}
-            for name, field_name in (("prompt", columns.prompt), ("reference", columns.reference), ("id", columns.id)):
-                value = values.get(field_name, [None] * rows)[i]
-                if value is not None:
-                    entry[name] = value
+            entry.update({name: column_values[i] for name, column_values in values.items()
+                          if column_values[i] is not None})
             entries.append(entry)
     return entries
 
@@ -262,7 +260,3 @@ def scan_webdataset(path: str) -> list[dict]:
             entries.append(entry)
     return entries
 
-
-def open_member_image(path: str) -> io.BytesIO:
-    """The bytes of a member reference as a file object (PIL opens it)."""
-    return io.BytesIO(read_member(path))
