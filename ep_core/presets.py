@@ -74,13 +74,16 @@ _VICUNA_7B: dict[str, Any] = {
 
 # The Qwen2-7B decoder and the vision token ids that Qwen2-VL-7B and Qwen2.5-VL-7B share
 # (their config.json files differ only in max_position_embeddings and the vision tower).
-_QWEN2_7B_TEXT: dict[str, Any] = {
+_QWEN2_7B_DECODER: dict[str, Any] = {  # Qwen2-7B's shapes, also LLaVA-OneVision-7B's decoder
     "hidden_size": 3584,
     "intermediate_size": 18944,
     "num_hidden_layers": 28,
     "num_attention_heads": 28,
     "num_key_value_heads": 4,
     "hidden_act": "silu",
+}
+_QWEN2_7B_TEXT: dict[str, Any] = {
+    **_QWEN2_7B_DECODER,
     "max_window_layers": 28,
     "rms_norm_eps": 1e-06,
     "rope_theta": 1000000.0,
@@ -217,12 +220,7 @@ PRESETS["llava-onevision-qwen2-7b"] = {
         "model_type": "qwen2",
         "_name_or_path": "Qwen/Qwen2-7B-Instruct",
         "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "hidden_act": "silu",
+        **_QWEN2_7B_DECODER,
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0,
