@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from ep_core.config import PruneConfig
 from ep_core.loading import ATTENTION_BACKENDS, DTYPES, flash_attention_available
+from pipelines import storage
 from pipelines.cluster import check_reachable, ray_session
 from pipelines.failures import AttemptLedger
 from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
@@ -218,9 +219,12 @@ MIN_FREE_BYTES = 64 << 20  # free space an output needs to start: part files, th
 def _check_writable(output: str) -> None:
     """Refuse an output directory that cannot be created or written (checked on the nearest
     existing ancestor), or whose file system has less than :data:`MIN_FREE_BYTES` free, before
-    any work."""
+    any work. An object-store output: a probe object put and deleted (``storage.check_writable``)."""
     import shutil
 
+    if storage.is_uri(output):
+        storage.check_writable(output)
+        return
     path = os.path.abspath(output)
     while not os.path.exists(path):
         path = os.path.dirname(path)
@@ -241,7 +245,7 @@ class CaptionJob:
         from ep_core.families import check_supported, default_frames
         from ep_core.loading import load_model_config
 
-        if not os.path.exists(cfg.input):
+        if not storage.exists(cfg.input):
             raise FileNotFoundError(f"input not found: {cfg.input}")
         _check_writable(cfg.output)
         check_reachable(cfg.address or os.environ.get("RAY_ADDRESS"))  # seconds, not Ray's minutes of retries

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipelines import storage
 from pipelines.shards import parse_member_ref, read_member
 from pipelines.sources import local_path, readable
 
@@ -274,14 +275,16 @@ def decode_row(
     if out.get("error"):
         return out
     path = local_path(row["path"])  # a file name that is not UTF-8 travels as its bytes
-    member = parse_member_ref(path) is not None  # inside a shard: read its bytes (pipelines.shards)
+    in_shard = parse_member_ref(path) is not None  # inside a shard: read its bytes (pipelines.shards)
+    member = in_shard or storage.is_uri(path)  # bytes from a shard or an object store, not a local file
     try:
         if member:
             path = readable(row["source"])
+            what = "the shard member" if in_shard else "the object"
             try:
-                data = read_member(row["path"])
+                data = read_member(row["path"]) if in_shard else storage.read_bytes(row["path"])
             except (OSError, ValueError, KeyError, tarfile.TarError) as exc:
-                raise MediaError(f"cannot read the shard member ({type(exc).__name__}: {exc}): {path}") from None
+                raise MediaError(f"cannot read {what} ({type(exc).__name__}: {exc}): {path}") from None
         if row["media_type"] == "image":
             source = io.BytesIO(data) if member else path
             arr = load_image(source, max_pixels=max_pixels, max_side=max_side, label=path)[None]

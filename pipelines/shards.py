@@ -18,6 +18,10 @@ Layouts understood:
 A row's ``source`` reads ``<shard>#<row>`` (Parquet) or ``<shard>:<member>`` (tar), relative
 to the input folder; its ``sample_id`` is the id column / json ``id`` when there is one, else
 the usual hash of that source, the frame spec and the prompt (:func:`pipelines.sources.make_sample_id`).
+
+Shards may sit on local disk or on an object store (``s3://bucket/shards/``, ``pipelines.storage``):
+the scan lists them and reads their footers and headers with ranged reads, and a worker reads
+the bytes of one member the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ import functools
 import json
 import os
 import tarfile
+import posixpath
 from dataclasses import dataclass
+
+from pipelines import storage
 
 MEMBER_REF = "shard-member:"
 
@@ -44,7 +51,8 @@ class ShardColumns:
 
 def member_ref(kind: str, shard: str, key: int | str, column: str | None = None) -> str:
     """The ``path`` of a row whose bytes live inside a shard."""
-    return MEMBER_REF + json.dumps([kind, os.path.abspath(shard), key, column], ensure_ascii=False)
+    shard = shard if storage.is_uri(shard) else os.path.abspath(storage.local(shard))
+    return MEMBER_REF + json.dumps([kind, shard, key, column], ensure_ascii=False)
 
 
 def parse_member_ref(path: str) -> tuple[str, str, int | str, str | None] | None:
@@ -77,7 +85,7 @@ def _parquet_file(path: str):
     """The open file and the first row of each row group (a worker keeps a few shards open)."""
     import pyarrow.parquet as pq
 
-    handle = pq.ParquetFile(path)
+    handle = pq.ParquetFile(storage.open_input(path))
     starts, total = [], 0
     for g in range(handle.metadata.num_row_groups):
         starts.append(total)
@@ -108,7 +116,7 @@ def _parquet_value(path: str, row: int, column: str) -> bytes:
 
 @functools.lru_cache(maxsize=16)
 def _open_tar(path: str) -> tarfile.TarFile:
-    handle = tarfile.open(path, "r:*")
+    handle = tarfile.open(fileobj=storage.open_input(path), mode="r:*") if storage.is_uri(path) else tarfile.open(path, "r:*")
     handle.getmembers()  # read the headers once: later lookups are by name
     return handle
 
@@ -116,14 +124,15 @@ def _open_tar(path: str) -> tarfile.TarFile:
 # ----------------------------------------------------------------------------- detecting
 
 
+def _visible(rel: str) -> bool:
+    """Not hidden: no part of the relative path starts with ``.`` or ``_`` (``_SUCCESS``, ``.cache``)."""
+    return not any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
 def _shard_files(path: str, ext: str) -> list[str]:
-    if os.path.isfile(path):
+    if storage.is_file(path):
         return [path]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(ext) and not f.startswith((".", "_"))]
-    return found
+    return [f for f in storage.list_files(path) if f.lower().endswith(ext) and _visible(relative(f, path))]
 
 
 def _bytes_column(schema, name: str) -> bool:
@@ -140,38 +149,54 @@ def _bytes_column(schema, name: str) -> bool:
 def detect_format(path: str, columns: ShardColumns = ShardColumns()) -> str | None:
     """``parquet`` or ``webdataset`` when ``path`` (a file, or a folder with no images or videos
     of its own) is a sharded input; None for a folder of media files or a manifest."""
-    import pyarrow.parquet as pq
-
     from pipelines.sources import media_type_of
 
     lower = path.lower()
-    if os.path.isfile(path):
+    if storage.is_file(path):
         if lower.endswith(".tar"):
             return "webdataset"
         if lower.endswith(".parquet"):
-            schema = pq.read_schema(path)
+            schema = _schema(path)
             if "path" not in schema.names and (_bytes_column(schema, columns.image) or _bytes_column(schema, columns.video)):
                 return "parquet"
         return None
-    if not os.path.isdir(path):
+    if not storage.is_dir(path):
         return None
     kinds = set()
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [d for d in dirnames if not d.startswith((".", "_"))]
-        for name in filenames:
-            if name.startswith((".", "_")):
-                continue
-            if media_type_of(name):
-                return None  # a folder of images / videos
-            kinds.add(os.path.splitext(name)[1].lower())
+    for name in storage.list_files(path):
+        if not _visible(relative(name, path)):
+            continue
+        if media_type_of(name):
+            return None  # a folder of images / videos
+        kinds.add(os.path.splitext(name)[1].lower())
     if ".tar" in kinds:
         return "webdataset"
     if ".parquet" in kinds:
-        first = _shard_files(path, ".parquet")[0]
-        schema = pq.read_schema(first)
+        schema = _schema(_shard_files(path, ".parquet")[0])
         if _bytes_column(schema, columns.image) or _bytes_column(schema, columns.video):
             return "parquet"
     return None
+
+
+def _schema(path: str):
+    import pyarrow.parquet as pq
+
+    with storage.open_input(path) as fh:
+        return pq.read_schema(fh)
+
+
+def relative(path: str, root: str) -> str:
+    """``path`` relative to the folder ``root`` (``/``-separated; local paths or URIs)."""
+    if storage.is_uri(path):
+        return posixpath.relpath(path, root.rstrip("/")) if path != root else posixpath.basename(path)
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _root(path: str) -> str:
+    """The folder a shard input's relative names start from: itself, or a single shard's folder."""
+    if storage.is_uri(path):
+        return path.rstrip("/") if storage.is_dir(path) else posixpath.dirname(path)
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -183,12 +208,12 @@ def scan_parquet_dataset(path: str, columns: ShardColumns = ShardColumns()) -> l
     metadata and the small columns only."""
     import pyarrow.parquet as pq
 
-    root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    root = _root(path)
     entries = []
     for shard in _shard_files(path, ".parquet"):
-        handle = pq.ParquetFile(shard)
+        handle = pq.ParquetFile(storage.open_input(shard))
         schema = handle.schema_arrow
-        rel = os.path.relpath(shard, root).replace(os.sep, "/")
+        rel = relative(shard, root)
         if _bytes_column(schema, columns.image):
             media, column = "image", columns.image
         elif _bytes_column(schema, columns.video):
@@ -224,10 +249,10 @@ def scan_webdataset(path: str) -> list[dict]:
     its ``json`` member may give ``prompt``, ``reference`` and ``id``."""
     from pipelines.sources import media_type_of
 
-    root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    root = _root(path)
     entries = []
     for shard in _shard_files(path, ".tar"):
-        rel = os.path.relpath(shard, root).replace(os.sep, "/")
+        rel = relative(shard, root)
         try:
             handle = _open_tar(shard)
         except (OSError, tarfile.TarError) as exc:

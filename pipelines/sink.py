@@ -16,6 +16,10 @@ writes it.
 ``_job.json`` records what the rows were computed with, so that a rerun with a different
 model or pruning setting into the same directory is refused instead of mixing results.
 ``_lock.json`` (:func:`output_lock`) makes one job at a time the writer of a directory.
+
+The output may be a local directory or an object-store prefix (``s3://bucket/captions``,
+``pipelines.storage``): on an object store a part appears whole when its single put completes,
+and there is no temporary file.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipelines import storage
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -78,14 +84,24 @@ def to_table(rows: list[dict]) -> pa.Table:
 
 
 def part_files(output_dir: str) -> list[str]:
+    if storage.is_uri(output_dir):
+        return [f for f in storage.list_files(output_dir, recursive=False)
+                if storage.basename(f).startswith("part-") and f.endswith(".parquet")]
     return sorted(glob.glob(os.path.join(glob.escape(output_dir), "part-*.parquet")))
+
+
+def _read_part(path: str, **kwargs) -> pa.Table:
+    if storage.is_uri(path):
+        fs, inner = storage.filesystem(path)
+        return pq.read_table(inner, filesystem=fs, **kwargs)
+    return pq.read_table(path, **kwargs)
 
 
 def done_ids(output_dir: str) -> set[str]:
     """The sample ids already written to ``output_dir`` (empty if it does not exist)."""
     ids: set[str] = set()
     for path in part_files(output_dir):
-        ids.update(pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist())
+        ids.update(_read_part(path, columns=["sample_id"]).column("sample_id").to_pylist())
     return ids
 
 
@@ -97,13 +113,13 @@ def drop_transient(output_dir: str) -> int:
 
     dropped = 0
     for path in part_files(output_dir):
-        table = pq.read_table(path, schema=OUTPUT_SCHEMA)
+        table = _read_part(path, schema=OUTPUT_SCHEMA)
         transient = pc.fill_null(pc.equal(table.column("error_kind"), "transient"), False)
         count = pc.sum(transient).as_py() or 0
         if not count:
             continue
         if count == table.num_rows:
-            os.remove(path)
+            storage.remove(path)
         else:
             _atomic_write_table(table.filter(pc.invert(transient)), path)
         dropped += count
@@ -115,7 +131,7 @@ def read_output(output_dir: str) -> pa.Table:
     files = part_files(output_dir)
     if not files:
         return OUTPUT_SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(f, schema=OUTPUT_SCHEMA) for f in files])
+    table = pa.concat_tables([_read_part(f, schema=OUTPUT_SCHEMA) for f in files])
     ids = table.column("sample_id").to_pylist()
     seen: set[str] = set()
     keep = []
@@ -132,21 +148,25 @@ def output_lock(output_dir: str):
     (host, pid, start time), remove it at the end. A lock whose owner is gone (same host, no such
     process) is taken over, and the block receives what that lock said (``as stale``: a dict,
     e.g. the killed job's MLflow run; None otherwise); any other is refused with one line that
-    names its owner. Nested blocks of one process share the outer block's lock."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, LOCK_FILE)
+    names its owner. Nested blocks of one process share the outer block's lock.
+
+    On an object store there is no exclusive create: the lock is written, read back and kept
+    only if it still names this process, which catches all but two jobs started within the
+    same moment (one job per output prefix stays the user's rule there)."""
+    storage.makedirs(output_dir)
+    path = storage.join(output_dir, LOCK_FILE)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     stale = None
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = _create_exclusive(path, me)
         except FileExistsError:
             owner = _lock_owner(path)
             if owner is not None and (owner.get("host"), owner.get("pid")) == (me["host"], me["pid"]):
                 yield None  # this process holds it already (an outer block): nested, nothing to do
                 return
             if owner is not None and owner.get("host") == me["host"] and not _alive(owner.get("pid")):
-                os.remove(path)  # its job ended without removing it (killed): take it over
+                storage.remove(path)  # its job ended without removing it (killed): take it over
                 stale = owner
                 continue
             who = f"host {owner.get('host')}, pid {owner.get('pid')}, since {owner.get('since')}" if owner else "unknown owner"
@@ -154,29 +174,43 @@ def output_lock(output_dir: str):
                 f"output directory {output_dir} is in use by another job ({who}); wait for it to end, use another "
                 f"--output, or remove {path} if that job is gone"
             ) from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
+        if fd is not None:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
         break
     try:
         yield stale
     finally:
         if (_lock_owner(path) or {}).get("pid") == me["pid"]:
-            os.remove(path)
+            storage.remove(path)
+
+
+def _create_exclusive(path: str, me: dict) -> int | None:
+    """Create the lock file ``path`` or raise FileExistsError: locally with ``O_EXCL`` (returns the
+    descriptor to write ``me`` to); on an object store by a put that is read back (returns None)."""
+    if not storage.is_uri(path):
+        return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    if storage.exists(path):
+        raise FileExistsError(path)
+    mine = {**me, "token": uuid.uuid4().hex}
+    storage.write_atomic(path, json.dumps(mine).encode())
+    if (_lock_owner(path) or {}).get("token") != mine["token"]:
+        raise FileExistsError(path)  # another job's put landed after ours
+    return None
 
 
 def annotate_lock(output_dir: str, **fields) -> None:
     """Add ``fields`` to the ``_lock.json`` this process holds (e.g. its MLflow run, so that the
     next job can mark that run KILLED if this one is killed); nothing if it holds none."""
-    path = os.path.join(output_dir, LOCK_FILE)
+    path = storage.join(output_dir, LOCK_FILE)
     owner = _lock_owner(path)
     if owner is not None and (owner.get("host"), owner.get("pid")) == (socket.gethostname(), os.getpid()):
-        _atomic_write_bytes(path, json.dumps({**owner, **fields}).encode())
+        storage.write_atomic(path, json.dumps({**owner, **fields}).encode())
 
 
 def _lock_owner(path: str) -> dict | None:
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(storage.read_bytes(path).decode("utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -193,11 +227,10 @@ def _alive(pid) -> bool:
 
 def check_job(output_dir: str, job: dict) -> None:
     """Record ``job`` in ``output_dir``, or refuse when the directory holds another job's rows."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, JOB_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            old = json.load(fh)
+    storage.makedirs(output_dir)
+    path = storage.join(output_dir, JOB_FILE)
+    if storage.exists(path):
+        old = json.loads(storage.read_bytes(path).decode("utf-8"))
         diff = [k for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)]
         if diff and part_files(output_dir):
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {job.get(k)!r}" for k in diff)
@@ -205,26 +238,19 @@ def check_job(output_dir: str, job: dict) -> None:
                 f"output directory {output_dir} holds rows of a different job ({shown}); "
                 "use another --output, or delete that directory to start over"
             )
-    _atomic_write_bytes(path, json.dumps(job, indent=2, sort_keys=True).encode())
-
-
-def _hidden_tmp(path: str) -> str:
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = _hidden_tmp(path)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    storage.write_atomic(path, json.dumps(job, indent=2, sort_keys=True).encode())
 
 
 def _atomic_write_table(table: pa.Table, path: str) -> None:
     """Write ``table`` to a hidden temporary file, sync it, rename it to ``path``: a reader sees
-    the old file or the new one, never a part of one. A failed write leaves no temporary file."""
-    tmp = _hidden_tmp(path)
+    the old file or the new one, never a part of one. A failed write leaves no temporary file.
+    On an object store: the file built in memory, then one put (``storage.write_atomic``)."""
+    if storage.is_uri(path):
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        storage.write_atomic(path, buffer.getvalue())
+        return
+    tmp = storage.hidden_tmp(path)
     try:
         pq.write_table(table, tmp)
         with open(tmp, "rb+") as fh:
@@ -257,9 +283,10 @@ class ParquetSink:
     def __init__(self, output_dir: str, run_id: str, already_done: set[str] | None = None):
         self.output_dir = output_dir
         self.run_id = run_id
-        os.makedirs(output_dir, exist_ok=True)
-        for stale in glob.glob(os.path.join(glob.escape(output_dir), ".part-*.tmp")):
-            os.remove(stale)  # a crashed run's unfinished file: its rows were never committed
+        storage.makedirs(output_dir)
+        if not storage.is_uri(output_dir):  # an object store has no temporaries: a put is whole or absent
+            for stale in glob.glob(os.path.join(glob.escape(output_dir), ".part-*.tmp")):
+                os.remove(stale)  # a crashed run's unfinished file: its rows were never committed
         self._written: set[str] = set(already_done if already_done is not None else done_ids(output_dir))
         self._seq = 0
         self.rows_written = 0
@@ -284,7 +311,7 @@ class ParquetSink:
             table = table.take(keep)
         name = f"part-{self.run_id}-{self._seq:06d}.parquet"
         self._seq += 1
-        final = os.path.join(self.output_dir, name)
+        final = storage.join(self.output_dir, name)
         try:
             _atomic_write_table(table, final)
         except OSError as exc:

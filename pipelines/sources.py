@@ -11,6 +11,11 @@ sink uses for exactly-once resume:
 
 A manifest row whose file does not exist, or whose extension is not a known image or video
 type, still becomes a row: it carries ``error`` and is written as an error row.
+
+Every input may also sit on an object store (``--input s3://bucket/prefix``, ``pipelines.storage``),
+and manifest rows may name objects (``s3://…``): listed here, read by the workers that decode
+them. An object that cannot be read becomes that row's error there, not a check here (one
+request per row would make the scan of millions of rows slow).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+
+from pipelines import storage
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi"})
@@ -79,26 +86,29 @@ def scan(input_path: str, *, prompt: str | None = None, frames: int = 8,
         raise ValueError(f"frames must be >= 1, got {frames}")
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"input format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
-    if not os.path.exists(input_path):
+    if not storage.exists(input_path):
         raise FileNotFoundError(f"input not found: {input_path}")
+    input_path = storage.local(input_path)
     columns = columns or ShardColumns()
+    is_dir = storage.is_dir(input_path)
     if input_format == "auto":
-        input_format = detect_format(input_path, columns) or ("folder" if os.path.isdir(input_path) else "manifest")
+        input_format = detect_format(input_path, columns) or ("folder" if is_dir else "manifest")
     if input_format in ("parquet", "webdataset"):
         entries = scan_parquet_dataset(input_path, columns) if input_format == "parquet" else scan_webdataset(input_path)
         if not entries:
             raise ValueError(f"input {input_path} holds no {input_format} samples (--input-format {input_format})")
         skipped, base = 0, None
-    elif input_format == "folder" and not os.path.isdir(input_path):
+    elif input_format == "folder" and not is_dir:
         raise ValueError(f"--input-format folder: {input_path} is not a directory")
-    elif os.path.isdir(input_path):
-        found = _walk(input_path, follow_outside=follow_symlinks_outside)
+    elif is_dir:
+        found = (_list_objects(input_path) if storage.is_uri(input_path)
+                 else _walk(input_path, follow_outside=follow_symlinks_outside))
         entries = [e for e in found if media_type_of(e["source"]) and not os.path.basename(e["source"]).startswith(".")]
         skipped = len(found) - len(entries)
         base = None
     elif input_path.lower().endswith(MANIFEST_EXTS):
         entries, skipped = _read_manifest(input_path), 0
-        base = os.path.dirname(os.path.abspath(input_path))
+        base = input_path.rsplit("/", 1)[0] if storage.is_uri(input_path) else os.path.dirname(os.path.abspath(input_path))
     else:
         raise ValueError(
             f"input must be a directory, a manifest ({', '.join(MANIFEST_EXTS)}), a Parquet dataset of image bytes "
@@ -141,25 +151,34 @@ def _walk(root: str, follow_outside: bool = False) -> list[dict]:
     return out
 
 
+def _list_objects(root: str) -> list[dict]:
+    """Every object under an object-store prefix, keyed by its name relative to the prefix."""
+    from pipelines.shards import relative
+
+    return [{"source": uri, "key": relative(uri, root)} for uri in storage.list_files(root)]
+
+
 def _read_manifest(path: str) -> list[dict]:
+    import io
+
     lower = path.lower()
     try:
         if lower.endswith(".jsonl"):
             rows = []
-            with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark is accepted
-                for n, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            raise ValueError(f"manifest {path}: line {n} is not valid JSON ({exc.msg})") from None
+            text = storage.read_bytes(path).decode("utf-8-sig")  # a byte-order mark is accepted
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"manifest {path}: line {n} is not valid JSON ({exc.msg})") from None
         elif lower.endswith(".csv"):
-            with open(path, encoding="utf-8-sig", newline="") as fh:
-                rows = list(csv.DictReader(fh))
+            rows = list(csv.DictReader(io.StringIO(storage.read_bytes(path).decode("utf-8-sig"), newline="")))
         else:
             import pyarrow.parquet as pq
 
-            rows = pq.read_table(path).to_pylist()
+            with storage.open_input(path) as fh:
+                rows = pq.read_table(fh).to_pylist()
     except UnicodeDecodeError:
         raise ValueError(f"manifest {path} is not UTF-8 text") from None
     if rows and not all(isinstance(r, dict) for r in rows):
@@ -219,10 +238,10 @@ def _problem(source: str, path: str, media_type: str | None) -> str | None:
     """Why an entry cannot be read as a local image or video (None when it can)."""
     if not source:
         return "manifest row has an empty path"
-    if "://" in source:
-        return f"not a local file: URLs and object stores are not read yet; copy it to a local or mounted path: {source}"
     if media_type is None:
         return f"unsupported file type {os.path.splitext(source)[1] or '(no extension)'!r}: {source}"
+    if storage.is_uri(path):
+        return None  # read (or found missing) by the worker that decodes it
     if not os.path.exists(path):
         return f"file not found: {path}"
     if not os.path.isfile(path):
@@ -234,9 +253,13 @@ def _make_row(entry: dict, base: str | None, prompt: str | None, frames: int) ->
     source = entry["source"]
     if "ref" in entry:  # a member of a shard (pipelines.shards): its bytes are read by the decoder
         media_type, path = entry["media_type"], entry["ref"]
+    elif storage.is_uri(source) or (base is not None and storage.is_uri(base)):
+        media_type = media_type_of(source)
+        path = source if storage.is_uri(source) else storage.join(base, source)
     else:
         media_type = media_type_of(source)
-        path = source if base is None or os.path.isabs(source) else os.path.join(base, source)
+        path = storage.local(source)
+        path = path if base is None or os.path.isabs(path) else os.path.join(base, path)
         path = os.path.abspath(path)
     n_frames = frames if media_type == "video" else None
     row_prompt = entry.get("prompt")

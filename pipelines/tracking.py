@@ -1,7 +1,8 @@
 """MLflow tracking, from the driver only: workers return figures, they never open a run.
 
 - Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<output>/_mlflow.db`` (the
-  file store is deprecated in MLflow 3), whose artifacts go to ``<output>/_mlartifacts``. The
+  file store is deprecated in MLflow 3), whose artifacts go to ``<output>/_mlartifacts``; for
+  an object-store output, in ``./_ep_mlflow/<scheme>/<bucket>/<prefix>/`` instead (:func:`store_dir`). The
   leading ``_`` keeps them out of what Parquet readers (pyarrow, Spark, DuckDB) read when
   given the output directory; an output that already holds a ``mlflow.db`` keeps using it.
 - One experiment per job name; ``ep caption`` records one run, ``ep sweep`` one parent run
@@ -40,10 +41,25 @@ ARTIFACTS_DIR = "_mlartifacts"
 _OLD_STORE_FILE = "mlflow.db"  # its name before 2026-12: still used where it exists
 
 
+LOCAL_STORES = "_ep_mlflow"  # under the working directory: default stores of object-store outputs
+
+
+def store_dir(output_dir: str | os.PathLike) -> Path:
+    """The local folder of ``output_dir``'s default store: the output directory itself, or for an
+    object-store output (SQLite cannot live there) ``./_ep_mlflow/<scheme>/<bucket>/<prefix>``."""
+    from pipelines import storage
+
+    text = os.fspath(output_dir)
+    if storage.is_uri(text):
+        scheme, rest = text.split("://", 1)
+        return Path.cwd() / LOCAL_STORES / scheme / rest.strip("/")
+    return Path(storage.local(text)).resolve()
+
+
 def default_store(output_dir: str | os.PathLike) -> Path:
     """The SQLite file of the default store of ``output_dir``."""
-    old = Path(output_dir).resolve() / _OLD_STORE_FILE
-    return old if old.exists() else Path(output_dir).resolve() / STORE_FILE
+    old = store_dir(output_dir) / _OLD_STORE_FILE
+    return old if old.exists() else store_dir(output_dir) / STORE_FILE
 
 
 def tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -136,7 +152,7 @@ class Tracker:
         try:
             import mlflow
 
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            store_dir(output_dir).mkdir(parents=True, exist_ok=True)
             user_uri = os.environ.get("MLFLOW_TRACKING_URI")
             mlflow.set_tracking_uri(self.uri)
             # set_tracking_uri also exports MLFLOW_TRACKING_URI; undo that, or the next job in
@@ -145,7 +161,7 @@ class Tracker:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
                 if mlflow.get_experiment_by_name(experiment) is None:
                     # the default store keeps its artifacts beside it, not in ./mlruns of the cwd
-                    artifacts = (Path(output_dir).resolve() / ARTIFACTS_DIR).as_uri()
+                    artifacts = (store_dir(output_dir) / ARTIFACTS_DIR).as_uri()
                     mlflow.create_experiment(experiment, artifact_location=artifacts)
             mlflow.set_experiment(experiment)
             self._mlflow = mlflow
