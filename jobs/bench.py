@@ -17,6 +17,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "pipeline": ("bench.pipeline", "items/s of the Ray pipeline against a bare Python loop"),
     "batching": ("bench.batching", "rows per generate call and padding for LLaVA-NeXT's anyres token counts, packed vs exact-count groups"),
     "decode": ("bench.decode", "decode step time after a pruned vs an unpruned prefill, and the hooks' cost per step"),
+    "scale": ("bench.scale", "the data plane alone (a stand-in for the model) over 10k, 100k and 1M Parquet rows: driver peak RSS, rows/s"),
     "prefill": ("bench.prefill", "measured prefill speedup against the FLOPs bound (LLaVA-1.5-7B shape, N layers)"),
 }
 

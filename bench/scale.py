@@ -1,0 +1,134 @@
+"""``ep bench scale``: the caption job's data plane alone, at 10 k, 100 k and 1 M rows.
+
+The inputs are generated tiny PNG images (8 × 8) in a Parquet dataset on local disk, in the
+Hugging Face ``datasets`` layout (an ``image`` struct with ``bytes``), ``--shard-rows`` rows per
+shard. Each size runs ``ep caption``'s own code (scan, Ray Data, decode and preprocess tasks,
+the actor pool, the Parquet sink) in a fresh driver process on a local Ray with 2 CPUs, with
+one change: **the model stage is a stand-in** (:class:`FixedCaption`) that returns the fixed
+caption ``"a stand-in caption"`` for each row without loading a model, so what is measured is
+everything around the model. The preprocessing stage still runs the demo model's processor.
+
+Reported per size: ``rows`` (written), ``driver_peak_rss_mb`` (the driver process's peak
+resident memory, ``getrusage``; Ray's own processes are not counted) and ``rows_per_s`` (rows
+written / the job's streaming time; the scan and Ray's start are not in it, ``scan_s`` says what
+the scan took). Goals (issue 17): the peak RSS at 1 M rows ≤ 1.5 × its value at 10 k, rows/s not
+falling as the input grows, ≥ 2,000 rows/s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+FIXED_CAPTION = "a stand-in caption"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", default="10000,100000,1000000",
+                        help="comma-separated input sizes (default 10000,100000,1000000)")
+    parser.add_argument("--shard-rows", type=int, default=10_000, help="rows per Parquet shard (default 10000)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per model batch (default 64)")
+
+
+class FixedCaption:
+    """The stand-in model stage: the rows of a preprocessed block with a fixed caption, no model.
+    Takes (and ignores) :class:`pipelines.infer.CaptionPredictor`'s constructor arguments."""
+
+    def __init__(self, *, model: str, run_id: str, **_ignored):
+        self.model, self.run_id = model, run_id
+
+    def __call__(self, batch):
+        from pipelines.sink import to_table
+
+        keep = ("sample_id", "source", "media_type", "prompt", "reference", "error")
+        rows = batch.select([c for c in keep if c in batch.column_names]).to_pylist()
+        for row in rows:
+            row.update(model=self.model, run_id=self.run_id, output=None if row.get("error") else FIXED_CAPTION,
+                       error_kind="input" if row.get("error") else None)
+        return to_table(rows)
+
+
+def write_dataset(root: str, rows: int, shard_rows: int) -> str:
+    """``rows`` tiny PNGs in Parquet shards of ``shard_rows`` under ``root`` (64 distinct images, cycled)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(64):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    os.makedirs(root, exist_ok=True)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for shard, start in enumerate(range(0, rows, shard_rows)):
+        n = min(shard_rows, rows - start)
+        column = pa.array([{"bytes": images[(start + i) % 64], "path": None} for i in range(n)], type=image_type)
+        pq.write_table(pa.table({"image": column}), os.path.join(root, f"train-{shard:05d}.parquet"), row_group_size=1000)
+    return root
+
+
+def _child(inputs: str, output: str, batch_size: int) -> dict:
+    """One size in this (fresh) process: the caption job with the stand-in model stage."""
+    import resource
+    from unittest import mock
+
+    from ep_core.loading import resolve_model_name
+    from pipelines.caption import CaptionConfig, CaptionJob
+    from pipelines.cluster import ray_session
+
+    cfg = CaptionConfig(model=resolve_model_name("demo"), input=inputs, output=output, batch_size=batch_size,
+                        workers=1, flush_rows=8192, device="cpu")
+    start = time.perf_counter()
+    with mock.patch("pipelines.infer.CaptionPredictor", FixedCaption), ray_session(num_cpus=2, quiet=True):
+        summary = CaptionJob(cfg).run(quiet=True)
+    total_s = time.perf_counter() - start
+    return {
+        "rows": summary.rows_new,
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rows_per_s": round(summary.rows_new / summary.seconds, 1) if summary.seconds else 0.0,
+        "job_s": round(total_s, 1),
+        "complete": summary.complete,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sizes = [int(s) for s in str(getattr(args, "rows", "10000,100000,1000000")).split(",") if s.strip()]
+    shard_rows = getattr(args, "shard_rows", 10_000)
+    batch_size = getattr(args, "batch_size", 64)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ep-bench-scale-") as tmp:
+        for rows in sizes:
+            log.info(f"[bench scale] {rows} rows: writing the shards, then the job in a fresh driver")
+            inputs = write_dataset(os.path.join(tmp, f"in-{rows}"), rows, shard_rows)
+            code = ("import json, sys; from bench.scale import _child; "
+                    f"print('EP_SCALE ' + json.dumps(_child({inputs!r}, {os.path.join(tmp, f'out-{rows}')!r}, {batch_size})))")
+            env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
+            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("EP_SCALE ")), None)
+            if line is None:
+                raise RuntimeError(f"the {rows}-row run failed: {done.stderr.strip().splitlines()[-1:]}")
+            results.append(json.loads(line[len("EP_SCALE "):]))
+            log.info(f"[bench scale] {rows} rows: {results[-1]['rows_per_s']} rows/s, "
+                     f"driver peak RSS {results[-1]['driver_peak_rss_mb']} MB")
+    first, last = results[0], results[-1]
+    return {
+        "stand_in": f"model stage replaced by a fixed caption ({FIXED_CAPTION!r})",
+        "shard_rows": shard_rows,
+        "batch_size": batch_size,
+        "results": results,
+        "rss_growth": round(last["driver_peak_rss_mb"] / first["driver_peak_rss_mb"], 3),
+    }
