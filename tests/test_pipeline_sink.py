@@ -208,7 +208,8 @@ def test_one_writer_per_output_directory(tmp_path, monkeypatch):
     from pipelines.sink import LOCK_FILE, output_lock
 
     out = str(tmp_path / "out")
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # SIGHUP reset to its default (a run under nohup would inherit it ignored): any signal but 0 ends it
+    other = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); time.sleep(60)"])
     try:
         os.makedirs(out)
         with open(os.path.join(out, LOCK_FILE), "w") as fh:
@@ -387,7 +388,8 @@ def test_lock_left_by_an_unreadable_owner_is_refused_and_a_live_owner_is_not_sig
     with pytest.raises(ValueError, match="unknown owner"):
         with output_lock(str(out)):
             pass
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # SIGHUP reset to its default (a run under nohup would inherit it ignored): any signal but 0 ends it
+    other = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); time.sleep(60)"])
     try:
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "since": "now"}))
         with pytest.raises(ValueError, match="in use by another job"):
@@ -398,3 +400,123 @@ def test_lock_left_by_an_unreadable_owner_is_refused_and_a_live_owner_is_not_sig
     finally:
         other.kill()
         other.wait()
+
+
+# ---------------------------------------------------------------- on an object store (fsspec's memory://)
+# The same code paths as S3 (pipelines.storage: any URI), without a server; tests/test_object_store.py
+# runs them against a real S3-compatible one.
+
+
+@pytest.fixture
+def memory_store():
+    import fsspec
+
+    from pipelines import storage
+
+    storage._filesystem.cache_clear()
+    yield
+    fsspec.filesystem("memory").store.clear()
+    storage._filesystem.cache_clear()
+
+
+def test_sink_on_an_object_store_lists_only_its_own_parts_and_reads_them_back(memory_store):
+    from pipelines import storage
+    from pipelines.sink import part_files
+
+    out = "memory://bucket/run"
+    sink = ParquetSink(out, "r1")
+    sink.write(to_table([{"sample_id": "a", "output": "x"}, {"sample_id": "b", "error": "gone", "error_kind": "transient"}]))
+    for name, data in (("sub/part-r0-000000.parquet", b"nested"), ("other.parquet", b"not a part"),
+                       ("part-notes.txt", b"not parquet"), ("_job.json", b"{}")):
+        storage.write_atomic(f"{out}/{name}", data)
+    assert [storage.basename(p) for p in part_files(out)] == ["part-r1-000000.parquet"]
+    assert done_ids(out) == {"a", "b"}
+    assert read_output(out).column("output").to_pylist() == ["x", None]
+    assert (sink.rows_written, sink.errors_written, sink.transient_written) == (2, 1, 1)
+
+
+def test_lock_on_an_object_store_is_a_put_read_back(memory_store, monkeypatch):
+    """Taken by a put; a second job is refused; a put that another job's put overwrote before
+    the read-back is a lost race: refused, not taken."""
+    import socket
+
+    import pipelines.sink as sink_module
+    from pipelines import storage
+    from pipelines.sink import LOCK_FILE, output_lock
+
+    out = "memory://bucket/locked"
+    with output_lock(out):
+        mine = json.loads(storage.read_bytes(f"{out}/{LOCK_FILE}"))
+        assert (mine["host"], mine["pid"]) == (socket.gethostname(), os.getpid()) and mine["token"]
+    assert not storage.exists(f"{out}/{LOCK_FILE}")
+    other = {"host": "elsewhere", "pid": 1, "since": "then"}
+    storage.write_atomic(f"{out}/{LOCK_FILE}", json.dumps(other).encode())
+    with pytest.raises(ValueError, match="host elsewhere, pid 1"):
+        with output_lock(out):
+            pass
+    storage.remove(f"{out}/{LOCK_FILE}")
+    real_put = storage.write_atomic
+
+    def overwritten(path, data):  # another job's put lands between ours and the read-back
+        real_put(path, data)
+        real_put(path, json.dumps({**other, "token": "theirs"}).encode())
+
+    monkeypatch.setattr(sink_module.storage, "write_atomic", overwritten)
+    with pytest.raises(ValueError, match="host elsewhere, pid 1"):
+        with output_lock(out):
+            pass
+
+
+def test_a_local_lock_is_an_exclusive_create_not_a_check_then_write(tmp_path, monkeypatch):
+    """Locally O_EXCL closes the race a check-then-write leaves open: even when the check says
+    "no lock" (another job created it just after), the create fails and the job is refused.
+    The lock file is readable by others (0644 under the umask)."""
+    import stat
+
+    import pipelines.sink as sink_module
+    from pipelines.sink import LOCK_FILE, output_lock
+
+    out = tmp_path / "out"
+    with output_lock(str(out)):
+        umask = os.umask(0)
+        os.umask(umask)
+        assert stat.S_IMODE(os.stat(out / LOCK_FILE).st_mode) == 0o644 & ~umask
+    (out / LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then"}))
+    monkeypatch.setattr(sink_module.storage, "exists", lambda path: False)
+    with pytest.raises(ValueError, match="host elsewhere"):
+        with output_lock(str(out)):
+            pass
+
+
+def test_write_errors_say_what_failed_where_and_how_to_resume(tmp_path, monkeypatch):
+    import errno
+
+    import pipelines.sink as sink_module
+    from pipelines.sink import OutputWriteError
+
+    out = str(tmp_path / "out")
+    sink = ParquetSink(out, "r1")
+    sink.write(to_table([{"sample_id": "a"}, {"sample_id": "b"}, {"sample_id": "c"}]))
+    for code, what, fix in ((errno.ENOSPC, f"no space left on the device holding {out}", "free some space"),
+                            (errno.EACCES, f"cannot write to {out} (Permission denied)", "fix the folder")):
+        def fails(table, where, code=code, **kwargs):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(sink_module.pq, "write_table", fails)
+        with pytest.raises(OutputWriteError) as caught:
+            sink.write(to_table([{"sample_id": "d"}]))
+        assert caught.value.errno == code
+        assert caught.value.strerror == (f"{what}; the 3 rows this run committed before stay; {fix}, "
+                                         "then run the same command again to resume")
+
+
+def test_a_write_that_fails_before_its_temporary_exists_raises_the_write_error(tmp_path, monkeypatch):
+    """Nothing to remove: the clean-up's own error (no such file) is swallowed, the write's surfaces."""
+    import pipelines.sink as sink_module
+
+    def fails(table, where, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sink_module.pq, "write_table", fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        ParquetSink(str(tmp_path / "out"), "r1").write(to_table([{"sample_id": "a"}]))

@@ -128,3 +128,17 @@ def test_vqa_accuracy_by_question_type():
     assert scores["vqa_accuracy"] == pytest.approx(2 / 5)
     # plain references carry no question type: no breakdown
     assert "vqa_accuracy_by_type" not in score_rows([{"output": "a", "error": None, "reference": "a"}])
+
+
+def test_plain_and_malformed_references_and_a_reference_without_an_answer():
+    from evaluation.scoring import parse_reference
+
+    assert normalize(None) == "" and normalize("  A, b!  ") == "a b"
+    assert parse_reference("a red cube") == {"task": "text", "answer": "a red cube"}
+    assert parse_reference('{"task": "vqa", "answer": "red"}') == {"task": "vqa", "answer": "red"}
+    # text that looks like JSON but is not: a plain reference, not an error
+    assert parse_reference("{not json, really}") == {"task": "text", "answer": "{not json, really}"}
+    assert parse_reference('{"answer": "no task"}') == {"task": "text", "answer": '{"answer": "no task"}'}
+    assert parse_reference("  ...  ") is None and parse_reference(None) is None
+    # a task this harness does not know and no answer: scored against an empty answer (token F1 0)
+    assert score_row("a red cube", {"task": "unknown"}) == ("caption_token_f1", token_f1("a red cube", ""))

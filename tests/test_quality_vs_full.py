@@ -90,3 +90,11 @@ def test_compare_with_full_skips_rows_without_stored_first_tokens():
     result = compare_with_full(full, pruned)
     assert result["agreement_with_full"] == 1.0
     assert result["first_token_kl"] == pytest.approx(first_token_kl(([1, 2], [-0.1, -2.4]), ([2, 1], [-0.2, -1.8])))
+
+
+def test_first_token_kl_skips_tokens_of_probability_zero_and_counts_the_rest():
+    """A full-model token with log-probability −inf adds nothing, wherever it stands in the list;
+    the tokens after it still count (hand-computed)."""
+    full = ([7, 8], [float("-inf"), -0.1])
+    pruned = ([8], [-1.0])
+    assert first_token_kl(full, pruned) == pytest.approx(math.exp(-0.1) * (-0.1 + 1.0), rel=1e-12)

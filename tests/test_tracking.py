@@ -315,3 +315,80 @@ def test_credentials_never_printed_and_basic_auth_servers_are_reachable(tmp_path
         tracker = Tracker(tmp_path / "out", "secret")
     assert not tracker.active and "S3cr3tP4ss" not in caplog.text and "S3cr3tP4ss" not in tracker.failure
     assert "http://alice:***@127.0.0.1:1" in caplog.text and "S3cr3tP4ss" not in tracker.shown_uri
+
+
+def test_store_dir_of_an_object_store_output_is_a_local_folder_named_after_it(tmp_path, monkeypatch):
+    from pipelines.tracking import LOCAL_STORES, store_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert store_dir("s3://bucket/a/b/") == tmp_path / LOCAL_STORES / "s3" / "bucket" / "a" / "b"
+    assert store_dir("gs://b://odd") == tmp_path / LOCAL_STORES / "gs" / "b://odd"  # split at the first ://
+    assert store_dir("out/x") == (tmp_path / "out" / "x").resolve()
+
+
+def test_redact_hides_passwords_holding_at_signs_and_colons():
+    from pipelines.tracking import redact, redact_text
+
+    assert redact("http://alice:p@ss:w0rd@host:5000/x") == "http://alice:***@host:5000/x"
+    uri = "http://alice:pa:ss@host/x?token=abc"
+    assert redact(uri) == "http://alice:***@host/x?***"
+    said = redact_text(f"cannot reach {uri}; the password pa:ss and token=abc were sent", uri)
+    assert said == "cannot reach http://alice:***@host/x?***; the password *** and *** were sent"
+
+
+def test_params_and_metrics_keep_known_finite_values_only(tmp_path, monkeypatch):
+    import math
+
+    from pipelines.tracking import _clean
+
+    assert _clean({"a": None, "b": math.nan, "c": 1.5, "d": "x", "e": 0}, ("a", "b", "c", "d", "e", "f")) == {
+        "c": 1.5, "d": "x", "e": 0}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(tmp_path, "filters")
+    note = tmp_path / "note.txt"
+    note.write_text("n")
+    with tracker.run("r"):
+        run_id = tracker.current_run_id
+        tracker.metrics({"kept": 2, "flag": True, "nan": math.nan, "text": "x", "none": None}, step=7)
+        tracker.artifact(note, "notes")
+    client = MlflowClient(tracking_uri=tracker.uri)
+    run = client.get_run(run_id)
+    assert run.data.metrics == {"kept": 2.0}
+    assert [m.step for m in client.get_metric_history(run_id, "kept")] == [7]
+    assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/note.txt"]
+
+
+def test_health_check_under_a_path_prefix_wants_200_and_gives_up_in_time():
+    import http.server
+    import threading
+
+    from pipelines.tracking import _server_reachable
+
+    seen = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            if self.path == "/slow/health":
+                time.sleep(3)
+            self.send_response({"/mlflow/health": 200, "/empty/health": 204}.get(self.path, 404))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert _server_reachable(f"{base}/mlflow/") is None and seen[-1] == "/mlflow/health"
+        assert _server_reachable(f"{base}/empty") == "HTTP 204"
+        assert "404" in _server_reachable(base)
+        start = time.monotonic()
+        assert "timed out" in _server_reachable(f"{base}/slow", timeout_s=0.5)
+        assert time.monotonic() - start < 2.5
+    finally:
+        server.shutdown()
+    assert _server_reachable("sqlite:///x.db") is None and _server_reachable("file:///x") is None
+    down = _server_reachable("http://bob:Secret1@127.0.0.1:1")
+    assert "refused" in down.lower() and "Secret1" not in down
