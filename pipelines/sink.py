@@ -250,16 +250,7 @@ def _atomic_write_table(table: pa.Table, path: str) -> None:
         pq.write_table(table, buffer)
         storage.write_atomic(path, buffer.getvalue())
         return
-    tmp = storage.hidden_tmp(path)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    storage.replace_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 class OutputWriteError(OSError):

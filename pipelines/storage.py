@@ -174,20 +174,30 @@ def hidden_tmp(path: str) -> str:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all. Locally: a hidden temporary file beside
-    it, synced, renamed over it (removed if the write fails). On an object store: one put of
-    the whole buffer (an object appears only when its upload completes)."""
+    """Write ``data`` to ``path`` whole or not at all. Locally: through :func:`replace_atomic`.
+    On an object store: one put of the whole buffer (an object appears only when its upload
+    completes)."""
     if is_uri(path):
         fs, inner = filesystem(path)
         with fs.open_output_stream(inner) as fh:
             fh.write(data)
         return
-    path = local(path)
-    tmp = hidden_tmp(path)
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
+
+    replace_atomic(local(path), write)
+
+
+def replace_atomic(path: str, write) -> None:
+    """``write(tmp)`` to a hidden temporary file beside the local ``path``, sync it, rename it
+    over ``path``: a reader sees the old file or the new one, never a part of one. A failed
+    write leaves no temporary file."""
+    tmp = hidden_tmp(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
