@@ -520,3 +520,19 @@ def test_a_write_that_fails_before_its_temporary_exists_raises_the_write_error(t
     monkeypatch.setattr(sink_module.pq, "write_table", fails)
     with pytest.raises(OSError, match="Input/output error"):
         ParquetSink(str(tmp_path / "out"), "r1").write(to_table([{"sample_id": "a"}]))
+
+
+def test_annotate_lock_adds_fields_to_this_processs_lock_only(tmp_path):
+    from pipelines.sink import LOCK_FILE, annotate_lock, output_lock
+
+    out = tmp_path / "out"
+    with output_lock(str(out)):
+        annotate_lock(str(out), mlflow_run="r1", mlflow_uri="sqlite:///x")
+        lock = json.loads((out / LOCK_FILE).read_text())
+        assert (lock["mlflow_run"], lock["mlflow_uri"], lock["pid"]) == ("r1", "sqlite:///x", os.getpid())
+    other = {"host": "elsewhere", "pid": 1, "since": "then"}
+    (out / LOCK_FILE).write_text(json.dumps(other))
+    annotate_lock(str(out), mlflow_run="mine")  # not this process's lock: left as it is
+    assert json.loads((out / LOCK_FILE).read_text()) == other
+    annotate_lock(str(tmp_path / "none"), mlflow_run="x")  # no lock at all: nothing, no error
+    assert not (tmp_path / "none").exists()

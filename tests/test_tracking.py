@@ -392,3 +392,21 @@ def test_health_check_under_a_path_prefix_wants_200_and_gives_up_in_time():
     assert _server_reachable("sqlite:///x.db") is None and _server_reachable("file:///x") is None
     down = _server_reachable("http://bob:Secret1@127.0.0.1:1")
     assert "refused" in down.lower() and "Secret1" not in down
+
+
+def test_mark_killed_ends_a_running_run_once_and_says_why_it_cannot(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(tmp_path, "killed")
+    client = MlflowClient(tracking_uri=tracker.uri)
+    experiment = client.get_experiment_by_name("killed").experiment_id
+    left = client.create_run(experiment).info.run_id  # what a SIGKILLed job leaves: RUNNING
+    done = client.create_run(experiment).info.run_id
+    client.set_terminated(done, status="FINISHED")
+    assert tracker.mark_killed(left) is True and client.get_run(left).info.status == "KILLED"
+    assert tracker.mark_killed(left) is False and tracker.mark_killed(done) is False
+    assert client.get_run(done).info.status == "FINISHED"
+    with caplog.at_level("WARNING", logger="pipelines.tracking"):
+        assert tracker.mark_killed("0" * 32) is False
+    assert [r.getMessage() for r in caplog.records if r.name == "pipelines.tracking"][0].startswith(
+        f"MLflow: could not mark the killed job's run {'0' * 32}")
+    assert Tracker(tmp_path, "off", enabled=False).mark_killed(left) is False
