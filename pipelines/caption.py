@@ -27,8 +27,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-
 from ep_core.config import PruneConfig
 from ep_core.loading import ATTENTION_BACKENDS, DTYPES, flash_attention_available
 from pipelines import storage
@@ -37,9 +35,10 @@ from pipelines.failures import AttemptLedger
 from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipelines.packing import CallTally
 from pipelines.preprocess import prepare_block
-from pipelines.sink import (OutputWriteError, ParquetSink, annotate_lock, check_job, done_ids, drop_transient,
-                            output_lock)
-from pipelines.sources import scan
+from pipelines.sink import (OutputWriteError, PartWriter, write_error, annotate_lock, check_job, done_ids,
+                            drop_transient, output_lock, parts_by_unit, remove_stale_temporaries)
+from pipelines.sources import resolve_format, scan
+from pipelines.units import SHARD_FORMATS, UnitTally, expand_units, plan_rows, plan_shards
 
 log = logging.getLogger(__name__)
 PACK_WINDOW = 4  # a model actor packs generate calls from batch_size × PACK_WINDOW rows at a time
@@ -269,40 +268,49 @@ class CaptionJob:
         the progress lines at DEBUG instead of INFO (the sweep runs many jobs)."""
         cfg = self.cfg
         say = log.debug if quiet else log.info
-        scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames, follow_symlinks_outside=cfg.follow_symlinks_outside,
-                       input_format=cfg.input_format, columns=cfg.shard_columns())
+        input_format = resolve_format(cfg.input, cfg.input_format, cfg.shard_columns())
+        scanned = None
+        if input_format not in SHARD_FORMATS:  # a folder or a manifest: its rows are listed here
+            scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames, follow_symlinks_outside=cfg.follow_symlinks_outside,
+                           input_format=input_format, columns=cfg.shard_columns())
         with output_lock(cfg.output):  # one writer per output directory
-            return self._run_locked(cfg, scanned, say, progress, quiet)
+            return self._run_locked(cfg, input_format, scanned, say, progress, quiet)
 
-    def _run_locked(self, cfg: CaptionConfig, scanned, say, progress, quiet: bool) -> Summary:
-        check_job(cfg.output, cfg.job_identity())
+    def _run_locked(self, cfg: CaptionConfig, input_format: str, scanned, say, progress, quiet: bool) -> Summary:
+        identity = cfg.job_identity()
+        if scanned is None:
+            identity["parts"] = "per-shard"  # part files named by their input shard (pipelines.units)
+        check_job(cfg.output, identity)
         run_id = cfg.run_id or uuid.uuid4().hex[:12]
-        retried = drop_transient(cfg.output)  # the device failed these rows before: process them again
-        before = done_ids(cfg.output)
-        todo = [r for r in scanned.rows if r["sample_id"] not in before]
-        summary = Summary(
-            rows_total=len(scanned.rows),
-            rows_before=len(scanned.rows) - len(todo),
-            output=cfg.output,
-            run_id=run_id,
-            transient_retried=retried,
-        )
-        notes = []
-        if scanned.skipped_files:
-            notes.append(f"{scanned.skipped_files} files skipped (hidden, or neither images nor videos)")
-        if scanned.duplicates:
-            notes.append(f"{scanned.duplicates} duplicate manifest rows kept once")
-        if retried:
-            notes.append(f"{retried} transient error rows of earlier runs to retry")
-        say(
-            f"[caption] {len(scanned.rows)} inputs, {summary.rows_before} already in {cfg.output}, "
-            f"{len(todo)} to process" + (f" ({'; '.join(notes)})" if notes else "")
-        )
-        if todo:
+        remove_stale_temporaries(cfg.output)  # a crashed run's unfinished files: before any worker writes
+        if scanned is None:
+            plan = plan_shards(cfg.input, input_format, cfg.shard_columns(), parts_by_unit(cfg.output))
+            total = plan.rows_total
+            say(f"[caption] {len(plan.units)} pieces of {input_format} shards"
+                + (f", {total} inputs" if total is not None else "")
+                + (f"; {plan.units_with_parts} have rows in {cfg.output} already (their workers skip those)"
+                   if plan.units_with_parts else ""))
+        else:
+            retried = drop_transient(cfg.output)  # the device failed these rows before: process them again
+            plan = plan_rows(scanned.rows, done_ids(cfg.output), rows_per_unit=cfg.batch_size, skipped_files=scanned.skipped_files,
+                             duplicates=scanned.duplicates, transient_retried=retried)
+            notes = []
+            if scanned.skipped_files:
+                notes.append(f"{scanned.skipped_files} files skipped (hidden, or neither images nor videos)")
+            if scanned.duplicates:
+                notes.append(f"{scanned.duplicates} duplicate manifest rows kept once")
+            if retried:
+                notes.append(f"{retried} transient error rows of earlier runs to retry")
+            say(
+                f"[caption] {len(scanned.rows)} inputs, {plan.rows_before} already in {cfg.output}, "
+                f"{len(scanned.rows) - plan.rows_before} to process" + (f" ({'; '.join(notes)})" if notes else "")
+            )
+        summary = Summary(rows_total=plan.rows_known, rows_before=plan.rows_before, output=cfg.output, run_id=run_id,
+                          transient_retried=plan.transient_retried)
+        if plan.units:
             with ray_session(cfg.address, cfg.num_cpus, quiet=quiet):
-                _stream(cfg, todo, before, run_id, summary, say, progress)
+                _stream(cfg, plan, run_id, summary, say, progress)
         return summary
-
 
     def run_tracked(self, *, experiment: str = "caption", tracking: bool = True):
         """:meth:`run` inside one MLflow run (``pipelines.tracking``: params from the config,
@@ -399,7 +407,11 @@ def _request_gpus(workers: int) -> None:
         log.debug("[caption] no autoscaler to ask for GPUs", exc_info=True)
 
 
-def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str, summary: Summary, say, progress) -> None:
+def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progress) -> None:
+    """Stream the plan's units through the stages: expand (a unit → its rows still to do,
+    ``pipelines.units``), decode + preprocess (CPU tasks), the model actors, which write their
+    own part files (``pipelines.sink.PartWriter``). The driver receives one row of figures per
+    model call (:data:`pipelines.sink.WRITE_STATS`) and adds them up: it holds O(units), no row."""
     import ray
 
     from pipelines.infer import CaptionPredictor
@@ -412,15 +424,22 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
             "decode/preprocess stage needs at least one: lower --workers or --cpus-per-worker, or add CPUs"
         )
     ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()  # attempts per batch, across model actor restarts
+    tally = ray.remote(num_cpus=0)(UnitTally).remote()  # what the expand tasks found in each unit
     where = f"{cfg.workers} model worker(s) with {gpus:g} GPU each" if gpus else f"{cfg.workers} model worker(s) on CPU"
     say(f"[caption] {where}, batch size {cfg.batch_size}, method {cfg.prune.method}")
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
-    n_blocks = max(1, min(-(-len(todo) // cfg.batch_size), 20_000))  # blocks of at most batch_size rows (below 20k blocks)
-    rows_per_block = -(-len(todo) // n_blocks)
-    any_video = any(r.get("media_type") == "video" for r in todo)
-    ds = ray.data.from_items(todo, override_num_blocks=n_blocks)
+    ctx.raise_original_map_exception = True  # a worker's OutputWriteError reaches the driver as itself
+    ds = ray.data.from_items(plan.units, override_num_blocks=max(1, min(len(plan.units), 20_000)))
+    ds = ds.map_batches(
+        expand_units,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"prompt": cfg.prompt, "frames": cfg.frames, "columns": cfg.shard_columns(),
+                   "block_rows": cfg.batch_size, "tally": tally},  # blocks of at most batch_size rows
+        num_cpus=1,
+    )
     ds = ds.map_batches(
         prepare_block,
         batch_format="pyarrow",
@@ -429,13 +448,16 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
                    "timeout_s": cfg.decode_timeout},
         num_cpus=1,
         # What one CPU task holds (the decoded pixels of a block and their pixel tensors).
-        # Resource requests that differ from the model stage's also keep Ray Data from fusing
-        # this stage into the model actors: CPU tasks run on their own CPUs while the actors generate.
-        memory=_cpu_stage_memory(cfg, rows_per_block, any_video),
+        # Resource requests that differ from the other stages' also keep Ray Data from fusing
+        # this stage into them: CPU tasks run on their own CPUs while the actors generate.
+        memory=_cpu_stage_memory(cfg, cfg.batch_size, plan.any_video),
     )
     ds = ds.map_batches(
-        CaptionPredictor,
+        PartWriter,
         fn_constructor_kwargs={
+            "stage": CaptionPredictor,
+            "output_dir": cfg.output,
+            "run_id": run_id,
             "model": cfg.model,
             "prune": cfg.prune,
             "max_new_tokens": cfg.max_new_tokens,
@@ -443,7 +465,6 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
             "attn_implementation": cfg.attn_implementation,
             "device": "cuda" if gpus else "cpu",
             "torch_threads": None if gpus else max(1, int(cfg.cpus_per_worker)),
-            "run_id": run_id,
             "batch_size": cfg.batch_size,
             "batch_tokens": cfg.batch_tokens,
             "attempts": ledger,
@@ -454,74 +475,85 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         num_gpus=gpus,
         num_cpus=cfg.cpus_per_worker,
         # Ray Data restarts a model actor that ends (a device fault, a killed worker) and runs its
-        # batch again (its defaults for actors: max_restarts=-1, max_task_retries=-1); the ledger
-        # turns a batch that faults on every attempt into transient error rows
+        # batch again (its defaults for actors: max_restarts=-1, max_task_retries=-1): the part it
+        # writes has the same name as before (pipelines.sink.part_name); the ledger turns a batch
+        # that faults on every attempt into transient error rows
     )
 
-    sink = ParquetSink(cfg.output, run_id, already_done=before)
     start = time.monotonic()
-    last_flush = last_log = start
-    buffer: list[pa.Table] = []
-    buffered = 0
+    last_log = start
+    written = {"rows": 0, "errors": 0, "transient": 0, "duplicates": 0}
     calls = CallTally()  # what the output rows say about their generate calls
     first_batch = None  # (seconds until the first results arrived, their rows): start-up cost
 
-    def flush() -> None:
-        nonlocal buffer, buffered, last_flush
-        if buffer:
-            sink.write(pa.concat_tables(buffer))
-            buffer, buffered = [], 0
-        last_flush = time.monotonic()
+    def report(now: float) -> None:
+        found = _tally_totals(tally, plan) if plan.kind == "shards" else None
+        total, before = _total_and_before(plan, found)
+        rate = written["rows"] / (now - start) if now > start else 0.0
+        left = None if total is None else max(0, total - before - written["rows"])
+        eta = f", about {_duration(left / rate)} left" if left and rate > 0 else ""
+        say(
+            f"[caption] {before + written['rows']}/{total if total is not None else '?'} rows written, "
+            f"{written['errors']} errors ({written['transient']} transient), {rate:.2f} items/s{eta}"
+        )
+        if progress is not None:
+            progress(written["rows"], now - start)
 
+    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if batch.num_rows == 0:
-                continue
-            calls.add(batch.select(list(CallTally.COLUMNS)).to_pylist())
-            if first_batch is None:
-                first_batch = (time.monotonic() - start, batch.num_rows)
-            buffer.append(batch)
-            buffered += batch.num_rows
+        for stats in batches:
+            for row in stats.to_pylist():
+                for key in written:
+                    written[key] += row[key]
+                calls.merge(row)
+                if first_batch is None and row["rows"]:
+                    first_batch = (time.monotonic() - start, row["rows"])
+                if row["write_error"] is not None and summary.failure is None:
+                    summary.failure = write_error(OSError(row["write_errno"], row["write_error"]), cfg.output,
+                                                  written["rows"]).strerror
+            if summary.failure is not None:  # a part could not be written: what is committed stays
+                log.warning(f"[caption] {summary.failure}")  # a warning: shown even when the progress lines are quiet
+                break
             now = time.monotonic()
-            if buffered >= cfg.flush_rows or now - last_flush >= cfg.flush_seconds:
-                flush()
-            if now - last_log >= 10.0 or (buffered == 0 and now - last_log >= 2.0):
+            if now - last_log >= 10.0:
                 last_log = now
-                rate = sink.rows_written / (now - start) if now > start else 0.0
-                say(
-                    f"[caption] {summary.rows_before + sink.rows_written}/{summary.rows_total} rows written, "
-                    f"{sink.errors_written} errors ({sink.transient_written} transient), {rate:.2f} items/s"
-                )
-                if progress is not None:
-                    progress(sink.rows_written, now - start)
-        flush()
-    except KeyboardInterrupt:  # SIGINT / SIGTERM: commit what arrived, then let the edge end the job
-        with contextlib.suppress(OutputWriteError):
-            flush()
-        raise
-    except OutputWriteError as exc:  # the disk is full or the folder unwritable: what is committed stays
-        summary.failure = exc.strerror
-        log.warning(f"[caption] {exc.strerror}")  # a warning: shown even when the progress lines are quiet
+                report(now)
     except Exception as exc:  # noqa: BLE001 - keep what is done, say how to resume
-        try:
-            flush()
-        except OutputWriteError as write_exc:
-            log.warning(f"[caption] {write_exc.strerror}")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        summary.failure = f"{type(exc).__name__}: {first}"
-        say(f"[caption] the job failed ({summary.failure}); rows already written are kept")
+        cause = _root_cause(exc)
+        if isinstance(cause, OutputWriteError):  # the disk is full or the folder unwritable: what is committed stays
+            summary.failure = cause.strerror
+            log.warning(f"[caption] {cause.strerror}")  # a warning: shown even when the progress lines are quiet
+        else:
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            summary.failure = f"{type(cause).__name__}: {first}"
+            say(f"[caption] the job failed ({summary.failure}); rows already written are kept")
+    finally:
+        with contextlib.suppress(Exception):
+            batches.close()  # a job that stops early: its tasks and model actors stop too, no part comes later
     summary.seconds = time.monotonic() - start
-    summary.rows_new = sink.rows_written
-    summary.errors_new = sink.errors_written
-    summary.transient_new = sink.transient_written
+    summary.rows_new = written["rows"]
+    summary.errors_new = written["errors"]
+    summary.transient_new = written["transient"]
+    found = None
     try:
         summary.extra["batch_repeats"] = ray.get(ledger.repeats.remote(), timeout=30)
-    except Exception:  # noqa: BLE001 - a report figure only
+        if plan.kind == "shards":
+            found = _tally_totals(tally, plan)
+    except Exception:  # noqa: BLE001 - report figures only
         pass
     finally:
-        ray.kill(ledger)  # one ledger per job: a long-lived Ray session would collect them
-    summary.missing = len(todo) - sink.rows_written
-    summary.extra["duplicates_dropped"] = sink.duplicates_dropped
+        ray.kill(ledger)  # one ledger and one tally per job: a long-lived Ray session would collect them
+        ray.kill(tally)
+    total, before = _total_and_before(plan, found)
+    if found is not None:
+        summary.rows_before, summary.transient_retried = before, found["retried"]
+        summary.rows_total = total if total is not None else found["rows"]
+        summary.extra["duplicates_in_input"] = found["duplicates"]
+    # rows neither there before nor written now; a unit no worker reported counts as missing
+    unreported = len(plan.units) - found["units"] if found is not None else 0
+    summary.missing = max(0, summary.rows_total - summary.rows_before - written["rows"]) + (
+        unreported if total is None else 0)
+    summary.extra["duplicates_dropped"] = written["duplicates"]
     figures = calls.figures()
     if figures:
         summary.extra["rows_per_generate"] = figures["rows_per_generate"]
@@ -531,6 +563,46 @@ def _stream(cfg: CaptionConfig, todo: list[dict], before: set[str], run_id: str,
         if figures["span_s"] > 0:
             summary.extra["actor_busy_share"] = figures["generate_s"] / (cfg.workers * figures["span_s"])
         summary.extra["oom_split_rows"] = figures["oom_split_rows"]
-    if first_batch is not None and sink.rows_written > first_batch[1]:
+    if first_batch is not None and written["rows"] > first_batch[1]:
         summary.extra["first_output_s"] = first_batch[0]
-        summary.extra["steady_items_per_s"] = (sink.rows_written - first_batch[1]) / (summary.seconds - first_batch[0])
+        summary.extra["steady_items_per_s"] = (written["rows"] - first_batch[1]) / (summary.seconds - first_batch[0])
+
+
+def _tally_totals(tally, plan) -> dict:
+    import ray
+
+    return ray.get(tally.totals.remote(), timeout=30)
+
+
+def _total_and_before(plan, found: dict | None) -> tuple[int | None, int]:
+    """Input rows (None while a unit of unknown size is unread) and rows done before this run:
+    from the plan for a folder or manifest; for shards, the metadata's sizes with what the
+    workers found so far (``found``: ``UnitTally.totals``)."""
+    if plan.kind == "rows" or found is None:
+        return plan.rows_total, plan.rows_before
+    total = plan.rows_total
+    if total is None and found["units"] >= len(plan.units):
+        total = found["rows"]
+    return total, found["before"]
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.5 h``: an ETA, rounded as a person reads it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The user's exception inside Ray's wrappers (a task's error travels as ``RayTaskError``
+    with ``cause``; Ray Data may chain another exception over it)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc

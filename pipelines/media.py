@@ -340,6 +340,7 @@ DECODED_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("reference", pa.string()),
         ("error", pa.string()),
+        ("unit", pa.string()),  # the input piece the row belongs to: names its part file (pipelines.sink.part_name)
         ("pixels", pa.large_binary()),
         ("shape", pa.list_(pa.int32())),
     ]

@@ -128,6 +128,26 @@ class CallTally:
                 self.last = max(self.last, row["generated_at"])
         return self
 
+    STATE = ("tally_rows", "tally_calls", "tally_padding", "tally_generate_s", "tally_oom_split_rows",
+             "tally_first", "tally_last")
+
+    def state(self) -> dict:
+        """The seven numbers, named by :data:`STATE` (what a model worker sends the driver)."""
+        return dict(zip(self.STATE, (self.rows, self.calls, self.padding, self.generate_s, self.oom_split_rows,
+                                     self.first, self.last)))
+
+    def merge(self, state: dict) -> "CallTally":
+        """Add another tally's :meth:`state`: sums add up, the span takes the earliest start and
+        the latest end."""
+        self.rows += int(state["tally_rows"])
+        self.calls += state["tally_calls"]
+        self.padding += state["tally_padding"]
+        self.generate_s += state["tally_generate_s"]
+        self.oom_split_rows += int(state["tally_oom_split_rows"])
+        self.first = min(self.first, state["tally_first"])
+        self.last = max(self.last, state["tally_last"])
+        return self
+
     def figures(self) -> dict:
         """``rows_per_generate``, ``padding_share``, ``generate_s``, ``span_s``,
         ``oom_split_rows``; empty when no row came from a generate call."""

@@ -202,17 +202,24 @@ def _root(path: str) -> str:
 # ----------------------------------------------------------------------------- scanning
 
 
-def scan_parquet_dataset(path: str, columns: ShardColumns = ShardColumns()) -> list[dict]:
-    """One entry per row of every shard: ``source`` ``<shard>#<row>``, ``media_type``, ``ref``
-    (the member reference), and the prompt / reference / id columns where present. Reads the
-    metadata and the small columns only."""
+def shard_units(path: str, input_format: str, columns: ShardColumns = ShardColumns()) -> list[dict]:
+    """The pieces of a sharded input that one task reads, from metadata alone (what the driver
+    holds: O(shards), never a row): one unit per row group of every Parquet shard, with its
+    row count; one per tar shard (its sample count is known once a worker reads its headers).
+    Each unit has ``unit`` (a stable key: :func:`unit_key`), ``kind``, ``shard``, ``rel`` (its
+    path relative to the input folder) and ``rows`` (None when unknown)."""
     import pyarrow.parquet as pq
 
     root = _root(path)
-    entries = []
+    units = []
+    if input_format == "webdataset":
+        for shard in _shard_files(path, ".tar"):
+            rel = relative(shard, root)
+            units.append({"unit": unit_key("tar", rel), "kind": "tar", "shard": shard, "rel": rel, "rows": None})
+        return units
     for shard in _shard_files(path, ".parquet"):
         handle = pq.ParquetFile(storage.open_input(shard))
-        schema = handle.schema_arrow
+        meta, schema = handle.metadata, handle.schema_arrow
         rel = relative(shard, root)
         if _bytes_column(schema, columns.image):
             media, column = "image", columns.image
@@ -222,18 +229,51 @@ def scan_parquet_dataset(path: str, columns: ShardColumns = ShardColumns()) -> l
             raise ValueError(f"Parquet shard {shard} has no image column {columns.image!r} or video column "
                              f"{columns.video!r} of bytes (columns: {', '.join(schema.names)}); "
                              "name yours with --image-column / --video-column")
-        fields = {name: column_name for name, column_name in
-                  (("prompt", columns.prompt), ("reference", columns.reference), ("id", columns.id))
-                  if column_name in schema.names}
-        table = handle.read(columns=list(fields.values())) if fields else None
-        values = {name: table.column(c).to_pylist() for name, c in fields.items()}
-        for i in range(handle.metadata.num_rows):
-            entry = {"source": f"{rel}#{i}", "key": f"{rel}#{i}", "media_type": media,
-                     "ref": member_ref("parquet", shard, i, column)}
-            entry.update({name: column_values[i] for name, column_values in values.items()
-                          if column_values[i] is not None})
-            entries.append(entry)
+        offset = 0
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
+            units.append({"unit": unit_key("parquet", rel, group), "kind": "parquet", "shard": shard, "rel": rel,
+                          "group": group, "offset": offset, "rows": rows, "media": media, "column": column})
+            offset += rows
+    return units
+
+
+def unit_key(kind: str, rel: str, group: int = 0) -> str:
+    """A unit's key, ``u`` + 16 hex digits of sha1(kind | shard path relative to the input | row
+    group): the same shard piece gets the same key in every run, and names its part files."""
+    import hashlib
+
+    return "u" + hashlib.sha1(f"{kind}|{rel}|{group}".encode("utf-8")).hexdigest()[:16]
+
+
+def unit_entries(unit: dict, columns: ShardColumns = ShardColumns()) -> list[dict]:
+    """The entries of one unit (a worker's read): Parquet, one per row of the row group, with
+    ``source`` ``<shard>#<row>`` and the prompt / reference / id columns where present (the
+    image bytes are not read here); tar, one per sample (:func:`tar_entries`)."""
+    import pyarrow.parquet as pq
+
+    if unit["kind"] == "tar":
+        return tar_entries(unit["shard"], unit["rel"])
+    handle = pq.ParquetFile(storage.open_input(unit["shard"]))
+    names = handle.schema_arrow.names
+    fields = {name: column_name for name, column_name in
+              (("prompt", columns.prompt), ("reference", columns.reference), ("id", columns.id))
+              if column_name in names}
+    table = handle.read_row_group(unit["group"], columns=list(fields.values())) if fields else None
+    values = {name: table.column(c).to_pylist() for name, c in fields.items()}
+    entries = []
+    for i in range(unit["rows"]):
+        row = unit["offset"] + i
+        entry = {"source": f"{unit['rel']}#{row}", "key": f"{unit['rel']}#{row}", "media_type": unit["media"],
+                 "ref": member_ref("parquet", unit["shard"], row, unit["column"])}
+        entry.update({name: column_values[i] for name, column_values in values.items() if column_values[i] is not None})
+        entries.append(entry)
     return entries
+
+
+def scan_parquet_dataset(path: str, columns: ShardColumns = ShardColumns()) -> list[dict]:
+    """Every entry of a Parquet dataset (:func:`unit_entries` of each unit), read here at once."""
+    return [e for unit in shard_units(path, "parquet", columns) for e in unit_entries(unit, columns)]
 
 
 def _member_key(name: str) -> tuple[str, str]:
@@ -244,44 +284,45 @@ def _member_key(name: str) -> tuple[str, str]:
 
 
 def scan_webdataset(path: str) -> list[dict]:
-    """One entry per sample key with an image or video member of every tar shard: ``source``
-    ``<shard>:<member>``, ``media_type``, ``ref``; its ``txt`` member becomes the reference,
-    its ``json`` member may give ``prompt``, ``reference`` and ``id``."""
+    """Every entry of a WebDataset input (:func:`tar_entries` of each shard), read here at once."""
+    return [e for unit in shard_units(path, "webdataset") for e in tar_entries(unit["shard"], unit["rel"])]
+
+
+def tar_entries(shard: str, rel: str) -> list[dict]:
+    """One entry per sample key with an image or video member of the tar ``shard``: ``source``
+    ``<rel>:<member>``, ``media_type``, ``ref``; its ``txt`` member becomes the reference, its
+    ``json`` member may give ``prompt``, ``reference`` and ``id``. An unreadable shard is one
+    entry with an ``error``."""
     from pipelines.sources import media_type_of
 
-    root = _root(path)
-    entries = []
-    for shard in _shard_files(path, ".tar"):
-        rel = relative(shard, root)
-        try:
-            handle = _open_tar(shard)
-        except (OSError, tarfile.TarError) as exc:
-            entries.append({"source": rel, "key": rel, "media_type": "image", "ref": member_ref("tar", shard, ""),
-                            "error": f"not a readable tar shard ({exc}): {shard}"})
+    try:
+        handle = _open_tar(shard)
+    except (OSError, tarfile.TarError) as exc:
+        return [{"source": rel, "key": rel, "media_type": "image", "ref": member_ref("tar", shard, ""),
+                 "error": f"not a readable tar shard ({exc}): {shard}"}]
+    samples: dict[str, dict] = {}
+    for member in handle.getmembers():
+        if not member.isfile():
             continue
-        samples: dict[str, dict] = {}
-        for member in handle.getmembers():
-            if not member.isfile():
-                continue
-            key, ext = _member_key(member.name)
-            samples.setdefault(key, {})[ext] = member.name
-        for key, members in samples.items():
-            media = [(ext, name) for ext, name in sorted(members.items()) if media_type_of("x." + ext)]
-            if not media:
-                continue
-            ext, name = media[0]
-            entry = {"source": f"{rel}:{name}", "key": f"{rel}:{name}", "media_type": media_type_of("x." + ext),
-                     "ref": member_ref("tar", shard, name)}
-            if "txt" in members:
-                entry["reference"] = handle.extractfile(members["txt"]).read().decode("utf-8", "replace").strip()
-            if "json" in members:
-                try:
-                    meta = json.loads(handle.extractfile(members["json"]).read())
-                except ValueError:
-                    meta = {}
-                for name_ in ("prompt", "reference", "id"):
-                    if isinstance(meta, dict) and meta.get(name_) is not None:
-                        entry[name_] = meta[name_]
-            entries.append(entry)
+        key, ext = _member_key(member.name)
+        samples.setdefault(key, {})[ext] = member.name
+    entries = []
+    for key, members in samples.items():
+        media = [(ext, name) for ext, name in sorted(members.items()) if media_type_of("x." + ext)]
+        if not media:
+            continue
+        ext, name = media[0]
+        entry = {"source": f"{rel}:{name}", "key": f"{rel}:{name}", "media_type": media_type_of("x." + ext),
+                 "ref": member_ref("tar", shard, name)}
+        if "txt" in members:
+            entry["reference"] = handle.extractfile(members["txt"]).read().decode("utf-8", "replace").strip()
+        if "json" in members:
+            try:
+                meta = json.loads(handle.extractfile(members["json"]).read())
+            except ValueError:
+                meta = {}
+            for name_ in ("prompt", "reference", "id"):
+                if isinstance(meta, dict) and meta.get(name_) is not None:
+                    entry[name_] = meta[name_]
+        entries.append(entry)
     return entries
-

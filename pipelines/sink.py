@@ -105,14 +105,14 @@ def done_ids(output_dir: str) -> set[str]:
     return ids
 
 
-def drop_transient(output_dir: str) -> int:
-    """Remove the ``transient`` error rows from the parts of ``output_dir`` (each part rewritten
-    atomically; a part left empty is deleted), so that a rerun processes them again. Returns
-    how many rows were dropped."""
+def drop_transient(output_dir: str, parts: list[str] | None = None) -> int:
+    """Remove the ``transient`` error rows from the parts of ``output_dir`` (or the given
+    ``parts``; each part rewritten atomically, a part left empty deleted), so that a rerun
+    processes them again. Returns how many rows were dropped."""
     import pyarrow.compute as pc
 
     dropped = 0
-    for path in part_files(output_dir):
+    for path in part_files(output_dir) if parts is None else parts:
         table = _read_part(path, schema=OUTPUT_SCHEMA)
         transient = pc.fill_null(pc.equal(table.column("error_kind"), "transient"), False)
         count = pc.sum(transient).as_py() or 0
@@ -124,6 +124,48 @@ def drop_transient(output_dir: str) -> int:
             _atomic_write_table(table.filter(pc.invert(transient)), path)
         dropped += count
     return dropped
+
+
+def committed(parts: list[str]) -> tuple[set[str], int]:
+    """What one unit's ``parts`` hold, read by the worker that processes the unit on a rerun:
+    their transient error rows dropped first (:func:`drop_transient`), then the ids left, which
+    the unit skips. Returns ``(ids, transient rows dropped)``."""
+    dropped = drop_transient("", parts)
+    ids: set[str] = set()
+    for path in parts:
+        if storage.exists(path):  # a part of transient rows only is gone now
+            ids.update(_read_part(path, columns=["sample_id"]).column("sample_id").to_pylist())
+    return ids, dropped
+
+
+def part_name(unit: str, ids: list[str]) -> str:
+    """``part-<unit>-<h>.parquet``, h = the first 16 hex digits of sha1 over the sorted ids: the
+    same rows of the same unit get the same name, so a task that Ray runs again overwrites its
+    own part instead of adding a second copy."""
+    import hashlib
+
+    digest = hashlib.sha1("\n".join(sorted(ids)).encode("utf-8")).hexdigest()[:16]
+    return f"part-{unit}-{digest}.parquet"
+
+
+def parts_by_unit(output_dir: str) -> dict[str, list[str]]:
+    """The part files of ``output_dir`` by the unit named in them (file names only: nothing is
+    read)."""
+    units: dict[str, list[str]] = {}
+    for path in part_files(output_dir):
+        units.setdefault(storage.basename(path).split("-")[1], []).append(path)
+    return units
+
+
+def remove_stale_temporaries(output_dir: str) -> int:
+    """Delete the hidden ``.part-*.tmp`` files a crashed run left (their rows were never
+    committed); run by the driver before any worker writes. An object store has none."""
+    if storage.is_uri(output_dir) or not os.path.isdir(output_dir):
+        return 0
+    stale = glob.glob(os.path.join(glob.escape(output_dir), ".part-*.tmp"))
+    for path in stale:
+        os.remove(path)
+    return len(stale)
 
 
 def read_output(output_dir: str) -> pa.Table:
@@ -258,7 +300,9 @@ class OutputWriteError(OSError):
     what was committed before stays, and a rerun resumes from it."""
 
 
-def _write_error(exc: OSError, output_dir: str, rows_written: int) -> OutputWriteError:
+def write_error(exc: OSError, output_dir: str, rows_written: int) -> OutputWriteError:
+    """The one-line error for a part that could not be written: what happened (``exc``), that
+    the ``rows_written`` committed before stay, and what to do."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         what = f"no space left on the device holding {output_dir}"
         fix = "free some space, then run the same command again to resume"
@@ -269,24 +313,22 @@ def _write_error(exc: OSError, output_dir: str, rows_written: int) -> OutputWrit
 
 
 class ParquetSink:
-    """Writes row batches to ``output_dir`` atomically, each ``sample_id`` at most once."""
+    """Writes row batches to ``output_dir`` atomically, each ``sample_id`` at most once per
+    sink, one part per (batch, unit) named by :func:`part_name`."""
 
     def __init__(self, output_dir: str, run_id: str, already_done: set[str] | None = None):
         self.output_dir = output_dir
         self.run_id = run_id
         storage.makedirs(output_dir)
-        if not storage.is_uri(output_dir):  # an object store has no temporaries: a put is whole or absent
-            for stale in glob.glob(os.path.join(glob.escape(output_dir), ".part-*.tmp")):
-                os.remove(stale)  # a crashed run's unfinished file: its rows were never committed
         self._written: set[str] = set(already_done if already_done is not None else done_ids(output_dir))
-        self._seq = 0
         self.rows_written = 0
         self.errors_written = 0
         self.transient_written = 0
         self.duplicates_dropped = 0
 
-    def write(self, table: pa.Table) -> str | None:
-        """Commit the rows of ``table`` not written before; returns the new file (or None)."""
+    def write(self, table: pa.Table, unit: str = "rows") -> str | None:
+        """Commit the rows of ``table`` not written before as one part of ``unit``; returns the
+        new file (or None)."""
         table = table.select(list(OUTPUT_COLUMNS)).cast(OUTPUT_SCHEMA)
         ids = table.column("sample_id").to_pylist()
         keep, batch_ids = [], set()
@@ -300,15 +342,60 @@ class ParquetSink:
             return None
         if len(keep) != len(ids):
             table = table.take(keep)
-        name = f"part-{self.run_id}-{self._seq:06d}.parquet"
-        self._seq += 1
-        final = storage.join(self.output_dir, name)
+        final = storage.join(self.output_dir, part_name(unit, list(batch_ids)))
         try:
             _atomic_write_table(table, final)
         except OSError as exc:
-            raise _write_error(exc, self.output_dir, self.rows_written) from exc
+            raise write_error(exc, self.output_dir, self.rows_written) from exc
         self._written |= batch_ids
         self.rows_written += len(keep)
         self.errors_written += len(keep) - table.column("error").null_count
         self.transient_written += table.column("error_kind").to_pylist().count("transient")
         return final
+
+
+class PartWriter:
+    """The model stage writing its own output (a Ray Data actor): ``stage(**kwargs)`` (the
+    model, ``pipelines.infer.CaptionPredictor``) is built once per actor; each call runs it on a
+    batch, commits the result as one part per unit (the ``unit`` column of the batch; rows
+    without one go to unit ``rows``), and returns one row of figures (:data:`WRITE_STATS`) for
+    the driver to add up: output rows never travel to the driver. A part that cannot be written
+    (a full disk, an unwritable folder) is reported in that row (``write_errno``, ``write_error``)
+    rather than raised, so that the driver ends the job with one line, not a worker's traceback."""
+
+    def __init__(self, stage, output_dir: str, run_id: str, **kwargs):
+        self.stage = stage(run_id=run_id, **kwargs)
+        self.sink = ParquetSink(output_dir, run_id, already_done=set())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipelines.packing import CallTally
+
+        units = batch.column("unit").to_pylist() if "unit" in batch.column_names else [None] * batch.num_rows
+        unit_of = dict(zip(batch.column("sample_id").to_pylist(), units))
+        out = self.stage(batch)
+        before = (self.sink.rows_written, self.sink.errors_written, self.sink.transient_written, self.sink.duplicates_dropped)
+        groups: dict[str, list[int]] = {}
+        for i, sid in enumerate(out.column("sample_id").to_pylist()):
+            groups.setdefault(unit_of.get(sid) or "rows", []).append(i)
+        failure = {"write_errno": None, "write_error": None}
+        try:
+            for unit, index in groups.items():
+                self.sink.write(out if len(index) == out.num_rows else out.take(index), unit=unit)
+        except OutputWriteError as exc:  # the driver ends the job with one line (pipelines.caption)
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            failure = {"write_errno": cause.errno, "write_error": cause.strerror or str(cause)}
+        after = (self.sink.rows_written, self.sink.errors_written, self.sink.transient_written, self.sink.duplicates_dropped)
+        calls = CallTally().add(out.select(list(CallTally.COLUMNS)).to_pylist()).state()
+        figures = dict(zip(("rows", "errors", "transient", "duplicates"), (a - b for a, b in zip(after, before))))
+        return pa.Table.from_pylist([{**figures, **calls, **failure}], schema=WRITE_STATS)
+
+
+def _write_stats_schema() -> pa.Schema:
+    from pipelines.packing import CallTally
+
+    return pa.schema([(name, pa.int64()) for name in ("rows", "errors", "transient", "duplicates")]
+                     + [(name, pa.float64()) for name in CallTally.STATE]
+                     + [("write_errno", pa.int64()), ("write_error", pa.string())])  # a part that could not be written
+
+
+WRITE_STATS = _write_stats_schema()  # what a PartWriter call returns to the driver

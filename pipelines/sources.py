@@ -80,19 +80,14 @@ def scan(input_path: str, *, prompt: str | None = None, frames: int = 8,
     ``input_format`` (``auto``: detected, see :func:`pipelines.shards.detect_format`) and
     ``columns`` (a :class:`pipelines.shards.ShardColumns`) say how to read a sharded dataset.
     """
-    from pipelines.shards import ShardColumns, detect_format, scan_parquet_dataset, scan_webdataset
+    from pipelines.shards import ShardColumns, scan_parquet_dataset, scan_webdataset
 
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
-    if input_format not in INPUT_FORMATS:
-        raise ValueError(f"input format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
-    if not storage.exists(input_path):
-        raise FileNotFoundError(f"input not found: {input_path}")
     input_path = storage.local(input_path)
     columns = columns or ShardColumns()
+    input_format = resolve_format(input_path, input_format, columns)
     is_dir = storage.is_dir(input_path)
-    if input_format == "auto":
-        input_format = detect_format(input_path, columns) or ("folder" if is_dir else "manifest")
     if input_format in ("parquet", "webdataset"):
         entries = scan_parquet_dataset(input_path, columns) if input_format == "parquet" else scan_webdataset(input_path)
         if not entries:
@@ -118,7 +113,7 @@ def scan(input_path: str, *, prompt: str | None = None, frames: int = 8,
     result = SourceScan(skipped_files=skipped)
     seen: dict[str, int] = {}
     for i, entry in enumerate(entries):
-        row = _make_row(entry, base, prompt, frames)
+        row = make_row(entry, base, prompt, frames)
         sid = row["sample_id"]
         if sid in seen:
             if "id" in entry:
@@ -129,6 +124,20 @@ def scan(input_path: str, *, prompt: str | None = None, frames: int = 8,
         result.rows.append(row)
     result.rows.sort(key=lambda r: (r["media_type"] or "~", r["frames"] or 0, r["source"]))
     return result
+
+
+def resolve_format(input_path: str, input_format: str = "auto", columns=None) -> str:
+    """``input_format``, or for ``auto`` what ``input_path`` holds (``pipelines.shards.detect_format``;
+    else ``folder`` for a directory, ``manifest`` for a file)."""
+    from pipelines.shards import ShardColumns, detect_format
+
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
+    if not storage.exists(input_path):
+        raise FileNotFoundError(f"input not found: {input_path}")
+    if input_format != "auto":
+        return input_format
+    return detect_format(input_path, columns or ShardColumns()) or ("folder" if storage.is_dir(input_path) else "manifest")
 
 
 def _walk(root: str, follow_outside: bool = False) -> list[dict]:
@@ -249,7 +258,12 @@ def _problem(source: str, path: str, media_type: str | None) -> str | None:
     return None
 
 
-def _make_row(entry: dict, base: str | None, prompt: str | None, frames: int) -> dict:
+def make_row(entry: dict, base: str | None, prompt: str | None, frames: int) -> dict:
+    """An input row (what the CPU stage decodes) from a scanned ``entry``: its ``path`` (a
+    member reference, a URI, or an absolute local path; relative ones against ``base``), its
+    prompt (the entry's, else ``prompt``, else the default for its media type), ``frames`` for
+    a video, any problem found without reading it as ``error``, and its ``sample_id``: the
+    entry's ``id``, else :func:`make_sample_id` of its key, frame spec and prompt."""
     source = entry["source"]
     if "ref" in entry:  # a member of a shard (pipelines.shards): its bytes are read by the decoder
         media_type, path = entry["media_type"], entry["ref"]

@@ -14,6 +14,10 @@
   ``poison`` (at most that many times over the whole session, counted by files in
   ``marker_dir``: each fault writes one, named by the pattern and the process id).
 
+* A full disk: :func:`_full_disk` wraps the sink's ``pq.write_table`` so that, while the JSON
+  file named by ``EP_TEST_DEVICE_FAULT`` holds ``"full_disk": true``, writing a part file
+  writes four bytes of it and raises ``ENOSPC`` (the model workers write the parts).
+
 ``ray_runtime_env()`` is the runtime environment a test's Ray session starts with, so that
 every worker of that session (decode tasks and model actors) gets both faults installed.
 """
@@ -94,6 +98,28 @@ def _failing_device() -> None:
     CaptionPredictor._generate, CaptionPredictor._run_group = generate, run_group
 
 
+def _full_disk() -> None:
+    import errno
+    import json
+
+    import pipelines.sink as sink
+
+    real_write = sink.pq.write_table
+
+    def write_table(table, where, *args, **kwargs):
+        path = os.environ.get(DEVICE_FAULT)
+        if path and os.path.exists(path):
+            with open(path) as fh:
+                if json.load(fh).get("full_disk"):
+                    if isinstance(where, str):
+                        with open(where, "wb") as out:  # half a file, then the device is full
+                            out.write(b"PAR1")
+                    raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(table, where, *args, **kwargs)
+
+    sink.pq.write_table = write_table
+
+
 def install() -> None:
     """Ray worker setup hook: every fault, in every worker of the session, and the stand-in
     video processor of the tiny Qwen-VL (``tests.video_standins``: no torchvision here)."""
@@ -103,6 +129,7 @@ def install() -> None:
     faulty_video_decoder()
     _exit_on_nth_batch()
     _failing_device()
+    _full_disk()
 
 
 def ray_runtime_env(spec_file: str, device_fault_file: str = "") -> dict:

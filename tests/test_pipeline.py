@@ -436,36 +436,27 @@ def test_a_video_reaches_a_video_native_model_as_one_video(ray_session, tmp_path
 
 
 def test_a_full_disk_mid_run_keeps_the_committed_rows_says_so_in_one_line_and_a_rerun_resumes(
-        ray_session, tiny_model, tmp_path, monkeypatch, capsys):
-    """Part files hit ENOSPC: no temporary file is left, the job ends (exit 1) with one line that
-    says what happened, and the same command resumes (the sink keeping the parts committed
-    before: tests/test_failures.py)."""
-    import errno
-
-    import pyarrow.parquet as pq
+        ray_session, tiny_model, tmp_path, device_fault_spec, capsys):
+    """The model workers' part files hit ENOSPC (tests/faults.py): no temporary file is left,
+    the job ends (exit 1) with one line that says what happened, and the same command resumes
+    (the sink keeping the parts committed before: tests/test_failures.py)."""
+    import json
 
     images = image_dir(str(tmp_path / "in"), 6)
     out = str(tmp_path / "out")
     args = ["--model", tiny_model, "--input", images, "--output", out, "--method", "fastv", "--keep-ratio", "0.5",
-            "--batch-size", "2", "--max-new-tokens", "2", "--flush-rows", "2", "--no-tracking"]
-    real, calls = pq.write_table, []
-
-    def full_disk(table, where, *a, **kw):
-        calls.append(where)
-        if len(calls) >= 1:
-            with open(where, "wb") as fh:  # half a file, then the device is full
-                fh.write(b"PAR1")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(table, where, *a, **kw)
-
-    monkeypatch.setattr("pipelines.sink.pq.write_table", full_disk)
-    assert caption(args) == 1
+            "--batch-size", "2", "--max-new-tokens", "2", "--no-tracking"]
+    with open(device_fault_spec, "w") as fh:
+        json.dump({"full_disk": True}, fh)
+    try:
+        assert caption(args) == 1
+    finally:
+        os.remove(device_fault_spec)
     printed = capsys.readouterr()
     said = [line for line in (printed.out + printed.err).splitlines() if "no space left" in line]
     assert said and "run the same command again to resume" in said[0] and "Traceback" not in printed.err
     assert printed.out.strip().splitlines()[-1].startswith("ep caption INCOMPLETE")
     assert part_files(out) == [] and not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    monkeypatch.setattr("pipelines.sink.pq.write_table", real)
     assert caption(args) == 0
     assert "6 to process" in capsys.readouterr().out
     from pipelines.sources import scan
@@ -486,11 +477,12 @@ def test_a_parquet_dataset_of_image_bytes_is_captioned_once_per_row_and_resumes(
             "--batch-size", "4", "--max-new-tokens", "2", "--prompt-column", "question", "--reference-column", "answer",
             "--no-tracking"]
     assert caption(args) == 0
-    assert "6 inputs, 0 already" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "6 inputs" in printed and "(6 new, 0 already there)" in printed
     rows = rows_by_source(out)
     assert set(rows) == {f"train-{s:05d}-of-00002.parquet#{i}" for s in range(2) for i in range(3)}
     row = rows["train-00001-of-00002.parquet#2"]
     assert row["prompt"] == "what is in image 1-2?" and row["reference"] == "answer 1-2"
     assert all(r["error"] is None and r["visual_tokens_kept"] < r["visual_tokens"] for r in rows.values())
     assert caption(args) == 0
-    assert "0 to process" in capsys.readouterr().out
+    assert "6/6 rows" in (printed := capsys.readouterr().out) and "(0 new, 6 already there)" in printed

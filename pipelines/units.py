@@ -1,0 +1,151 @@
+"""The caption job's work units: what the driver plans, and what a CPU task turns into rows.
+
+A *unit* is one piece of the input that one task reads:
+
+* a row group of a Parquet shard, or a WebDataset tar shard (``pipelines.shards.shard_units``):
+  the driver reads only the shards' metadata, so it holds O(shards), never a row. The task
+  that expands the unit reads its rows, and on a rerun the unit's own part files (their names
+  say which unit they belong to: ``pipelines.sink.part_name``): it drops their transient error
+  rows, then skips the ids they hold (``pipelines.sink.committed``). Completion is read shard
+  by shard, by the workers, never as one set of every finished id;
+* a chunk of a folder's or a manifest's rows (``batch_size`` of them, so that the CPU stage
+  runs many small tasks at once): their scan lists the rows on
+  the driver anyway (a manifest is one file, and its duplicate rows are found across it), and
+  the driver drops the ids already in the output before planning (as it always did).
+
+Each unit travels as ``{"unit": key, "spec": json}``; :func:`expand_units` (a Ray Data task)
+yields its rows in blocks of at most ``block_rows``, each row tagged with its ``unit``, and
+reports per unit what it found to a :class:`UnitTally` actor (rows, rows already done,
+transient rows retried, duplicates): the driver's progress total and its summary come from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+SHARD_FORMATS = ("parquet", "webdataset")
+
+
+def _source_schema() -> pa.Schema:
+    from pipelines.media import DECODED_SCHEMA
+
+    return pa.schema([f for f in DECODED_SCHEMA if f.name not in ("pixels", "shape")])
+
+
+@dataclass
+class Plan:
+    """What the driver knows before any row is read."""
+
+    kind: str  # "shards" (units read by the workers) or "rows" (a folder's or manifest's rows)
+    units: list[dict] = field(default_factory=list)  # {"unit", "spec"}: what from_items ships
+    rows_known: int = 0  # rows of the units whose size the metadata gives
+    unknown_units: int = 0  # units whose size only their worker learns (tar shards)
+    rows_before: int = 0  # "rows": rows already in the output (dropped here); "shards": found by the workers
+    transient_retried: int = 0  # "rows": transient error rows dropped here
+    skipped_files: int = 0
+    duplicates: int = 0
+    units_with_parts: int = 0  # "shards": units that a rerun finds partly or wholly done
+    any_video: bool = False  # a unit may hold videos (a tar shard may, until read)
+
+    @property
+    def rows_total(self) -> int | None:
+        """Input rows, when the metadata tells them all."""
+        return self.rows_known if not self.unknown_units else None
+
+
+def plan_rows(rows: list[dict], done: set[str], *, rows_per_unit: int, skipped_files: int = 0, duplicates: int = 0,
+              transient_retried: int = 0) -> Plan:
+    """A folder's or manifest's scanned ``rows`` less those in ``done``, in units of
+    ``rows_per_unit`` rows (in scan order, so a unit holds one media type where it can)."""
+    todo = [r for r in rows if r["sample_id"] not in done]
+    units = [{"unit": "rows", "spec": json.dumps({"kind": "rows", "unit": "rows", "rows": todo[i:i + rows_per_unit]})}
+             for i in range(0, len(todo), rows_per_unit)]
+    return Plan(kind="rows", units=units, rows_known=len(rows), rows_before=len(rows) - len(todo),
+                transient_retried=transient_retried, skipped_files=skipped_files, duplicates=duplicates,
+                any_video=any(r.get("media_type") == "video" for r in todo))
+
+
+def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, list[str]]) -> Plan:
+    """One unit per Parquet row group or tar shard of ``input_path`` (metadata only), each with
+    the part files the output already holds for it (``parts``: ``pipelines.sink.parts_by_unit``)."""
+    from pipelines.shards import shard_units
+
+    plan = Plan(kind="shards")
+    for unit in shard_units(input_path, input_format, columns):
+        unit["parts"] = parts.get(unit["unit"], [])
+        plan.units_with_parts += bool(unit["parts"])
+        plan.any_video |= unit.get("media", "video") == "video"
+        if unit["rows"] is None:
+            plan.unknown_units += 1
+        else:
+            plan.rows_known += unit["rows"]
+        plan.units.append({"unit": unit["unit"], "spec": json.dumps(unit)})
+    if not plan.units:
+        raise ValueError(f"input {input_path} holds no {input_format} shards (--input-format {input_format})")
+    return plan
+
+
+class UnitTally:
+    """What the workers found in each unit (a Ray actor with no CPU): one report per unit,
+    keyed by it, so a task that Ray runs again reports once. The driver asks for the sums."""
+
+    def __init__(self):
+        self.units: dict[str, tuple[int, int, int, int]] = {}
+
+    def report(self, unit: str, rows: int, before: int, retried: int, duplicates: int) -> None:
+        self.units[unit] = (rows, before, retried, duplicates)
+
+    def totals(self) -> dict:
+        """``units`` reported, and the sums of ``rows``, ``before``, ``retried``, ``duplicates``."""
+        sums = [sum(v[i] for v in self.units.values()) for i in range(4)]
+        return {"units": len(self.units), **dict(zip(("rows", "before", "retried", "duplicates"), sums))}
+
+
+def unit_rows(spec: dict, *, prompt: str | None, frames: int, columns) -> tuple[list[dict], dict]:
+    """The rows still to process of one unit, each tagged with ``unit``, and what was found
+    (``rows``, ``before``, ``retried``, ``duplicates``). A shard unit's rows are made here
+    (``pipelines.sources.make_row``; an id seen twice in the unit is kept once) and its part
+    files are read for what they already hold (``pipelines.sink.committed``)."""
+    from pipelines.shards import unit_entries
+    from pipelines.sink import committed
+    from pipelines.sources import make_row
+
+    if spec["kind"] == "rows":
+        rows = spec["rows"]
+        found = {"rows": len(rows), "before": 0, "retried": 0, "duplicates": 0}
+    else:
+        rows, seen, duplicates = [], set(), 0
+        for entry in unit_entries(spec, columns):
+            row = make_row(entry, None, prompt, frames)
+            if row["sample_id"] in seen:
+                duplicates += 1
+                continue
+            seen.add(row["sample_id"])
+            rows.append(row)
+        done, retried = committed(spec["parts"]) if spec["parts"] else (set(), 0)
+        total = len(rows)
+        rows = [r for r in rows if r["sample_id"] not in done]
+        found = {"rows": total, "before": total - len(rows), "retried": retried, "duplicates": duplicates}
+    for row in rows:
+        row["unit"] = spec["unit"]
+    rows.sort(key=lambda r: (r["media_type"] or "~", r["frames"] or 0, r["source"]))
+    return rows, found
+
+
+def expand_units(batch: pa.Table, *, prompt: str | None, frames: int, columns, block_rows: int, tally=None):
+    """The caption job's first stage (a Ray Data task): the rows of each unit in ``batch``
+    (:func:`unit_rows`), yielded in blocks of at most ``block_rows`` so that the decode stage
+    never holds a whole row group; each unit's findings go to ``tally`` (a :class:`UnitTally`)."""
+    schema = _source_schema()
+    for text in batch.column("spec").to_pylist():
+        spec = json.loads(text)
+        rows, found = unit_rows(spec, prompt=prompt, frames=frames, columns=columns)
+        if tally is not None and spec["kind"] != "rows":
+            tally.report.remote(spec["unit"], found["rows"], found["before"], found["retried"], found["duplicates"])
+        for i in range(0, len(rows), block_rows):
+            yield pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows[i:i + block_rows]], schema=schema)

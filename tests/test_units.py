@@ -1,0 +1,157 @@
+"""The caption job's work units and the model workers' part writer, without Ray: what the driver
+plans from metadata alone, what a unit's worker skips on a rerun, and parts named so that a task
+run twice writes its part once (pipelines.units, pipelines.sink.PartWriter)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.shards import ShardColumns
+from pipelines.sink import (WRITE_STATS, PartWriter, part_files, part_name, parts_by_unit, read_output,
+                            remove_stale_temporaries, to_table)
+from pipelines.sources import scan
+from pipelines.units import UnitTally, expand_units, plan_rows, plan_shards, unit_rows
+from tests.media_fixtures import png_bytes, write_hf_shards, write_tar
+
+COLUMNS = ShardColumns(prompt="question", reference="answer")
+
+
+def _specs(plan) -> list[dict]:
+    return [json.loads(u["spec"]) for u in plan.units]
+
+
+def test_the_plan_of_a_parquet_dataset_is_one_unit_per_row_group_from_metadata(tmp_path):
+    write_hf_shards(str(tmp_path), shards=2, rows=3, row_group_size=2)
+    plan = plan_shards(str(tmp_path), "parquet", COLUMNS, {})
+    specs = _specs(plan)
+    assert [(s["rel"], s["group"], s["offset"], s["rows"]) for s in specs] == [
+        ("train-00000-of-00002.parquet", 0, 0, 2), ("train-00000-of-00002.parquet", 1, 2, 1),
+        ("train-00001-of-00002.parquet", 0, 0, 2), ("train-00001-of-00002.parquet", 1, 2, 1)]
+    assert plan.rows_total == 6 and len({s["unit"] for s in specs}) == 4 and plan.units_with_parts == 0
+    # the units' rows are exactly the scan's rows (same sample ids, prompts, references)
+    rows = [r for s in specs for r in unit_rows(s, prompt=None, frames=4, columns=COLUMNS)[0]]
+    scanned = scan(str(tmp_path), columns=COLUMNS).rows
+    strip = lambda r: {k: v for k, v in r.items() if k != "unit"}  # noqa: E731
+    assert sorted(map(strip, rows), key=lambda r: r["sample_id"]) == sorted(scanned, key=lambda r: r["sample_id"])
+    assert {r["unit"] for r in rows} == {s["unit"] for s in specs}
+
+
+def test_a_tar_shard_is_one_unit_whose_size_its_worker_learns(tmp_path):
+    write_tar(str(tmp_path / "a.tar"), {"k0": {"png": png_bytes(0), "txt": b"zero"}, "k1": {"jpg": b"not an image"}})
+    plan = plan_shards(str(tmp_path), "webdataset", ShardColumns(), {})
+    assert len(plan.units) == 1 and plan.rows_total is None and plan.unknown_units == 1 and plan.any_video
+    rows, found = unit_rows(_specs(plan)[0], prompt=None, frames=4, columns=ShardColumns())
+    assert found == {"rows": 2, "before": 0, "retried": 0, "duplicates": 0}
+    assert sorted(r["source"] for r in rows) == ["a.tar:k0.png", "a.tar:k1.jpg"]
+
+
+def test_a_rerun_unit_skips_its_committed_rows_and_retries_its_transient_ones(tmp_path):
+    """A unit's worker reads only that unit's parts: committed ids are skipped, transient error
+    rows are dropped from the part (so the retried row never meets its old one) and done again."""
+    data = tmp_path / "ds"
+    write_hf_shards(str(data), shards=1, rows=3, row_group_size=3)
+    out = str(tmp_path / "out")
+    spec = _specs(plan_shards(str(data), "parquet", COLUMNS, {}))[0]
+    rows, _ = unit_rows(spec, prompt=None, frames=4, columns=COLUMNS)
+    done = [{**rows[0], "output": "x", "error_kind": None}, {**rows[1], "output": None, "error": "device", "error_kind": "transient"}]
+    writer = PartWriter(_Echo, out, "r1")
+    writer(pa.Table.from_pylist([{**r, "unit": spec["unit"]} for r in done]))
+    plan = plan_shards(str(data), "parquet", COLUMNS, parts_by_unit(out))
+    assert plan.units_with_parts == 1
+    again, found = unit_rows(_specs(plan)[0], prompt=None, frames=4, columns=COLUMNS)
+    assert found == {"rows": 3, "before": 1, "retried": 1, "duplicates": 0}
+    assert {r["sample_id"] for r in again} == {rows[1]["sample_id"], rows[2]["sample_id"]}
+    assert read_output(out).column("sample_id").to_pylist() == [rows[0]["sample_id"]]  # the transient row is gone
+
+
+def test_expand_yields_blocks_of_at_most_block_rows_and_reports_each_unit_once(tmp_path):
+    write_hf_shards(str(tmp_path), shards=1, rows=5, row_group_size=5)
+    plan = plan_shards(str(tmp_path), "parquet", COLUMNS, {})
+    reports = []
+
+    class Tally:  # what the Ray actor handle offers: report.remote(...)
+        class report:  # noqa: N801
+            @staticmethod
+            def remote(*args):
+                reports.append(args)
+
+    blocks = list(expand_units(pa.Table.from_pylist(plan.units), prompt=None, frames=4, columns=COLUMNS,
+                               block_rows=2, tally=Tally))
+    assert [b.num_rows for b in blocks] == [2, 2, 1]
+    assert reports == [(_specs(plan)[0]["unit"], 5, 0, 0, 0)]
+    tally = UnitTally()
+    tally.report("u1", 5, 1, 0, 0)
+    tally.report("u1", 5, 1, 0, 0)  # a task Ray ran again: counted once
+    tally.report("u2", 3, 0, 1, 2)
+    assert tally.totals() == {"units": 2, "rows": 8, "before": 1, "retried": 1, "duplicates": 2}
+
+
+def test_a_folder_plan_drops_done_rows_and_cuts_units_of_the_given_size():
+    rows = [{"sample_id": str(i), "media_type": "image", "frames": None, "source": f"{i}.png"} for i in range(5)]
+    plan = plan_rows(rows, {"1"}, rows_per_unit=2)
+    assert plan.rows_total == 5 and plan.rows_before == 1 and not plan.any_video
+    assert [[r["sample_id"] for r in s["rows"]] for s in _specs(plan)] == [["0", "2"], ["3", "4"]]
+
+
+class _Echo:
+    """A stand-in model stage: each row back as an output row, with its error if it has one."""
+
+    def __init__(self, *, run_id: str, **_):
+        self.run_id = run_id
+
+    def __call__(self, batch):
+        rows = batch.to_pylist()
+        return to_table([{**{k: r.get(k) for k in ("sample_id", "source", "error", "error_kind", "output")},
+                          "run_id": self.run_id, "output": r.get("output", "caption")} for r in rows])
+
+
+def test_the_part_writer_writes_one_part_per_unit_named_by_its_rows_so_a_rerun_task_overwrites_it(tmp_path):
+    out = str(tmp_path)
+    batch = pa.Table.from_pylist([{"sample_id": s, "source": s, "unit": u} for s, u in
+                                  (("a", "u1"), ("b", "u2"), ("c", "u1"), ("d", None))])
+    stats = PartWriter(_Echo, out, "r1")(batch)
+    assert stats.schema == WRITE_STATS and stats.num_rows == 1
+    figures = stats.to_pylist()[0]
+    assert {k: figures[k] for k in ("rows", "errors", "transient", "duplicates", "write_errno", "write_error")} == {
+        "rows": 4, "errors": 0, "transient": 0, "duplicates": 0, "write_errno": None, "write_error": None}
+    names = sorted(os.path.basename(p) for p in part_files(out))
+    assert names == sorted([part_name("u1", ["a", "c"]), part_name("u2", ["b"]), part_name("rows", ["d"])])
+    assert part_name("u1", ["c", "a"]) == part_name("u1", ["a", "c"]) != part_name("u1", ["a"])
+    PartWriter(_Echo, out, "r1")(batch)  # the same batch again (Ray ran the task again, in a new actor)
+    assert sorted(os.path.basename(p) for p in part_files(out)) == names
+    assert sorted(read_output(out).column("sample_id").to_pylist()) == ["a", "b", "c", "d"]
+    assert {u: len(p) for u, p in parts_by_unit(out).items()} == {"u1": 1, "u2": 1, "rows": 1}
+
+
+def test_a_part_the_writer_cannot_write_is_reported_to_the_driver_not_raised(tmp_path, monkeypatch):
+    def full(table, where, *a, **kw):
+        open(where, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pipelines.sink.pq.write_table", full)
+    stats = PartWriter(_Echo, str(tmp_path), "r1")(pa.Table.from_pylist([{"sample_id": "a", "unit": "u1"}])).to_pylist()[0]
+    assert (stats["rows"], stats["write_errno"], stats["write_error"]) == (0, errno.ENOSPC, "No space left on device")
+    assert os.listdir(tmp_path) == []  # no part, no temporary
+
+
+def test_stale_temporaries_are_removed_before_any_worker_writes(tmp_path):
+    (tmp_path / ".part-u1-x.parquet.tmp").write_bytes(b"PAR1")
+    pq.write_table(to_table([{"sample_id": "a"}]), tmp_path / part_name("u1", ["a"]))
+    assert remove_stale_temporaries(str(tmp_path)) == 1
+    assert os.listdir(tmp_path) == [part_name("u1", ["a"])]
+    assert remove_stale_temporaries(str(tmp_path / "missing")) == 0
+
+
+@pytest.mark.parametrize("kind", ["rows", "shards"])
+def test_plan_kinds_say_whether_the_driver_knows_the_total(kind, tmp_path):
+    if kind == "rows":
+        assert plan_rows([], set(), rows_per_unit=4).rows_total == 0
+    else:
+        with pytest.raises(ValueError, match="holds no parquet shards"):
+            plan_shards(str(tmp_path), "parquet", COLUMNS, {})
