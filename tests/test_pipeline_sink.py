@@ -8,7 +8,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sink import OUTPUT_SCHEMA, ParquetSink, check_job, done_ids, read_output, to_table
+from pipelines.sink import (OUTPUT_SCHEMA, ParquetSink, check_job, done_ids, part_name, read_output,
+                            remove_stale_temporaries, to_table)
 
 DESIGN_COLUMNS = (
     "sample_id, source, media_type, frames, prompt, output, reference, model, method, budget, "
@@ -27,16 +28,17 @@ def test_sink_writes_each_id_once_and_atomically(tmp_path):
     out = str(tmp_path / "out")
     sink = ParquetSink(out, "r1")
     first = sink.write(to_table([{"sample_id": i} for i in "abc"]))
-    assert os.path.basename(first).startswith("part-r1-") and first.endswith(".parquet")
+    assert os.path.basename(first) == part_name("rows", list("abc"))  # named by its unit and rows, not by the run
     assert sink.write(to_table([{"sample_id": i} for i in "cde"])) is not None
     assert sink.write(to_table([{"sample_id": "a"}])) is None
     assert sink.rows_written == 5 and sink.duplicates_dropped == 2
     assert done_ids(out) == set("abcde")
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    # a crashed writer's temporary file is ignored and cleaned up by the next run
+    # a crashed writer's temporary file is ignored, and removed before the next run writes
     (tmp_path / "out" / ".part-dead-000000.parquet.tmp").write_bytes(b"partial")
-    sink2 = ParquetSink(out, "r2")
+    assert done_ids(out) == set("abcde") and remove_stale_temporaries(out) == 1
     assert not os.path.exists(tmp_path / "out" / ".part-dead-000000.parquet.tmp")
+    sink2 = ParquetSink(out, "r2")
     assert sink2.write(to_table([{"sample_id": "e", "error": "x"}, {"sample_id": "f", "error": "bad: /p"}]))
     assert sink2.rows_written == 1 and sink2.errors_written == 1
     assert sorted(read_output(out).column("sample_id").to_pylist()) == list("abcdef")
@@ -282,9 +284,9 @@ def test_read_output_reads_parts_of_old_and_new_schemas_together(tmp_path):
     assert table.column("sample_id").to_pylist() == ["a", "b"] and table.column("error_kind").to_pylist() == [None, "input"]
 
 
-def test_sink_names_parts_in_sequence_counts_rows_and_never_writes_a_duplicate(tmp_path):
-    """part-<run_id>-<seq>.parquet with seq 000000, 000001, ...; the counters by hand; a batch's
-    duplicates are not in its part file (any Parquet reader sees each id once)."""
+def test_sink_names_parts_by_unit_and_rows_counts_rows_and_never_writes_a_duplicate(tmp_path):
+    """part-<unit>-<sha1 of the sorted ids>.parquet; the counters by hand; a batch's duplicates
+    are not in its part file (any Parquet reader sees each id once)."""
     out = str(tmp_path / "out")
     sink = ParquetSink(out, "r1")
     assert (sink.rows_written, sink.errors_written, sink.transient_written, sink.duplicates_dropped) == (0, 0, 0, 0)
@@ -293,8 +295,14 @@ def test_sink_names_parts_in_sequence_counts_rows_and_never_writes_a_duplicate(t
              # a again (dropped), c twice in the batch (once kept), two more errors, one transient
              os.path.basename(sink.write(to_table([{"sample_id": "a"}, e("c", "input"), e("c", "input"),
                                                    e("d", "transient"), {"sample_id": "f", "output": "y"}]))),
-             os.path.basename(sink.write(to_table([e("g", "input")])))]
-    assert names == ["part-r1-000000.parquet", "part-r1-000001.parquet", "part-r1-000002.parquet"]
+             os.path.basename(sink.write(to_table([e("g", "input")]), unit="s0003"))]
+    import hashlib
+
+    h = lambda ids: hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]  # noqa: E731
+    assert names == [f"part-rows-{h(['a', 'b'])}.parquet", f"part-rows-{h(['c', 'd', 'f'])}.parquet",
+                     f"part-s0003-{h(['g'])}.parquet"]
+    # the same rows of the same unit: the same name, whatever the order (a rerun task overwrites its part)
+    assert part_name("rows", ["f", "c", "d"]) == names[1] and part_name("s0003", ["c", "d", "f"]) != names[1]
     # rows a b | c d f | g = 6; errors b | c d | g = 4; transient b | d = 2; dropped a, c = 2
     assert (sink.rows_written, sink.errors_written, sink.transient_written, sink.duplicates_dropped) == (6, 4, 2, 2)
     assert pq.read_table(os.path.join(out, names[1])).column("sample_id").to_pylist() == ["c", "d", "f"]
@@ -312,7 +320,7 @@ def test_sink_trusts_the_given_already_done_set(tmp_path):
 def test_a_failed_write_goes_through_a_hidden_temporary_beside_the_part_and_removes_it(tmp_path, monkeypatch):
     """The temporary file is written beside the part (same directory: the rename is atomic), not
     in the working directory, and a write that fails removes it; a crash's leftover (a process
-    killed mid-write cannot remove it) is removed by the next sink."""
+    killed mid-write cannot remove it) is removed before the next run writes."""
     import pipelines.sink as sink_module
 
     out, cwd = tmp_path / "out", tmp_path / "cwd"
@@ -331,12 +339,11 @@ def test_a_failed_write_goes_through_a_hidden_temporary_beside_the_part_and_remo
         ParquetSink(str(out), "r1").write(to_table([{"sample_id": "a"}]))
     (where,) = written
     name = os.path.basename(where)
-    assert os.path.dirname(where) == str(out) and name.startswith(".part-r1-000000.parquet.") and name.endswith(".tmp")
+    assert os.path.dirname(where) == str(out) and name.startswith(f".{part_name('rows', ['a'])}.") and name.endswith(".tmp")
     assert os.listdir(out) == [] and os.listdir(cwd) == []
     (out / name).write_bytes(b"half")  # what a killed writer leaves
     monkeypatch.undo()
-    ParquetSink(str(out), "r2")
-    assert os.listdir(out) == []
+    assert remove_stale_temporaries(str(out)) == 1 and os.listdir(out) == []
 
 
 def test_part_files_of_a_directory_whose_name_has_glob_characters(tmp_path):
@@ -429,7 +436,7 @@ def test_sink_on_an_object_store_lists_only_its_own_parts_and_reads_them_back(me
     for name, data in (("sub/part-r0-000000.parquet", b"nested"), ("other.parquet", b"not a part"),
                        ("part-notes.txt", b"not parquet"), ("_job.json", b"{}")):
         storage.write_atomic(f"{out}/{name}", data)
-    assert [storage.basename(p) for p in part_files(out)] == ["part-r1-000000.parquet"]
+    assert [storage.basename(p) for p in part_files(out)] == [part_name("rows", ["a", "b"])]
     assert done_ids(out) == {"a", "b"}
     assert read_output(out).column("output").to_pylist() == ["x", None]
     assert (sink.rows_written, sink.errors_written, sink.transient_written) == (2, 1, 1)
