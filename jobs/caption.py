@@ -56,8 +56,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "max_side": (int, "downscale decoded images/frames to this longer side (default 1024)"),
     "max_pixels": (int, "refuse images with more pixels (decompression bombs; default 100000000)"),
     "decode_timeout": (float, "seconds allowed to decode one video (default 60)"),
-    "flush_rows": (int, "rows per output file (default 256)"),
-    "flush_seconds": (float, "write buffered rows at least this often (default 30)"),
+    "flush_rows": (int, "rows a model worker takes per call, and so per output part file at most (default 4 x batch size)"),
     "num_cpus": (int, "CPUs of a locally started Ray (default: all)"),
 }
 

@@ -38,6 +38,7 @@ from pipelines.preprocess import prepare_block
 from pipelines.sink import (OutputWriteError, PartWriter, write_error, annotate_lock, check_job, done_ids,
                             drop_transient, output_lock, parts_by_unit, remove_stale_temporaries)
 from pipelines.sources import resolve_format, scan
+from pipelines.tracking import MetricTally
 from pipelines.units import SHARD_FORMATS, UnitTally, expand_units, plan_rows, plan_shards
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,7 @@ class CaptionConfig:
     max_side: int = DEFAULT_MAX_SIDE
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S
-    flush_rows: int = 256
-    flush_seconds: float = 30.0
+    flush_rows: int | None = None  # rows per model-actor call, so per part file at most; None: PACK_WINDOW × batch_size
     num_cpus: int | None = None  # CPUs of a Ray instance started locally (default: all)
     follow_symlinks_outside: bool = False  # a folder input's file symlinks that leave it: error rows unless True
     input_format: str = "auto"  # folder, manifest, parquet (rows of image bytes), webdataset; auto: detected
@@ -94,7 +94,7 @@ class CaptionConfig:
             raise TypeError(f"prune must be a PruneConfig, got {type(self.prune).__name__}")
         for name in ("max_new_tokens", "frames", "batch_size", "workers", "max_side", "max_pixels", "flush_rows"):
             value = getattr(self, name)
-            if name == "frames" and value is None:
+            if name in ("frames", "flush_rows") and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -152,6 +152,7 @@ class Summary:
     output: str = ""
     run_id: str = ""
     failure: str | None = None
+    metrics: dict = field(default_factory=dict)  # pipelines.tracking.output_metrics of the rows this run wrote
     extra: dict = field(default_factory=dict)
 
     @property
@@ -321,10 +322,7 @@ class CaptionJob:
             return self._run_tracked_locked(experiment, tracking, stale)
 
     def _run_tracked_locked(self, experiment: str, tracking: bool, stale: dict | None = None):
-        import pyarrow.compute as pc
-
-        from pipelines.sink import read_output
-        from pipelines.tracking import Tracker, output_metrics
+        from pipelines.tracking import Tracker
 
         cfg = self.cfg
         tracker = Tracker(cfg.output, experiment, enabled=tracking)
@@ -335,11 +333,9 @@ class CaptionJob:
             if tracker.current_run_id:
                 annotate_lock(cfg.output, mlflow_run=tracker.current_run_id, mlflow_uri=tracker.shown_uri)
             summary = self.run(progress=lambda rows, seconds: tracker.metrics({"items_per_s": rows / seconds}, step=rows))
-            if tracker.active:
-                table = read_output(cfg.output)
-                mine = table.filter(pc.equal(table.column("run_id"), summary.run_id)) if table.num_rows else table
-                tracker.metrics(output_metrics(mine) | {"items_per_s": summary.items_per_s,
-                                                         "rows_total": summary.rows_total, "rows_new": summary.rows_new})
+            if tracker.active:  # the metrics of the rows this run wrote, added up from the workers' figures
+                tracker.metrics(summary.metrics | {"items_per_s": summary.items_per_s,
+                                                   "rows_total": summary.rows_total, "rows_new": summary.rows_new})
         return summary, tracker
 
 
@@ -431,6 +427,11 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.raise_original_map_exception = True  # a worker's OutputWriteError reaches the driver as itself
+    # What one CPU task holds (the decoded pixels of a block and their pixel tensors). The two CPU
+    # stages ask for the same resources, so Ray Data fuses them into one task per unit (a unit's
+    # rows never travel between them); the model actors' requests differ, so CPU tasks run on
+    # their own CPUs while the actors generate.
+    cpu_stage = {"num_cpus": 1, "memory": _cpu_stage_memory(cfg, cfg.batch_size, plan.any_video)}
     ds = ray.data.from_items(plan.units, override_num_blocks=max(1, min(len(plan.units), 20_000)))
     ds = ds.map_batches(
         expand_units,
@@ -438,7 +439,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
         batch_size=None,
         fn_kwargs={"prompt": cfg.prompt, "frames": cfg.frames, "columns": cfg.shard_columns(),
                    "block_rows": cfg.batch_size, "tally": tally},  # blocks of at most batch_size rows
-        num_cpus=1,
+        **cpu_stage,
     )
     ds = ds.map_batches(
         prepare_block,
@@ -446,11 +447,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
         batch_size=None,
         fn_kwargs={"model": cfg.model, "max_pixels": cfg.max_pixels, "max_side": cfg.max_side,
                    "timeout_s": cfg.decode_timeout},
-        num_cpus=1,
-        # What one CPU task holds (the decoded pixels of a block and their pixel tensors).
-        # Resource requests that differ from the other stages' also keep Ray Data from fusing
-        # this stage into them: CPU tasks run on their own CPUs while the actors generate.
-        memory=_cpu_stage_memory(cfg, cfg.batch_size, plan.any_video),
+        **cpu_stage,
     )
     ds = ds.map_batches(
         PartWriter,
@@ -470,7 +467,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
             "attempts": ledger,
         },
         batch_format="pyarrow",
-        batch_size=cfg.batch_size * PACK_WINDOW,  # the rows one actor call packs into generate calls
+        batch_size=_actor_rows(cfg),  # the rows one actor call packs into generate calls, and writes
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_gpus=gpus,
         num_cpus=cfg.cpus_per_worker,
@@ -484,6 +481,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
     last_log = start
     written = {"rows": 0, "errors": 0, "transient": 0, "duplicates": 0}
     calls = CallTally()  # what the output rows say about their generate calls
+    metrics = MetricTally()  # the cost metrics of the rows written, added up call by call
     first_batch = None  # (seconds until the first results arrived, their rows): start-up cost
 
     def report(now: float) -> None:
@@ -506,6 +504,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
                 for key in written:
                     written[key] += row[key]
                 calls.merge(row)
+                metrics.merge(row)
                 if first_batch is None and row["rows"]:
                     first_batch = (time.monotonic() - start, row["rows"])
                 if row["write_error"] is not None and summary.failure is None:
@@ -534,6 +533,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
     summary.rows_new = written["rows"]
     summary.errors_new = written["errors"]
     summary.transient_new = written["transient"]
+    summary.metrics = metrics.metrics()
     found = None
     try:
         summary.extra["batch_repeats"] = ray.get(ledger.repeats.remote(), timeout=30)
@@ -566,6 +566,12 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
     if first_batch is not None and written["rows"] > first_batch[1]:
         summary.extra["first_output_s"] = first_batch[0]
         summary.extra["steady_items_per_s"] = (written["rows"] - first_batch[1]) / (summary.seconds - first_batch[0])
+
+
+def _actor_rows(cfg: CaptionConfig) -> int:
+    """Rows per model-actor call: ``flush_rows`` when given (at least ``batch_size``), else
+    :data:`PACK_WINDOW` × ``batch_size``. An actor writes at most one part per call and unit."""
+    return max(cfg.flush_rows, cfg.batch_size) if cfg.flush_rows else cfg.batch_size * PACK_WINDOW
 
 
 def _tally_totals(tally, plan) -> dict:

@@ -316,8 +316,9 @@ class ParquetSink:
     """Writes row batches to ``output_dir`` atomically, each ``sample_id`` at most once per
     sink, one part per (batch, unit) named by :func:`part_name`."""
 
-    def __init__(self, output_dir: str, run_id: str, already_done: set[str] | None = None):
+    def __init__(self, output_dir: str, run_id: str, already_done: set[str] | None = None, on_commit=None):
         self.output_dir = output_dir
+        self.on_commit = on_commit  # called with each table committed (the model worker's figures)
         self.run_id = run_id
         storage.makedirs(output_dir)
         self._written: set[str] = set(already_done if already_done is not None else done_ids(output_dir))
@@ -348,6 +349,8 @@ class ParquetSink:
         except OSError as exc:
             raise write_error(exc, self.output_dir, self.rows_written) from exc
         self._written |= batch_ids
+        if self.on_commit is not None:
+            self.on_commit(table)
         self.rows_written += len(keep)
         self.errors_written += len(keep) - table.column("error").null_count
         self.transient_written += table.column("error_kind").to_pylist().count("transient")
@@ -365,10 +368,17 @@ class PartWriter:
 
     def __init__(self, stage, output_dir: str, run_id: str, **kwargs):
         self.stage = stage(run_id=run_id, **kwargs)
-        self.sink = ParquetSink(output_dir, run_id, already_done=set())
+        self.sink = ParquetSink(output_dir, run_id, already_done=set(), on_commit=self._committed)
+        self._tallies = None
+
+    def _committed(self, table: pa.Table) -> None:
+        rows = table.to_pylist()
+        for tally in self._tallies:
+            tally.add(rows)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipelines.packing import CallTally
+        from pipelines.tracking import MetricTally
 
         units = batch.column("unit").to_pylist() if "unit" in batch.column_names else [None] * batch.num_rows
         unit_of = dict(zip(batch.column("sample_id").to_pylist(), units))
@@ -378,6 +388,7 @@ class PartWriter:
         for i, sid in enumerate(out.column("sample_id").to_pylist()):
             groups.setdefault(unit_of.get(sid) or "rows", []).append(i)
         failure = {"write_errno": None, "write_error": None}
+        calls, metrics = self._tallies = (CallTally(), MetricTally())  # of the rows committed by this call
         try:
             for unit, index in groups.items():
                 self.sink.write(out if len(index) == out.num_rows else out.take(index), unit=unit)
@@ -385,16 +396,16 @@ class PartWriter:
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             failure = {"write_errno": cause.errno, "write_error": cause.strerror or str(cause)}
         after = (self.sink.rows_written, self.sink.errors_written, self.sink.transient_written, self.sink.duplicates_dropped)
-        calls = CallTally().add(out.select(list(CallTally.COLUMNS)).to_pylist()).state()
         figures = dict(zip(("rows", "errors", "transient", "duplicates"), (a - b for a, b in zip(after, before))))
-        return pa.Table.from_pylist([{**figures, **calls, **failure}], schema=WRITE_STATS)
+        return pa.Table.from_pylist([{**figures, **calls.state(), **metrics.state(), **failure}], schema=WRITE_STATS)
 
 
 def _write_stats_schema() -> pa.Schema:
     from pipelines.packing import CallTally
+    from pipelines.tracking import MetricTally
 
     return pa.schema([(name, pa.int64()) for name in ("rows", "errors", "transient", "duplicates")]
-                     + [(name, pa.float64()) for name in CallTally.STATE]
+                     + [(name, pa.float64()) for name in CallTally.STATE + tuple(MetricTally().state())]
                      + [("write_errno", pa.int64()), ("write_error", pa.string())])  # a part that could not be written
 
 

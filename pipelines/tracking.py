@@ -280,37 +280,77 @@ def run_metrics(values: dict) -> dict:
     return _clean(values, METRIC_KEYS)
 
 
+MEANS = {  # metric: the output column it is the mean of, over the rows that produced an output
+    "prefill_ms_per_item": "prefill_ms",
+    "visual_tokens_mean": "visual_tokens",
+    "visual_tokens_kept_mean": "visual_tokens_kept",
+    "flops_reduction": "flops_reduction",
+    "flops_reduction_paper": "flops_reduction_paper",
+    "kv_cache_bytes_mean": "kv_cache_bytes",
+}
+
+
+class MetricTally:
+    """:func:`output_metrics` added up batch by batch, so that the driver holds a few numbers,
+    never the rows (each model worker sends the :meth:`state` of what it wrote):
+
+        rows, errors = Σ rows, Σ rows with an error;   mean(c) = Σ c / #(rows without error, c set)
+
+    and the generate-call figures of the rows without error (``pipelines.packing.CallTally``)."""
+
+    STATE = (("metric_rows", "metric_errors") + tuple(f"metric_sum_{c}" for c in MEANS.values())
+             + tuple(f"metric_n_{c}" for c in MEANS.values()))
+
+    def __init__(self) -> None:
+        from pipelines.packing import CallTally
+
+        self.sums = dict.fromkeys(self.STATE, 0.0)
+        self.calls = CallTally()
+
+    def add(self, rows: list[dict]) -> "MetricTally":
+        ok = [r for r in rows if r.get("error") is None]
+        self.sums["metric_rows"] += len(rows)
+        self.sums["metric_errors"] += len(rows) - len(ok)
+        for column in MEANS.values():
+            values = [r[column] for r in ok if r.get(column) is not None]
+            self.sums[f"metric_sum_{column}"] += sum(values)
+            self.sums[f"metric_n_{column}"] += len(values)
+        self.calls.add(ok)
+        return self
+
+    def state(self) -> dict:
+        """The sums (:data:`STATE`) and the call tally's state with ``ok_`` before each name."""
+        return {**self.sums, **{f"ok_{k}": v for k, v in self.calls.state().items()}}
+
+    def merge(self, state: dict) -> "MetricTally":
+        for key in self.STATE:
+            self.sums[key] += state[key]
+        self.calls.merge({k[len("ok_"):]: v for k, v in state.items() if k.startswith("ok_")})
+        return self
+
+    def metrics(self) -> dict:
+        """The figures :func:`output_metrics` gives, from the sums."""
+        s = self.sums
+        calls = self.calls.figures()
+        return {
+            "rows": int(s["metric_rows"]),
+            "errors": int(s["metric_errors"]),
+            **{name: s[f"metric_sum_{c}"] / s[f"metric_n_{c}"] if s[f"metric_n_{c}"] else None for name, c in MEANS.items()},
+            "rows_per_generate": calls.get("rows_per_generate"),
+            "padding_share": calls.get("padding_share"),
+        }
+
+
 def output_metrics(table) -> dict:
     """Cost metrics of one configuration from its output rows (a pyarrow table).
 
     ``prefill_ms_per_item``, ``visual_tokens_kept_mean``, ``flops_reduction`` (exact LM count),
     ``flops_reduction_paper`` and ``kv_cache_bytes_mean`` are means over the rows that produced
-    an output; ``errors`` counts the rows with an error; ``rows_per_generate`` and
-    ``padding_share`` describe their generate calls (``pipelines.packing.call_figures``).
+    an output (:data:`MEANS`); ``errors`` counts the rows with an error; ``rows_per_generate`` and
+    ``padding_share`` describe their generate calls (``pipelines.packing.CallTally``). The same
+    figures, added up call by call: :class:`MetricTally`.
     """
-    from pipelines.packing import call_figures
-
-    rows = table.to_pylist()
-    ok = [r for r in rows if r.get("error") is None]
-
-    def mean(key: str) -> float | None:
-        values = [r[key] for r in ok if r.get(key) is not None]
-        return sum(values) / len(values) if values else None
-
-    calls = call_figures(ok)
-
-    return {
-        "rows": len(rows),
-        "errors": len(rows) - len(ok),
-        "prefill_ms_per_item": mean("prefill_ms"),
-        "visual_tokens_mean": mean("visual_tokens"),
-        "visual_tokens_kept_mean": mean("visual_tokens_kept"),
-        "flops_reduction": mean("flops_reduction"),
-        "flops_reduction_paper": mean("flops_reduction_paper"),
-        "kv_cache_bytes_mean": mean("kv_cache_bytes"),
-        "rows_per_generate": calls.get("rows_per_generate"),
-        "padding_share": calls.get("padding_share"),
-    }
+    return MetricTally().add(table.to_pylist()).metrics()
 
 
 def cost_quality_plot(summary: list[dict], path: str | os.PathLike, title: str = "") -> Path:

@@ -411,3 +411,23 @@ def test_mark_killed_ends_a_running_run_once_and_says_why_it_cannot(tmp_path, mo
     warnings = [r.getMessage() for r in caplog.records if r.name == "pipelines.tracking" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and warnings[0].startswith(f"MLflow: could not mark the killed job's run {'0' * 32}")
     assert Tracker(tmp_path, "off", enabled=False).mark_killed(left) is False
+
+
+def test_metric_tally_merged_call_by_call_equals_output_metrics_of_all_rows():
+    """What the driver adds up from the model workers' per-call states is what output_metrics
+    computes from every row at once (the oracle): split the rows into calls in any way."""
+    from pipelines.sink import to_table
+    from pipelines.tracking import MetricTally, output_metrics
+
+    rows = [{"sample_id": f"s{i}", "output": None if i % 4 == 3 else "x", "error": "bad: /p" if i % 4 == 3 else None,
+             "prefill_ms": 5.0 + i, "visual_tokens": 100 + 7 * i, "visual_tokens_kept": 10 + i % 5,
+             "flops_reduction": 0.1 * (i % 7), "flops_reduction_paper": 0.05 * (i % 3), "kv_cache_bytes": 1000 * i,
+             "generate_rows": 1 + i % 3, "padding_share": 0.01 * (i % 5), "latency_ms": 10.0, "generated_at": 100.0 + i}
+            for i in range(11)]
+    rows[2]["prefill_ms"] = None  # a missing value is left out of its mean only
+    merged = MetricTally()
+    for start, stop in ((0, 3), (3, 4), (4, 11)):
+        merged.merge(MetricTally().add(to_table(rows[start:stop]).to_pylist()).state())
+    assert merged.metrics() == pytest.approx(output_metrics(to_table(rows)))
+    assert merged.metrics()["errors"] == 2 and merged.metrics()["rows"] == 11
+    assert MetricTally().metrics()["prefill_ms_per_item"] is None  # nothing written: no mean

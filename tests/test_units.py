@@ -129,6 +129,26 @@ def test_the_part_writer_writes_one_part_per_unit_named_by_its_rows_so_a_rerun_t
     assert {u: len(p) for u, p in parts_by_unit(out).items()} == {"u1": 1, "u2": 1, "rows": 1}
 
 
+def test_the_part_writers_figures_are_those_of_the_rows_it_committed(tmp_path):
+    """The metric and call state a call returns is output_metrics' of the rows it wrote (the
+    oracle), and rows it dropped as already written add nothing."""
+    from pipelines.tracking import MetricTally, output_metrics
+
+    writer = PartWriter(_Echo, str(tmp_path), "r1")
+    batch = pa.Table.from_pylist([{"sample_id": "a", "unit": "u1", "error": None}, {"sample_id": "b", "unit": "u1", "error": "bad: /b"}])
+    first, again = writer(batch).to_pylist()[0], writer(batch).to_pylist()[0]
+    assert MetricTally().merge(first).metrics() == output_metrics(read_output(str(tmp_path)))
+    assert (first["metric_rows"], first["metric_errors"]) == (2, 1)
+    assert (again["rows"], again["duplicates"], again["metric_rows"]) == (0, 2, 0)
+
+
+def test_actor_calls_take_flush_rows_rows_else_four_batches():
+    from pipelines.caption import PACK_WINDOW, CaptionConfig, _actor_rows
+
+    cfg = lambda **kw: CaptionConfig(model="m", input="i", output="o", batch_size=8, **kw)  # noqa: E731
+    assert (_actor_rows(cfg()), _actor_rows(cfg(flush_rows=100)), _actor_rows(cfg(flush_rows=2))) == (8 * PACK_WINDOW, 100, 8)
+
+
 def test_a_part_the_writer_cannot_write_is_reported_to_the_driver_not_raised(tmp_path, monkeypatch):
     def full(table, where, *a, **kw):
         open(where, "wb").close()
