@@ -110,3 +110,17 @@ def test_a_video_row_is_one_video_for_a_video_native_processor_and_frames_for_th
     assert set(qwen["mm_token_type_ids"][0][ids == QWEN_VIDEO].tolist()) == {2}
     as_frames = preprocess.encode_row(qwen_processor(), row, video_native=False)
     assert "pixel_values_videos" not in as_frames and len(as_frames["image_grid_thw"]) == 4
+
+
+def test_packed_encodings_come_back_with_their_names_dtypes_shapes_and_values():
+    rng = np.random.default_rng(0)
+    encoding = {"input_ids": rng.integers(0, 32000, (1, 7)), "attention_mask": np.ones((1, 7), dtype=np.int64),
+                "pixel_values": rng.standard_normal((1, 5, 3, 4, 4)).astype(np.float32)[:, :, :, ::2],  # not contiguous
+                "image_sizes": np.array([[336, 672]], dtype=np.int32), "flag": np.array(True), "empty": np.zeros((0, 3), np.float16)}
+    back = preprocess.unpack_encoding(preprocess.pack_encoding(encoding))
+    assert list(back) == list(encoding)
+    for name, array in encoding.items():
+        assert back[name].dtype == array.dtype and back[name].shape == array.shape and np.array_equal(back[name], array)
+        assert back[name].flags.writeable
+    with pytest.raises(TypeError, match="object array"):
+        preprocess.pack_encoding({"x": np.array([{"a": 1}], dtype=object)})
