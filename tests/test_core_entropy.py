@@ -169,3 +169,40 @@ def test_budget_errors(call, match):
 def test_keep_ratio_rounds_half_up_not_down(ratio, n, kept):
     """k = ⌊r·N + ½⌋: 0.33·144 = 47.52 → 48 (the README's example), 0.3·16 = 4.8 → 5."""
     assert keep_count_for_ratio(ratio, n) == kept
+
+
+def test_entropy_errors_say_what_was_wrong():
+    with pytest.raises(ValueError, match=r"^token_entropy needs at least 2 attention heads \(ln H would be 0\)$"):
+        token_entropy(torch.randn(4, 1, 8))
+    with pytest.raises(ValueError, match=r"^matrix_entropy expects an \[N, D\] tensor, got shape \(6,\)$"):
+        matrix_entropy(torch.randn(6))
+    with pytest.raises(ValueError, match="^matrix_entropy needs at least 2 tokens$"):
+        matrix_entropy(torch.randn(1, 8))
+
+
+def test_matrix_entropy_of_two_tokens_is_zero_and_any_scale_gives_the_same_entropy():
+    """Two tokens centre to ±v: one direction, entropy 0 (and no error). Rows are L2-normalised,
+    so scaling the tokens, even to norms far below 1, changes nothing."""
+    torch.manual_seed(6)
+    assert float(matrix_entropy(torch.randn(2, 16))) == pytest.approx(0.0, abs=1e-9)
+    x = torch.randn(12, 40, dtype=torch.float64)
+    assert float(matrix_entropy(1e-3 * x)) == pytest.approx(float(matrix_entropy(x)), rel=1e-9)
+
+
+def test_token_entropy_of_no_tokens_and_of_an_index_longer_than_the_tokens():
+    """No tokens: an empty float64 result. An index may repeat tokens (more entries than there
+    are tokens, over more than one eigen chunk): every entry is scored."""
+    from ep_core.entropy import EIGEN_CHUNK
+
+    empty = token_entropy(torch.randn(0, 4, 8))
+    assert empty.shape == (0,) and empty.dtype == torch.float64
+    q = torch.randn(3, 4, 8, dtype=torch.float64)
+    index = torch.arange(EIGEN_CHUNK["cpu"] + 10) % 3
+    assert torch.equal(token_entropy(q, index=index), token_entropy(q)[index])
+
+
+def test_token_entropy_on_a_device_without_its_own_chunk_size():
+    """A device type missing from EIGEN_CHUNK (here "meta", which computes shapes only) takes
+    the accelerator chunk size, never None."""
+    out = token_entropy(torch.randn(2, 5, 4, 8, device="meta"))
+    assert out.shape == (2, 5) and out.dtype == torch.float64
