@@ -419,8 +419,13 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
             f"{cfg.workers} model worker(s) × {cfg.cpus_per_worker:g} CPU take all {cpus:g} CPUs of the cluster and the "
             "decode/preprocess stage needs at least one: lower --workers or --cpus-per-worker, or add CPUs"
         )
-    ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()  # attempts per batch, across model actor restarts
-    tally = ray.remote(num_cpus=0)(UnitTally).remote()  # what the expand tasks found in each unit
+    # The job's two small actors live on the driver's node: on a worker node that is lost they
+    # would die with their state, and every model call that asks the ledger would fail after it.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    ledger = ray.remote(num_cpus=0, scheduling_strategy=here)(AttemptLedger).remote()  # attempts per batch, across actor restarts
+    tally = ray.remote(num_cpus=0, scheduling_strategy=here)(UnitTally).remote()  # what the expand tasks found in each unit
     where = f"{cfg.workers} model worker(s) with {gpus:g} GPU each" if gpus else f"{cfg.workers} model worker(s) on CPU"
     say(f"[caption] {where}, batch size {cfg.batch_size}, method {cfg.prune.method}")
 
