@@ -490,7 +490,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
     first_batch = None  # (seconds until the first results arrived, their rows): start-up cost
 
     def report(now: float) -> None:
-        found = _tally_totals(tally, plan) if plan.kind == "shards" else None
+        found = _tally_totals(tally) if plan.kind == "shards" else None
         total, before = _total_and_before(plan, found)
         rate = written["rows"] / (now - start) if now > start else 0.0
         left = None if total is None else max(0, total - before - written["rows"])
@@ -543,7 +543,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
     try:
         summary.extra["batch_repeats"] = ray.get(ledger.repeats.remote(), timeout=30)
         if plan.kind == "shards":
-            found = _tally_totals(tally, plan)
+            found = _tally_totals(tally)
     except Exception:  # noqa: BLE001 - report figures only
         pass
     finally:
@@ -579,7 +579,8 @@ def _actor_rows(cfg: CaptionConfig) -> int:
     return max(cfg.flush_rows, cfg.batch_size) if cfg.flush_rows else cfg.batch_size * PACK_WINDOW
 
 
-def _tally_totals(tally, plan) -> dict:
+def _tally_totals(tally) -> dict:
+    """What the expand tasks reported so far (:meth:`UnitTally.totals`)."""
     import ray
 
     return ray.get(tally.totals.remote(), timeout=30)
