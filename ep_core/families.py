@@ -56,6 +56,13 @@ class Family:
     video_native: bool = False
     deepstack: bool = False
 
+    @property
+    def encodes_in_groups(self) -> bool:
+        """Rows with the same prompt text and image count can share one processor call and be
+        split back exactly by leading dimension: each image becomes one fixed-size crop (a CLIP
+        tower without anyres tiling, whose stacks would be zero-padded to the call's most crops)."""
+        return self.vision == "clip" and not self.anyres and not self.video_native
+
     def multimodal_model(self, model: Any) -> Any:
         """The module that receives ``input_ids`` and builds ``inputs_embeds`` (``model.model``)."""
         return model.model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,8 @@ PREPROCESSED_SCHEMA = pa.schema(
     [f for f in DECODED_SCHEMA if f.name not in ("pixels", "shape")]
     + [pa.field("encoded", pa.large_binary()), pa.field("prompt_tokens", pa.int32())]
 )
+
+log = logging.getLogger(__name__)
 
 
 def encode_row(processor, row: dict, *, video_native: bool = False) -> dict[str, np.ndarray]:
@@ -76,33 +79,90 @@ def _processor(model: str):
 
 
 @functools.lru_cache(maxsize=4)
-def video_native(model: str) -> bool:
-    """The model's family takes videos as videos (:attr:`ep_core.families.Family.video_native`)."""
+def _family(model: str):
+    """The model's :class:`ep_core.families.Family` (its config only, no weights)."""
     from ep_core.families import family_for
     from ep_core.loading import load_model_config
 
-    return family_for(load_model_config(model)).video_native
+    return family_for(load_model_config(model))
 
 
-def preprocess_row(row: dict, model: str) -> dict:
-    """A decoded row → the same row with ``encoded`` and ``prompt_tokens`` (or ``error``)."""
+def video_native(model: str) -> bool:
+    """The model's family takes videos as videos (:attr:`ep_core.families.Family.video_native`)."""
+    return _family(model).video_native
+
+
+def encode_group(processor, rows: list[dict]) -> list[dict[str, np.ndarray]]:
+    """The processor's outputs for ``rows`` that share one prompt text and frame count, from one
+    call: each output array is cut back per row along its leading dimension, which holds either
+    one entry per row (``input_ids``: equal texts need no padding) or one per image (``pixel_values``).
+    Equal to :func:`encode_row` on each row for a family whose
+    :attr:`~ep_core.families.Family.encodes_in_groups` holds; a ValueError for an output that
+    splits neither way."""
+    n, frames = len(rows), len(frames_of(rows[0]))
+    images = [image for row in rows for image in frames_of(row)]
+    text = chat_prompt(processor, frames, rows[0]["prompt"])
+    encoding = processor(images=images, text=[text] * n, return_tensors="np")
+    out: list[dict[str, np.ndarray]] = [{} for _ in rows]
+    for name, value in encoding.items():
+        value = np.asarray(value)
+        if value.ndim and value.shape[0] == n * frames:
+            step = frames
+        elif value.ndim and value.shape[0] == n:
+            step = 1
+        else:
+            raise ValueError(f"processor output {name} of shape {value.shape} is neither per row ({n}) nor per image ({n * frames})")
+        for i in range(n):
+            out[i][name] = value[i * step:(i + 1) * step]
+    return out
+
+
+def _with_encoding(row: dict, encoding: dict[str, np.ndarray]) -> dict:
     out = {k: row.get(k) for k in PREPROCESSED_SCHEMA.names}
-    if row.get("error") or row.get("pixels") is None:
-        return out
-    try:
-        native = row.get("media_type") == "video" and video_native(model)
-        encoding = encode_row(_processor(model), row, video_native=native)
-    except Exception as exc:  # noqa: BLE001 - a processor failure costs this row only
-        out["error"] = f"preprocessing failed ({type(exc).__name__}: {exc}): {row.get('source')}"
-        return out
     out["encoded"] = pack_encoding(encoding)
     out["prompt_tokens"] = int(encoding["input_ids"].shape[-1])
     return out
 
 
+def preprocess_row(row: dict, model: str) -> dict:
+    """A decoded row → the same row with ``encoded`` and ``prompt_tokens`` (or ``error``)."""
+    if row.get("error") or row.get("pixels") is None:
+        return {k: row.get(k) for k in PREPROCESSED_SCHEMA.names}
+    try:
+        native = row.get("media_type") == "video" and video_native(model)
+        encoding = encode_row(_processor(model), row, video_native=native)
+    except Exception as exc:  # noqa: BLE001 - a processor failure costs this row only
+        out = {k: row.get(k) for k in PREPROCESSED_SCHEMA.names}
+        out["error"] = f"preprocessing failed ({type(exc).__name__}: {exc}): {row.get('source')}"
+        return out
+    return _with_encoding(row, encoding)
+
+
 def preprocess_block(block: pa.Table, *, model: str) -> pa.Table:
-    """:func:`preprocess_row` on every row of a decoded block."""
-    rows = [preprocess_row(r, model) for r in block.to_pylist()]
+    """:func:`preprocess_row` on every row of a decoded block, with one processor call per
+    group of rows that share a prompt and a frame count where the family allows it
+    (:func:`encode_group`; the per-row call's fixed cost — argument checks, the chat template,
+    one tokenizer call — is most of a small image's time). A group whose call fails is encoded
+    row by row, so a bad row still costs that row only."""
+    rows = block.to_pylist()
+    out: list[dict | None] = [None] * len(rows)
+    groups: dict[tuple, list[int]] = {}
+    if rows and _family(model).encodes_in_groups:
+        for i, row in enumerate(rows):
+            if not row.get("error") and row.get("pixels") is not None:
+                groups.setdefault((row["shape"][0], row["prompt"]), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        try:
+            encodings = encode_group(_processor(model), [rows[i] for i in members])
+        except Exception as exc:  # noqa: BLE001 - the rows are encoded one by one instead
+            log.debug("a grouped processor call failed (%s: %s); encoding %d rows one by one",
+                      type(exc).__name__, exc, len(members))
+            continue
+        for i, encoding in zip(members, encodings):
+            out[i] = _with_encoding(rows[i], encoding)
+    rows = [done if done is not None else preprocess_row(row, model) for done, row in zip(out, rows)]
     return pa.Table.from_pylist(rows, schema=PREPROCESSED_SCHEMA)
 
 

@@ -25,6 +25,20 @@ def batch(tiny):
     return make_inputs(tiny[1], PROMPTS, random_images(2, seed=3))
 
 
+@pytest.fixture(scope="module")
+def narrow_heads():
+    """Heads of 4 dims where hidden / heads is 8 (like Qwen3's and Gemma's explicit head_dim)."""
+    model, processor = build_tiny_llava(head_dim=4)
+    assert model.config.text_config.head_dim * model.config.text_config.num_attention_heads != 32
+    return model, processor
+
+
+@pytest.fixture(params=["tiny", "narrow_heads"])
+def tiny_and_batch(request):
+    model, processor = request.getfixturevalue(request.param)
+    return (model, processor), make_inputs(processor, PROMPTS, random_images(2, seed=3))
+
+
 def _kept_visual(stats_row, input_ids, valid, image_token_id) -> set[int]:
     unpadded = input_ids[valid]
     return {p for p in stats_row["kept_positions"] if unpadded[p] == image_token_id}
@@ -41,8 +55,8 @@ def _prune_stats(model, batch, method, **kw):
         return handle.stats
 
 
-def test_entropyprune_keeps_the_highest_entropy_queries(tiny, batch):
-    model, _ = tiny
+def test_entropyprune_keeps_the_highest_entropy_queries(tiny_and_batch):
+    (model, _), batch = tiny_and_batch
     captured = {}
     hook = model.model.language_model.layers[K - 1].self_attn.q_proj.register_forward_hook(
         lambda m, a, out: captured.setdefault("q", out.detach())
@@ -61,8 +75,8 @@ def test_entropyprune_keeps_the_highest_entropy_queries(tiny, batch):
         assert _kept_visual(stats[b], batch["input_ids"][b], valid, model.config.image_token_id) == expected
 
 
-def test_fastv_equals_eager_last_token_attention_under_sdpa(tiny, batch):
-    model, _ = tiny
+def test_fastv_equals_eager_last_token_attention_under_sdpa(tiny_and_batch):
+    (model, _), batch = tiny_and_batch
     model.set_attn_implementation({"text_config": "eager"})
     with torch.no_grad():
         attentions = model(**batch, output_attentions=True).attentions
@@ -76,8 +90,8 @@ def test_fastv_equals_eager_last_token_attention_under_sdpa(tiny, batch):
         assert _kept_visual(stats[b], batch["input_ids"][b], valid, model.config.image_token_id) == expected
 
 
-def test_dart_keeps_k_tokens_including_the_largest_key_norm_pivots(tiny, batch):
-    model, _ = tiny
+def test_dart_keeps_k_tokens_including_the_largest_key_norm_pivots(tiny_and_batch):
+    (model, _), batch = tiny_and_batch
     with torch.no_grad():
         cache = model(**batch, use_cache=True).past_key_values
     keys = cache.layers[K - 1].keys  # post-RoPE, [B, Hkv, T, hd]

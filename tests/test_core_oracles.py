@@ -137,6 +137,22 @@ def _assert_rows_as_alone(model, handle, batch, rows) -> None:
 
 
 @pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_a_row_without_an_image_before_pruned_rows(tiny, method):
+    """A text-only first row (nothing to prune) does not stop the rows after it from being
+    pruned, and the batch equals the masked reference."""
+    from ep_core.prompts import chat_prompt
+
+    model, processor = tiny
+    texts = [chat_prompt(processor, 0, "say something"), *(chat_prompt(processor, 1, p) for p in PROMPTS[:2])]
+    batch = processor(images=random_images(2, seed=6), text=texts, return_tensors="pt", padding=True)
+    with apply_pruning(model, PruneConfig(method, prune_layer=2, keep_ratio=0.25)) as handle:
+        pruned = _generate(model, batch)
+        stats = handle.stats
+    assert [(s["visual_tokens"], s["visual_tokens_kept"]) for s in stats] == [(0, 0), (16, 4), (16, 4)]
+    _assert_same_generation(pruned, _masked_reference_generate(model, batch, stats))
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
 def test_cache_invariance(model, batch, method):
     with apply_pruning(model, PruneConfig(method, keep_ratio=0.3)) as handle:
         cached = _generate(model, batch)

@@ -43,6 +43,7 @@ def ray_session(worker_exit_spec, device_fault_spec):
     corpus's fault files, a model worker dies when ``worker_exit_spec`` says so, generate calls
     run out of memory or fault the device when ``device_fault_spec`` says so."""
     import ray
+    import ray.data  # noqa: F401 - its console log handler binds sys.stderr at import: pytest's, not one test's capsys
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",

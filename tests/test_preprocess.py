@@ -124,3 +124,85 @@ def test_packed_encodings_come_back_with_their_names_dtypes_shapes_and_values():
         assert back[name].flags.writeable
     with pytest.raises(TypeError, match="object array"):
         preprocess.pack_encoding({"x": np.array([{"a": 1}], dtype=object)})
+
+
+def _frames_row(sample_id: str, n: int, h: int, w: int, prompt: str) -> dict:
+    pixels = np.random.default_rng(n * h + w).integers(0, 255, (n, h, w, 3), dtype=np.uint8)
+    return {"sample_id": sample_id, "source": f"{sample_id}.mp4", "path": f"{sample_id}.mp4", "media_type": "video",
+            "frames": n, "prompt": prompt, "pixels": pixels.tobytes(), "shape": [n, h, w]}
+
+
+class _CountingProcessor:
+    """The demo processor, counting its calls (and failing those given an image ``fail_width`` wide)."""
+
+    def __init__(self, processor, fail_width: int | None = None):
+        self.processor, self.fail_width, self.calls = processor, fail_width, 0
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        if any(image.width == self.fail_width for image in kwargs["images"]):
+            raise ValueError("this image breaks the processor")
+        return self.processor(**kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.processor.apply_chat_template(*args, **kwargs)
+
+
+def _block(rows):
+    return pa.Table.from_pylist([{k: r.get(k) for k in DECODED_SCHEMA.names} for r in rows], schema=DECODED_SCHEMA)
+
+
+def test_rows_sharing_a_prompt_share_one_processor_call_and_equal_their_rows_encoded_alone(tmp_path, monkeypatch):
+    """LLaVA (one fixed crop per image): four images of different sizes with one prompt, two with
+    another, two 3-frame videos, a 2-frame video, a row that failed to decode. Each row's packed
+    encoding equals ``encode_row`` on it alone, from 4 calls instead of 9."""
+    from ep_core.families import FAMILIES
+
+    assert FAMILIES["llava"].encodes_in_groups and not FAMILIES["llava_next"].encodes_in_groups
+    assert not FAMILIES["qwen2_5_vl"].encodes_in_groups and not FAMILIES["llava_onevision"].encodes_in_groups
+    decoded = _decoded(tmp_path, [(20, 20), (30, 12), (12, 30), (16, 16), (24, 8), (8, 24)])
+    for row in decoded[4:]:
+        row["prompt"] = "what is in it? answer in a few more words"
+    decoded += [_frames_row("v1", 3, 16, 20, "describe"), _frames_row("v2", 3, 12, 12, "describe"),
+                _frames_row("v3", 2, 16, 16, "describe"),
+                {"sample_id": "bad", "source": "bad.png", "media_type": "image", "frames": 1, "prompt": "describe",
+                 "error": "cannot decode"}]
+    counting = _CountingProcessor(preprocess._processor("demo"))
+    monkeypatch.setattr(preprocess, "_processor", lambda model: counting)
+    rows = preprocess.preprocess_block(_block(decoded), model="demo").to_pylist()
+    assert counting.calls == 4  # the 4 images, the 2 images, the 3-frame videos, the 2-frame video alone
+    direct_processor = counting.processor
+    for row, source in zip(rows[:-1], decoded[:-1]):
+        direct = preprocess.encode_row(direct_processor, source)
+        unpacked = preprocess.unpack_encoding(row["encoded"])
+        assert list(unpacked) == list(direct) and row["error"] is None
+        for name in direct:
+            assert unpacked[name].shape == direct[name].shape and np.array_equal(unpacked[name], direct[name]), name
+        assert row["prompt_tokens"] == direct["input_ids"].shape[-1]
+    assert rows[-1]["error"] == "cannot decode" and rows[-1]["encoded"] is None
+
+
+def test_a_failing_shared_call_falls_back_to_one_call_per_row_and_costs_the_bad_row_only(tmp_path, monkeypatch):
+    decoded = _decoded(tmp_path, [(12, 12), (14, 10), (10, 14)])
+    counting = _CountingProcessor(preprocess._processor("demo"), fail_width=14)
+    monkeypatch.setattr(preprocess, "_processor", lambda model: counting)
+    rows = preprocess.preprocess_block(_block(decoded), model="demo").to_pylist()
+    assert counting.calls == 1 + 3
+    assert rows[1]["encoded"] is None and rows[1]["error"].startswith("preprocessing failed (ValueError: this image breaks")
+    for row, source in zip([rows[0], rows[2]], [decoded[0], decoded[2]]):
+        direct = preprocess.encode_row(counting.processor, source)
+        assert row["error"] is None and np.array_equal(preprocess.unpack_encoding(row["encoded"])["pixel_values"], direct["pixel_values"])
+
+
+def test_a_shared_output_that_splits_neither_per_row_nor_per_image_is_refused(tmp_path):
+    decoded = _decoded(tmp_path, [(12, 12), (12, 12)])
+
+    class Processor:
+        def __call__(self, images, text, return_tensors):
+            return {"input_ids": np.ones((2, 3), dtype=np.int64), "odd": np.ones((3, 1))}
+
+        def apply_chat_template(self, messages, add_generation_prompt):
+            return "t"
+
+    with pytest.raises(ValueError, match=r"processor output odd of shape \(3, 1\) is neither per row \(2\) nor per image \(2\)"):
+        preprocess.encode_group(Processor(), decoded)

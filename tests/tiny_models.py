@@ -40,8 +40,10 @@ def build_tiny_llava(
     attn_implementation: str = "sdpa",
     seed: int = 0,
     context: int = 512,
+    head_dim: int | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A random tiny LLaVA-1.5-shaped model and its processor, in eval mode, float32."""
+    """A random tiny LLaVA-1.5-shaped model and its processor, in eval mode, float32
+    (``head_dim``: the text model's, when it is not hidden / heads)."""
     tok = build_tokenizer()
     n_vis = (image_size // patch_size) ** 2
     config = LlavaConfig(
@@ -60,6 +62,7 @@ def build_tiny_llava(
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,

@@ -1,0 +1,65 @@
+"""The hooks' small tensor helpers (``ep_core.hooks``) against direct indexing: the masks each
+attention backend gets, and the pixels a sample's seed is hashed from. The whole-model oracles
+that use them are in test_core_oracles.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ep_core.hooks import _build_mask, _cut_key_columns, _cut_mask, _strip_zero_patches
+
+
+def test_trailing_zero_patches_are_stripped_and_nothing_else():
+    """A LLaVA-NeXT image zero-padded to the batch's most patches: the padding goes, a zero
+    patch inside the image stays, an all-zero image has no patches, other shapes pass through."""
+    pixels = torch.randn(6, 3, 2, 2)
+    pixels[1] = 0  # inside the image
+    pixels[4:] = 0  # the batch's padding
+    assert torch.equal(_strip_zero_patches(pixels), pixels[:4])
+    assert torch.equal(_strip_zero_patches(pixels[:4]), pixels[:4])
+    assert _strip_zero_patches(torch.zeros(3, 3, 2, 2)).shape == (0, 3, 2, 2)
+    flat = torch.zeros(5, 12)  # Qwen's [patches, dim]: not a stack of images
+    assert _strip_zero_patches(flat) is flat
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("implementation", ["eager", None, "sdpa"])
+def test_a_built_mask_is_additive_for_eager_and_bool_for_sdpa(implementation, dtype):
+    """Keys at positions 0, 2, 5 (the middle one filler) for queries at 2 and 5: a key is seen
+    when it is valid and not after the query. Eager (also when no implementation is named) gets
+    0 / the dtype's minimum in the layer's dtype, sdpa a bool mask."""
+    key_pos = torch.tensor([[0, 2, 5]])
+    key_valid = torch.tensor([[True, False, True]])
+    query_pos = torch.tensor([[[2], [5]]])
+    allowed = torch.tensor([[[[True, False, False], [True, False, True]]]])
+    mask = _build_mask(query_pos, key_pos, key_valid, implementation, dtype)
+    if implementation == "sdpa":
+        assert mask.dtype == torch.bool and torch.equal(mask, allowed)
+    else:
+        expected = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        assert mask.dtype == dtype and torch.equal(mask, expected)
+    assert torch.equal(_build_mask(query_pos, key_pos, key_valid, "flash_attention_2", dtype), key_valid)
+
+
+def test_key_columns_are_cut_for_every_head_and_query_of_a_broadcast_mask():
+    """A ``[1, h=2, q=3, kv=7]`` mask (one for the whole batch, several queries: speculative
+    decoding) cut to each row's own columns equals indexing it directly; filler columns masked."""
+    mask = torch.randn(1, 2, 3, 7)
+    columns = torch.tensor([[0, 2, 5, 6], [1, 3, 4, 6]])
+    column_valid = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    cut = _cut_key_columns(mask, columns, column_valid)
+    assert cut.shape == (2, 2, 3, 4)
+    for b in range(2):
+        expected = mask[0][:, :, columns[b]].masked_fill(~column_valid[b], torch.finfo(mask.dtype).min)
+        assert torch.equal(cut[b], expected)
+    assert torch.equal(_cut_key_columns(mask, columns, None)[1], mask[0][:, :, columns[1]])
+
+
+def test_a_prefill_mask_with_several_heads_is_cut_on_rows_and_columns():
+    mask = torch.randn(1, 2, 6, 6)
+    keep = torch.tensor([[0, 2, 5], [1, 2, 3]])
+    cut = _cut_mask(mask, keep, None)
+    assert cut.shape == (2, 2, 3, 3)
+    for b in range(2):
+        assert torch.equal(cut[b], mask[0][:, keep[b]][:, :, keep[b]])
