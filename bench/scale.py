@@ -8,7 +8,8 @@ one change: **the model stage is a stand-in** (:class:`FixedCaption`) that retur
 caption ``"a stand-in caption"`` for each row without loading a model, so what is measured is
 everything around the model. The stand-in reserves no CPU (it does no work), so every core
 serves the data plane. The preprocessing stage still runs the demo model's processor, one call
-per row: most of a row's CPU time (docs/measurements.md, 2026-12-03).
+per group of rows sharing a prompt (``pipelines.preprocess.encode_group``): still most of a
+row's CPU time (docs/measurements.md, 2026-12-03).
 
 Reported per size: ``rows`` (written), ``driver_peak_rss_mb`` (the driver process's peak
 resident memory, ``getrusage``; Ray's own processes are not counted) and ``rows_per_s`` (rows

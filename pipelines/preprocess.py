@@ -6,7 +6,9 @@ costs tens of milliseconds per image (38 ms for LLaVA-1.5 at 1024×768, 103 ms f
 runs in the job's CPU stage, right after decoding (:func:`prepare_block`), before the model
 stage, which then only collates, generates and decodes text. A row leaves this stage with ``encoded``: its processor output (``input_ids``,
 ``attention_mask``, ``pixel_values``, …) packed by :func:`pack_encoding` (no pickle), and
-``prompt_tokens``; its pixels are dropped. A processor failure costs that row only.
+``prompt_tokens``; its pixels are dropped. Rows that share a prompt and a frame count share one
+processor call where the family allows it (:func:`encode_group`): for small images the call's
+fixed cost, not the pixels, is most of the time. A processor failure costs that row only.
 """
 
 from __future__ import annotations
