@@ -402,14 +402,18 @@ def test_mark_killed_ends_a_running_run_once_and_says_why_it_cannot(tmp_path, mo
     left = client.create_run(experiment).info.run_id  # what a SIGKILLed job leaves: RUNNING
     done = client.create_run(experiment).info.run_id
     client.set_terminated(done, status="FINISHED")
-    assert tracker.mark_killed(left) is True and client.get_run(left).info.status == "KILLED"
+    with caplog.at_level("INFO", logger="pipelines.tracking"):
+        caplog.clear()
+        assert tracker.mark_killed(left) is True and client.get_run(left).info.status == "KILLED"
+    assert f"MLflow: run {left} of the job that was killed in this output is marked KILLED" in caplog.messages
     assert tracker.mark_killed(left) is False and tracker.mark_killed(done) is False
     assert client.get_run(done).info.status == "FINISHED"
     with caplog.at_level("WARNING", logger="pipelines.tracking"):
         caplog.clear()  # an earlier test may have left pipelines.tracking at INFO: keep only this call's lines
         assert tracker.mark_killed("0" * 32) is False
     warnings = [r.getMessage() for r in caplog.records if r.name == "pipelines.tracking" and r.levelname == "WARNING"]
-    assert len(warnings) == 1 and warnings[0].startswith(f"MLflow: could not mark the killed job's run {'0' * 32}")
+    assert len(warnings) == 1 and warnings[0].startswith(f"MLflow: could not mark the killed job's run {'0' * 32}: ")
+    assert "None" not in warnings[0].split(": ", 2)[-1]  # the store's own reason follows
     assert Tracker(tmp_path, "off", enabled=False).mark_killed(left) is False
 
 
@@ -431,3 +435,101 @@ def test_metric_tally_merged_call_by_call_equals_output_metrics_of_all_rows():
     assert merged.metrics() == pytest.approx(output_metrics(to_table(rows)))
     assert merged.metrics()["errors"] == 2 and merged.metrics()["rows"] == 11
     assert MetricTally().metrics()["prefill_ms_per_item"] is None  # nothing written: no mean
+
+
+def _drawn_figure(summary, tmp_path, monkeypatch, **kwargs):
+    import matplotlib.figure
+
+    drawn = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), real_savefig(fig, *a, **k)))
+    cost_quality_plot(summary, tmp_path / "p.png", **kwargs)
+    (fig,) = drawn
+    return fig
+
+
+@pytest.mark.parametrize("case", ["none last", "keep ratio 1 only", "none without a keep ratio", "first unpruned without quality"])
+def test_the_unpruned_star_is_the_unpruned_configuration_wherever_it_is_in_the_summary(case, tmp_path, monkeypatch):
+    """The star marks the configuration with method ``none`` or keep ratio 1, found by either
+    test alone, in any position, skipping one without a quality."""
+    pruned = [dict(r) for r in SUMMARY[1:]]
+    unpruned = {"method": "none", "keep_ratio": 1.0, "quality": 0.9, "flops_reduction": 0.0, "items_per_s": 2.0}
+    summary = {
+        "none last": pruned + [unpruned],
+        "keep ratio 1 only": pruned + [{**unpruned, "method": "entropyprune"}],
+        "none without a keep ratio": pruned + [{k: v for k, v in unpruned.items() if k != "keep_ratio"}],
+        "first unpruned without quality": [{**unpruned, "quality": None, "flops_reduction": 0.1, "items_per_s": 1.0}, *pruned, unpruned],
+    }[case]
+    fig = _drawn_figure(summary, tmp_path, monkeypatch)
+    assert fig._suptitle is None  # no title given, none drawn
+    for panel, x_key, x_label in zip(fig.axes, ("flops_reduction", "items_per_s"),
+                                     ("prefill FLOPs reduction (exact LM count)", "throughput (items/s)")):
+        (star,) = panel.collections
+        assert star.get_offsets().tolist() == [[unpruned[x_key], unpruned["quality"]]]
+        assert star.get_label() == "unpruned" and panel.get_xlabel() == x_label
+        assert all(line.get_marker() == "o" for line in panel.get_lines())
+
+
+def test_health_check_speaks_https_sends_a_user_without_password_and_says_why_a_server_is_down():
+    import base64
+    import http.server
+    import threading
+
+    from pipelines.tracking import _server_reachable
+
+    seen = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        assert _server_reachable(f"http://token@127.0.0.1:{port}") is None
+        assert seen[-1] == ("/health", "Basic " + base64.b64encode(b"token:").decode())
+        assert _server_reachable(f"http://al:p@ss@127.0.0.1:{port}") is None  # an unescaped @ in the password
+        assert seen[-1] == ("/health", "Basic " + base64.b64encode(b"al:p@ss").decode())
+        answer = _server_reachable(f"https://127.0.0.1:{port}")  # TLS against a plain-HTTP server
+        assert answer is not None and "urlopen error" not in answer
+    finally:
+        server.shutdown()
+    down = _server_reachable("http://127.0.0.1:1")
+    assert "refused" in down.lower() and not down.startswith("<urlopen error")
+
+
+def test_a_tracker_sets_fail_fast_http_defaults_keeps_the_users_uri_and_reopens_its_experiment(tmp_path, monkeypatch):
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    assert Tracker(tmp_path / "off", "e", enabled=False).failure == "disabled"
+    nested = tmp_path / "a" / "b" / "out"  # parents created
+    first = Tracker(nested, "again")
+    assert first.active and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10" and "MLFLOW_TRACKING_URI" not in os.environ
+    assert Tracker(nested, "again").active  # the experiment exists now: found, not created twice
+    user = f"sqlite:///{tmp_path / 'user.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", user)
+    assert Tracker(tmp_path / "other", "mine").active and os.environ["MLFLOW_TRACKING_URI"] == user
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    tracker = Tracker(blocker / "out", "e")
+    assert not tracker.active
+    assert tracker.failure.startswith(f"could not open MLflow store sqlite:///{blocker / 'out'}")
+    assert "Errno" in tracker.failure and "None" not in tracker.failure
+
+
+def test_store_dir_of_an_object_store_uri_never_leaves_the_local_stores(tmp_path, monkeypatch):
+    from pipelines.tracking import LOCAL_STORES, store_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert store_dir("s3:///bucket/x/") == tmp_path / LOCAL_STORES / "s3" / "bucket" / "x"
