@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -27,6 +28,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _health_server(status):
+    """A loopback HTTP server answering each GET with ``status(path, authorization header)``;
+    yields its port."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status(self.path, self.headers.get("Authorization")))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
 
 
 def _record_sweep(tracker: Tracker, out: Path) -> None:
@@ -284,8 +308,6 @@ def test_credentials_never_printed_and_basic_auth_servers_are_reachable(tmp_path
     """A password in the tracking URI appears in no message; the health check sends it as
     basic auth (urllib cannot take user info in a URL), so such a server counts as reachable."""
     import base64
-    import http.server
-    import threading
 
     from pipelines.tracking import _server_reachable, redact
 
@@ -293,23 +315,9 @@ def test_credentials_never_printed_and_basic_auth_servers_are_reachable(tmp_path
     assert redact("https://tok@host") == "https://***@host" and redact("sqlite:///a/b.db") == "sqlite:///a/b.db"
     good = "Basic " + base64.b64encode(b"alice:S3cr3t").decode()
 
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            ok = self.path == "/health" and self.headers.get("Authorization") == good
-            self.send_response(200 if ok else 401)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    try:
+    with _health_server(lambda path, auth: 200 if path == "/health" and auth == good else 401) as port:
         assert _server_reachable(f"http://alice:S3cr3t@127.0.0.1:{port}") is None
         assert "401" in _server_reachable(f"http://alice:wrong@127.0.0.1:{port}")
-    finally:
-        server.shutdown()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:S3cr3tP4ss@127.0.0.1:1")
     with caplog.at_level("WARNING"):
         tracker = Tracker(tmp_path / "out", "secret")
@@ -472,34 +480,17 @@ def test_the_unpruned_star_is_the_unpruned_configuration_wherever_it_is_in_the_s
 
 def test_health_check_speaks_https_sends_a_user_without_password_and_says_why_a_server_is_down():
     import base64
-    import http.server
-    import threading
 
     from pipelines.tracking import _server_reachable
 
     seen = []
-
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append((self.path, self.headers.get("Authorization")))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    try:
+    with _health_server(lambda path, auth: seen.append((path, auth)) or 200) as port:
         assert _server_reachable(f"http://token@127.0.0.1:{port}") is None
         assert seen[-1] == ("/health", "Basic " + base64.b64encode(b"token:").decode())
         assert _server_reachable(f"http://al:p@ss@127.0.0.1:{port}") is None  # an unescaped @ in the password
         assert seen[-1] == ("/health", "Basic " + base64.b64encode(b"al:p@ss").decode())
         answer = _server_reachable(f"https://127.0.0.1:{port}")  # TLS against a plain-HTTP server
         assert answer is not None and "urlopen error" not in answer
-    finally:
-        server.shutdown()
     down = _server_reachable("http://127.0.0.1:1")
     assert "refused" in down.lower() and not down.startswith("<urlopen error")
 
