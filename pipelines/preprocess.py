@@ -101,7 +101,7 @@ def encode_group(processor, rows: list[dict]) -> list[dict[str, np.ndarray]]:
     Equal to :func:`encode_row` on each row for a family whose
     :attr:`~ep_core.families.Family.encodes_in_groups` holds; a ValueError for an output that
     splits neither way."""
-    n, frames = len(rows), len(frames_of(rows[0]))
+    n, frames = len(rows), int(rows[0]["shape"][0])
     images = [image for row in rows for image in frames_of(row)]
     text = chat_prompt(processor, frames, rows[0]["prompt"])
     encoding = processor(images=images, text=[text] * n, return_tensors="np")
@@ -119,8 +119,13 @@ def encode_group(processor, rows: list[dict]) -> list[dict[str, np.ndarray]]:
     return out
 
 
+def _carried(row: dict) -> dict:
+    """The fields of a decoded row that leave this stage as they came (pixels dropped)."""
+    return {k: row.get(k) for k in PREPROCESSED_SCHEMA.names}
+
+
 def _with_encoding(row: dict, encoding: dict[str, np.ndarray]) -> dict:
-    out = {k: row.get(k) for k in PREPROCESSED_SCHEMA.names}
+    out = _carried(row)
     out["encoded"] = pack_encoding(encoding)
     out["prompt_tokens"] = int(encoding["input_ids"].shape[-1])
     return out
@@ -129,12 +134,12 @@ def _with_encoding(row: dict, encoding: dict[str, np.ndarray]) -> dict:
 def preprocess_row(row: dict, model: str) -> dict:
     """A decoded row → the same row with ``encoded`` and ``prompt_tokens`` (or ``error``)."""
     if row.get("error") or row.get("pixels") is None:
-        return {k: row.get(k) for k in PREPROCESSED_SCHEMA.names}
+        return _carried(row)
     try:
         native = row.get("media_type") == "video" and video_native(model)
         encoding = encode_row(_processor(model), row, video_native=native)
     except Exception as exc:  # noqa: BLE001 - a processor failure costs this row only
-        out = {k: row.get(k) for k in PREPROCESSED_SCHEMA.names}
+        out = _carried(row)
         out["error"] = f"preprocessing failed ({type(exc).__name__}: {exc}): {row.get('source')}"
         return out
     return _with_encoding(row, encoding)
