@@ -95,7 +95,13 @@ class PruningHandle:
         if self.rule is not None:  # method "none" only observes: it refuses nothing the model can do
             _refuse_unsupported(model, self.text_config)
 
-        k = config.prune_layer
+        try:
+            self._install(model, language_model, config.prune_layer)
+        except BaseException:
+            self.remove()  # a refusal halfway (no _deepstack_process) leaves the model as it was
+            raise
+
+    def _install(self, model: nn.Module, language_model: nn.Module, k: int) -> None:
         self._hooks.append(
             self.family.multimodal_model(model).register_forward_pre_hook(self._on_model_input, with_kwargs=True)
         )

@@ -173,3 +173,46 @@ def test_inputs_carry_three_dimensional_positions_per_video_frame(tiny):
     assert (positions[0][visual] != positions[1][visual]).any()
     video = batch["mm_token_type_ids"][1] == 2
     assert len(set(positions[0, 1][video].tolist())) == 2  # two temporal patches, two time positions
+
+
+def test_a_text_model_without_deepstack_process_is_refused_with_the_reason(tiny, monkeypatch):
+    """A transformers version whose text model adds DeepStack features some other way: the hooks
+    cannot follow the cut, so ``apply_pruning`` refuses with one line naming the class, and leaves
+    no hook behind: the model runs unpruned afterwards."""
+    batch = qwen3_inputs(MIXED, 4)
+    with torch.no_grad():
+        before = tiny(**batch).logits
+    language_model = tiny.model.language_model
+    owner = next(c for c in type(language_model).__mro__ if "_deepstack_process" in vars(c))
+    monkeypatch.delattr(owner, "_deepstack_process")
+    expected = (f"{FAMILIES['qwen3_vl'].model_type}: {type(language_model).__name__} has no _deepstack_process; this "
+                "transformers version adds DeepStack features differently, which the pruning hooks do not support")
+    with pytest.raises(ValueError) as error:
+        apply_pruning(tiny, PruneConfig("random", keep_ratio=0.5, prune_layer=1))
+    assert str(error.value) == expected
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert torch.equal(tiny(**batch).logits, before)
+
+
+def test_an_instance_level_deepstack_process_is_wrapped_and_given_back(tiny):
+    """A ``_deepstack_process`` the user set on the instance (their own wrapper) runs under the
+    pruning wrapper and is the one in place again after ``remove()``."""
+    batch = qwen3_inputs(MIXED, 4)
+    language_model = tiny.model.language_model
+    original = language_model._deepstack_process
+    calls = []
+
+    def users_own(hidden, mask, embeds):
+        calls.append(hidden.shape[1])
+        return original(hidden, mask, embeds)
+
+    language_model._deepstack_process = users_own
+    try:
+        with torch.no_grad(), apply_pruning(tiny, PruneConfig("random", keep_ratio=0.5, prune_layer=1)):
+            assert language_model.__dict__["_deepstack_process"] is not users_own
+            tiny(**batch)
+        assert language_model.__dict__["_deepstack_process"] is users_own
+    finally:
+        language_model.__dict__.pop("_deepstack_process", None)
+    assert len(calls) == DEEPSTACK_LAYERS and calls[-1] < batch["input_ids"].shape[1]
