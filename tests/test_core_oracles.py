@@ -162,6 +162,29 @@ def test_cache_invariance(model, batch, method):
     _assert_same_generation(cached, uncached)
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_decode_step_sees_the_cache_under_either_name(tiny, batch, name):
+    """Transformers 5.25 passes the cache to the multimodal model as ``cache``; older 5.x (and
+    callers of the deprecated name) as ``past_key_values``. Under either name a one-token step
+    after a pruned prefill is a decode step: the prefill's stats stay, and the step's hidden
+    states equal those of the same step through ``cache=``."""
+    import copy
+
+    model, _ = tiny
+    inner = model.model  # the module the input hook sits on; the outer model renames the argument itself
+    with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.3)) as handle, torch.no_grad():
+        prefill = inner(**batch, use_cache=True)
+        stats = handle.stats
+        next_ids = model.lm_head(prefill.last_hidden_state[:, -1:]).argmax(-1)
+        step = dict(input_ids=next_ids, attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(next_ids)], 1))
+        expected = inner(**step, cache=copy.deepcopy(prefill.past_key_values), use_cache=True).last_hidden_state
+        assert handle.stats == stats
+        got = inner(**step, **{name: copy.deepcopy(prefill.past_key_values)}, use_cache=True).last_hidden_state
+        assert handle.stats == stats
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 def test_per_layer_cache_lengths_and_stats(tiny, batch):
     model, _ = tiny
     num_layers = model.config.text_config.num_hidden_layers
