@@ -287,10 +287,14 @@ class CaptionJob:
         if scanned is None:
             plan = plan_shards(cfg.input, input_format, cfg.shard_columns(), parts_by_unit(cfg.output))
             total = plan.rows_total
-            say(f"[caption] {len(plan.units)} pieces of {input_format} shards"
+            pieces = len(plan.units) + plan.units_done
+            partly = plan.units_with_parts - plan.units_done
+            say(f"[caption] {pieces} pieces of {input_format} shards"
                 + (f", {total} inputs" if total is not None else "")
-                + (f"; {plan.units_with_parts} have rows in {cfg.output} already (their workers skip those)"
-                   if plan.units_with_parts else ""))
+                + (f"; {plan.units_done} done already ({plan.rows_before} rows in {cfg.output})" if plan.units_done else "")
+                + (f"; {partly} have rows in {cfg.output} already (their workers skip those)" if partly else ""))
+            if not plan.units:
+                say(f"[caption] nothing to do: every input is in {cfg.output} already")
         else:
             retried = drop_transient(cfg.output)  # the device failed these rows before: process them again
             plan = plan_rows(scanned.rows, done_ids(cfg.output), rows_per_unit=cfg.batch_size, skipped_files=scanned.skipped_files,
@@ -589,13 +593,13 @@ def _tally_totals(tally) -> dict:
 def _total_and_before(plan, found: dict | None) -> tuple[int | None, int]:
     """Input rows (None while a unit of unknown size is unread) and rows done before this run:
     from the plan for a folder or manifest; for shards, the metadata's sizes with what the
-    workers found so far (``found``: ``UnitTally.totals``)."""
+    workers found so far (``found``: ``UnitTally.totals``) added to the units the plan found done."""
     if plan.kind == "rows" or found is None:
         return plan.rows_total, plan.rows_before
     total = plan.rows_total
     if total is None and found["units"] >= len(plan.units):
-        total = found["rows"]
-    return total, found["before"]
+        total = plan.rows_before + found["rows"]  # rows_before: those of the units the plan found done
+    return total, plan.rows_before + found["before"]
 
 
 def _duration(seconds: float) -> str:

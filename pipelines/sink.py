@@ -74,6 +74,7 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
+TRANSIENT_ROWS_KEY = b"ep_transient_rows"  # a part's footer: how many of its rows are transient errors
 JOB_FILE = "_job.json"
 LOCK_FILE = "_lock.json"
 
@@ -136,6 +137,15 @@ def committed(parts: list[str]) -> tuple[set[str], int]:
         if storage.exists(path):  # a part of transient rows only is gone now
             ids.update(_read_part(path, columns=["sample_id"]).column("sample_id").to_pylist())
     return ids, dropped
+
+
+def part_footer(path: str) -> tuple[int, int | None]:
+    """``(rows, transient error rows)`` of a part, from its footer alone (one ranged read on an
+    object store); the transient count is None for a part written before footers kept it."""
+    with storage.open_input(path) as f:
+        meta = pq.read_metadata(f)
+    transient = (meta.metadata or {}).get(TRANSIENT_ROWS_KEY)
+    return meta.num_rows, int(transient) if transient is not None else None
 
 
 def part_name(unit: str, ids: list[str]) -> str:
@@ -286,7 +296,12 @@ def check_job(output_dir: str, job: dict) -> None:
 def _atomic_write_table(table: pa.Table, path: str) -> None:
     """Write ``table`` to a hidden temporary file, sync it, rename it to ``path``: a reader sees
     the old file or the new one, never a part of one. A failed write leaves no temporary file.
-    On an object store: the file built in memory, then one put (``storage.write_atomic``)."""
+    On an object store: the file built in memory, then one put (``storage.write_atomic``).
+    The footer records how many rows are transient errors (:func:`part_footer`)."""
+    import pyarrow.compute as pc
+
+    transient = pc.sum(pc.fill_null(pc.equal(table.column("error_kind"), "transient"), False)).as_py() or 0
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), TRANSIENT_ROWS_KEY: str(transient).encode()})
     if storage.is_uri(path):
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)

@@ -50,6 +50,7 @@ class Plan:
     skipped_files: int = 0
     duplicates: int = 0
     units_with_parts: int = 0  # "shards": units that a rerun finds partly or wholly done
+    units_done: int = 0  # "shards": units whose parts hold all their rows (left out of ``units``)
     any_video: bool = False  # a unit may hold videos (a tar shard may, until read)
 
     @property
@@ -72,22 +73,47 @@ def plan_rows(rows: list[dict], done: set[str], *, rows_per_unit: int, skipped_f
 
 def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, list[str]]) -> Plan:
     """One unit per Parquet row group or tar shard of ``input_path`` (metadata only), each with
-    the part files the output already holds for it (``parts``: ``pipelines.sink.parts_by_unit``)."""
+    the part files the output already holds for it (``parts``: ``pipelines.sink.parts_by_unit``).
+    A unit of known size whose parts' footers hold that many rows, none a transient error
+    (:func:`unit_complete`), is done: it is counted in ``rows_before`` and left out of the plan,
+    so a rerun of a finished job starts no worker."""
     from pipelines.shards import shard_units
 
     plan = Plan(kind="shards")
+    found = 0
     for unit in shard_units(input_path, input_format, columns):
+        found += 1
         unit["parts"] = parts.get(unit["unit"], [])
         plan.units_with_parts += bool(unit["parts"])
-        plan.any_video |= unit.get("media", "video") == "video"
         if unit["rows"] is None:
             plan.unknown_units += 1
         else:
             plan.rows_known += unit["rows"]
+        if unit["parts"] and unit["rows"] is not None and unit_complete(unit["parts"], unit["rows"]):
+            plan.units_done += 1
+            plan.rows_before += unit["rows"]
+            continue
+        plan.any_video |= unit.get("media", "video") == "video"
         plan.units.append({"unit": unit["unit"], "spec": json.dumps(unit)})
-    if not plan.units:
+    if not found:
         raise ValueError(f"input {input_path} holds no {input_format} shards (--input-format {input_format})")
     return plan
+
+
+def unit_complete(parts: list[str], rows: int) -> bool:
+    """Whether a unit of ``rows`` input rows is done: its ``parts`` hold that many rows and no
+    transient error row, by their footers alone (``pipelines.sink.part_footer``). A part whose
+    footer lacks the transient count (written by an older version), or fewer rows (a unit with
+    a repeated id, or one stopped midway), leaves the unit to its worker, which reads its ids."""
+    from pipelines.sink import part_footer
+
+    total = 0
+    for path in parts:
+        count, transient = part_footer(path)
+        if transient is None or transient:
+            return False
+        total += count
+    return total == rows
 
 
 class UnitTally:

@@ -465,10 +465,12 @@ def test_a_full_disk_mid_run_keeps_the_committed_rows_says_so_in_one_line_and_a_
     assert_exactly_once(out, {r["sample_id"] for r in scan(images).rows})
 
 
-def test_a_parquet_dataset_of_image_bytes_is_captioned_once_per_row_and_resumes(ray_session, tiny_model, tmp_path, capsys):
+def test_a_parquet_dataset_of_image_bytes_is_captioned_once_per_row_and_resumes(ray_session, tiny_model, tmp_path, capsys,
+                                                                                 monkeypatch):
     """``--input`` a folder of ``datasets``-style Parquet shards (image bytes, question and answer
     columns): one output row per dataset row, its prompt and reference from the columns, decoded
-    on the workers from the row's bytes; the same command again has nothing to do."""
+    on the workers from the row's bytes; the same command again has nothing to do, and sees it
+    from the parts' footers alone: it starts no Ray session."""
     from tests.media_fixtures import write_hf_shards
 
     root = str(tmp_path / "ds")
@@ -485,5 +487,10 @@ def test_a_parquet_dataset_of_image_bytes_is_captioned_once_per_row_and_resumes(
     row = rows["train-00001-of-00002.parquet#2"]
     assert row["prompt"] == "what is in image 1-2?" and row["reference"] == "answer 1-2"
     assert all(r["error"] is None and r["visual_tokens_kept"] < r["visual_tokens"] for r in rows.values())
+    def no_ray(*_, **__):
+        raise AssertionError("a finished job's rerun started Ray")
+
+    monkeypatch.setattr("pipelines.caption.ray_session", no_ray)
     assert caption(args) == 0
     assert "6/6 rows" in (printed := capsys.readouterr().out) and "(0 new, 6 already there)" in printed
+    assert "nothing to do" in printed and "4 done already (6 rows" in printed

@@ -70,6 +70,35 @@ def test_a_rerun_unit_skips_its_committed_rows_and_retries_its_transient_ones(tm
     assert read_output(out).column("sample_id").to_pylist() == [rows[0]["sample_id"]]  # the transient row is gone
 
 
+def test_a_unit_whose_parts_hold_all_its_rows_is_done_from_their_footers(tmp_path):
+    """A rerun's plan leaves out a unit whose parts' footers hold all its rows with no transient
+    error; a unit with a transient row, a missing row, or a part whose footer lacks the
+    transient count (an older version's part) goes to its worker."""
+    data = tmp_path / "ds"
+    write_hf_shards(str(data), shards=1, rows=5, row_group_size=2)  # units of 2, 2 and 1 rows
+    specs = _specs(plan_shards(str(data), "parquet", COLUMNS, {}))
+    unit_rows_ = [unit_rows(s, prompt=None, frames=4, columns=COLUMNS)[0] for s in specs]
+    out = str(tmp_path / "out")
+    writer = PartWriter(_Echo, out, "r1")
+    for spec, rows, cut in zip(specs, unit_rows_, ([0], [0, 1], [0])):
+        writer(pa.Table.from_pylist([{**rows[i], "unit": spec["unit"]} for i in cut]))  # one part per call
+    plan = plan_shards(str(data), "parquet", COLUMNS, parts_by_unit(out))
+    assert [s["unit"] for s in _specs(plan)] == [specs[0]["unit"]] and plan.rows_before == 3  # unit 0: 1 row of 2
+    writer(pa.Table.from_pylist([{**unit_rows_[0][1], "unit": specs[0]["unit"]}]))  # unit 0 complete over two parts
+    plan = plan_shards(str(data), "parquet", COLUMNS, parts_by_unit(out))
+    assert plan.units_done == 3 and plan.units == [] and plan.rows_before == 5 and plan.rows_total == 5
+
+    unit1 = parts_by_unit(out)[specs[1]["unit"]][0]
+    table = pq.read_table(unit1)
+    pq.write_table(table.replace_schema_metadata(None), unit1)  # the footer of a part written before the count
+    plan = plan_shards(str(data), "parquet", COLUMNS, parts_by_unit(out))
+    assert [s["unit"] for s in _specs(plan)] == [specs[1]["unit"]] and plan.rows_before == 3
+    PartWriter(_Echo, out, "r2")(pa.Table.from_pylist([{**unit_rows_[2][0], "error": "device", "error_kind": "transient", "output": None,
+                                  "unit": specs[2]["unit"]}]))  # the same row, now a transient error (its part, same name)
+    plan = plan_shards(str(data), "parquet", COLUMNS, parts_by_unit(out))
+    assert {s["unit"] for s in _specs(plan)} == {specs[1]["unit"], specs[2]["unit"]} and plan.rows_before == 2
+
+
 def test_expand_yields_blocks_of_at_most_block_rows_and_reports_each_unit_once(tmp_path):
     write_hf_shards(str(tmp_path), shards=1, rows=5, row_group_size=5)
     plan = plan_shards(str(tmp_path), "parquet", COLUMNS, {})
