@@ -222,7 +222,7 @@ class PruningHandle:
     def _capture(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             state = self._state
-            if state is not None and state.phase == "prefill" and output.shape[1] > 1:
+            if state is not None and state.phase == "prefill":  # the prefill of layer K-1: what the rule scores
                 state.captured[name] = output
 
         return hook

@@ -163,14 +163,14 @@ def test_flex_attention_is_refused(tiny):
     model, _ = tiny
     model.config.get_text_config()._attn_implementation = "flex_attention"
     try:
-        with pytest.raises(ValueError, match="'flex_attention' is not supported"):
+        with pytest.raises(ValueError, match="^attention backend 'flex_attention' is not supported: .+; use sdpa, eager or flash_attention_2$"):
             apply_pruning(model, PruneConfig("entropyprune", budget=8))
     finally:
         model.config.get_text_config()._attn_implementation = "sdpa"
 
 
 def test_compiled_model_is_refused(tiny):
-    with pytest.raises(ValueError, match="torch.compile"):
+    with pytest.raises(ValueError, match="^apply_pruning got a torch.compile'd model; pruning hooks need the uncompiled model$"):
         apply_pruning(torch.compile(tiny[0]), PruneConfig("entropyprune", budget=8))
 
 
@@ -178,10 +178,50 @@ def test_static_cache_config_is_refused(tiny):
     model, _ = tiny
     model.generation_config.cache_implementation = "static"
     try:
-        with pytest.raises(ValueError, match="only DynamicCache"):
+        with pytest.raises(ValueError, match=r"^generation_config.cache_implementation='static' is not supported: pruned "
+                           "layers hold shorter caches, which only DynamicCache allows; set it to None$"):
             apply_pruning(model, PruneConfig("entropyprune", budget=8))
+        model.generation_config.cache_implementation = "dynamic"  # what DynamicCache is: accepted
+        apply_pruning(model, PruneConfig("entropyprune", budget=8)).remove()
     finally:
         model.generation_config.cache_implementation = None
+
+
+def test_sliding_window_layers_and_a_config_that_is_not_a_prune_config_are_refused(tiny):
+    model, _ = tiny
+    text = model.config.get_text_config()
+    text.layer_types = ["full_attention", "sliding_attention"] * (text.num_hidden_layers // 2)
+    try:
+        with pytest.raises(ValueError, match="^sliding-window attention layers are not supported: a window over "
+                           "pruned caches is ill-defined$"):
+            apply_pruning(model, PruneConfig("entropyprune", budget=8))
+    finally:
+        text.layer_types = ["full_attention"] * text.num_hidden_layers
+    with pytest.raises(TypeError, match="^config must be a PruneConfig, got dict$"):
+        apply_pruning(model, {"method": "entropyprune"})
+
+
+def test_continuing_from_a_filled_cache_and_inputs_embeds_alone_are_refused(tiny, batch):
+    """Pruning takes one prefill, then one-token decode steps, from ``input_ids``: two tokens
+    after a filled cache (assisted decoding, chunked prefill) and a prefill of ``inputs_embeds``
+    alone raise; unpruned (method none) the embeddings run and there are no stats."""
+    model, _ = tiny
+    with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.5)), torch.no_grad():
+        cache = model(**batch, use_cache=True).past_key_values
+        two = batch["input_ids"][:, -2:]
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(two)], 1)
+        with pytest.raises(RuntimeError, match=r"^pruning supports one prefill followed by one-token decode steps; continuing "
+                           r"from a filled cache \(assisted decoding, chunked prefill, multi-turn reuse\) is not supported$"):
+            model(input_ids=two, attention_mask=mask, cache=cache, use_cache=True)
+        embeds = model.get_input_embeddings()(batch["input_ids"][:, -3:])
+        with pytest.raises(RuntimeError, match="^pruning supports one prefill"):  # the same step as embeddings
+            model(inputs_embeds=embeds[:, -2:], attention_mask=mask, cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match=r"^pruning needs input_ids \(to find the visual tokens\); inputs_embeds alone "
+                           "are not supported$"):
+            model(inputs_embeds=embeds)
+    with apply_pruning(model, PruneConfig("none")) as handle, torch.no_grad():
+        model(inputs_embeds=embeds)
+        assert handle.stats == []
 
 
 class _CountCalls:
@@ -199,8 +239,9 @@ def test_static_cache_at_run_time_is_refused_before_any_compute(tiny, batch):
     cache = StaticCache(config=model.config.get_text_config(), max_cache_len=64)
     try:
         with apply_pruning(model, PruneConfig("entropyprune", budget=8)):
-            with pytest.raises(RuntimeError, match="need a DynamicCache"):
-                model(**batch, past_key_values=cache, use_cache=True)
+            with pytest.raises(RuntimeError, match=r"^pruned models need a DynamicCache \(per-layer cache lengths differ "
+                               r"after pruning\), got StaticCache; leave cache_implementation unset$"):
+                model(**batch, cache=cache, use_cache=True)
     finally:
         counter.hook.remove()
     assert counter.calls == 0
@@ -231,7 +272,7 @@ def test_method_none_only_observes(tiny, batch):
     cache = StaticCache(config=model.config.get_text_config(), max_cache_len=64)
     with apply_pruning(model, PruneConfig("none")) as handle:
         with torch.no_grad():
-            model(**batch, past_key_values=cache, use_cache=True)
+            model(**batch, cache=cache, use_cache=True)
         assert [s["visual_tokens_kept"] for s in handle.stats] == [s["visual_tokens"] for s in handle.stats] == [16, 16]
 
 
@@ -286,6 +327,40 @@ def _numpy_fastv(queries, keys, cos, sin, visual_pos, valid, k):
     weights = np.exp(logits - logits.max(axis=1, keepdims=True))
     attention = (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0)
     return set(np.argsort(-attention[visual_pos], kind="stable")[:k].tolist())
+
+
+def test_fastv_takes_each_rows_own_last_token_in_a_batch():
+    """Two rows at once, the first right-padded (its last valid token is not the batch's last
+    position), the second left-padded: each row's selection equals the NumPy reference of that
+    row alone, with that row's last valid token as the query."""
+    from ep_core.methods import Candidates, fastv
+
+    rng = np.random.default_rng(7)
+    B, T, H, Hkv, hd, k = 2, 20, 4, 2, 8, 5
+    queries = rng.normal(0, 3, (B, T, H, hd)).astype(np.float32)
+    keys = rng.normal(0, 1, (B, T, Hkv, hd)).astype(np.float32)
+    angles = np.arange(T)[:, None] * (1.0 / 10000 ** (np.arange(0, hd, 2) / hd))[None, :]
+    cos = np.concatenate([np.cos(angles)] * 2, axis=-1).astype(np.float32)
+    sin = np.concatenate([np.sin(angles)] * 2, axis=-1).astype(np.float32)
+    valid = np.ones((B, T), dtype=bool)
+    valid[0, 14:] = False  # right padding: row 0 ends at position 13
+    valid[1, :2] = False  # left padding
+    visual_pos = np.stack([np.arange(3, 13), np.arange(5, 15)])
+    candidates = Candidates(
+        visual_pos=torch.from_numpy(visual_pos), visual_valid=torch.ones(B, 10, dtype=torch.bool), ks=torch.tensor([k, k]),
+        valid=torch.from_numpy(valid), queries=torch.from_numpy(queries), keys=torch.from_numpy(keys),
+        cos=torch.from_numpy(cos)[None], sin=torch.from_numpy(sin)[None],
+    )
+    kept = fastv.select_batch(candidates)
+    for b in range(B):
+        assert set(kept[b].nonzero()[:, 0].tolist()) == _numpy_fastv(queries[b], keys[b], cos, sin, visual_pos[b], valid[b], k)
+
+
+def test_top_per_row_of_no_rows_is_empty():
+    from ep_core.methods.base import top_per_row
+
+    kept = top_per_row(torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+    assert kept.shape == (0, 5) and kept.dtype == torch.bool
 
 
 @pytest.mark.parametrize("seed", range(4))

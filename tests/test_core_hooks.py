@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_core.hooks import _build_mask, _cut_key_columns, _cut_mask, _strip_zero_patches
+from ep_core.hooks import _build_mask, _cut_key_columns, _cut_mask, _strip_zero_patches, _uses_flash_masks
 
 
 def test_trailing_zero_patches_are_stripped_and_nothing_else():
@@ -63,3 +63,14 @@ def test_a_prefill_mask_with_several_heads_is_cut_on_rows_and_columns():
     assert cut.shape == (2, 2, 3, 3)
     for b in range(2):
         assert torch.equal(cut[b], mask[0][:, keep[b]][:, :, keep[b]])
+
+
+def test_flash_backends_are_told_by_their_name_or_their_mask_function():
+    """Flash kernels take 2-D padding masks: every ``flash*`` name (a hub kernel such as
+    ``kernels-community/flash-attn3`` may have no mask function registered), or any backend
+    registered with transformers' flash mask function; sdpa, eager and none are not."""
+    from tests.oracles import FLASH_LIKE
+
+    assert _uses_flash_masks("flash_attention_2") and _uses_flash_masks("kernels-community/flash-attn3")
+    assert _uses_flash_masks(FLASH_LIKE)  # no "flash" in its name: its mask function says it
+    assert not any(_uses_flash_masks(name) for name in ("sdpa", "eager", None))

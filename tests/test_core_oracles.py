@@ -385,6 +385,9 @@ def test_mixed_counts_without_any_padding(model, tiny, method):
         if mask.dim() == 4:
             allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
             assert allowed.any(dim=-1).all()
+    assert all(m.shape[-2] == 1 for m in masks[1:] if m.dim() == 4)  # a decode step: one query row
+    lengths = [layer.keys.shape[-2] for layer in together.past_key_values.layers]
+    assert len(set(lengths[2:])) == 1 and lengths[2] < lengths[0]  # layers >= K: one cache length, pruned
     assert torch.equal(together.sequences, uncached.sequences)
     reference = _masked_reference_generate(model, batch, stats)
     _assert_same_generation(together, reference)
