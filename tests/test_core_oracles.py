@@ -162,6 +162,18 @@ def test_cache_invariance(model, batch, method):
     _assert_same_generation(cached, uncached)
 
 
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_keep_all_without_a_cache_is_the_unpruned_generation(tiny, batch, method):
+    """generate(use_cache=False) re-runs the growing prompt at every step; when no row drops
+    a token nothing is cut at any step, and each row's stats name the method."""
+    model, _ = tiny
+    reference = _generate(model, batch, use_cache=False)
+    with apply_pruning(model, PruneConfig(method, keep_ratio=1.0)) as handle:
+        uncached = _generate(model, batch, use_cache=False)
+        assert [s["method"] for s in handle.stats] == [method] * batch["input_ids"].shape[0]
+    assert torch.equal(uncached.sequences, reference.sequences)
+
+
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
 def test_a_decode_step_sees_the_cache_under_either_name(tiny, batch, name):
