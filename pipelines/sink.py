@@ -115,7 +115,7 @@ def drop_transient(output_dir: str, parts: list[str] | None = None) -> int:
     dropped = 0
     for path in part_files(output_dir) if parts is None else parts:
         table = _read_part(path, schema=OUTPUT_SCHEMA)
-        transient = pc.fill_null(pc.equal(table.column("error_kind"), "transient"), False)
+        transient = _is_transient(table)
         count = pc.sum(transient).as_py() or 0
         if not count:
             continue
@@ -125,6 +125,13 @@ def drop_transient(output_dir: str, parts: list[str] | None = None) -> int:
             _atomic_write_table(table.filter(pc.invert(transient)), path)
         dropped += count
     return dropped
+
+
+def _is_transient(table: pa.Table) -> pa.ChunkedArray:
+    """True at the rows whose ``error_kind`` is ``transient`` (the device failed them)."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.equal(table.column("error_kind"), "transient"), False)
 
 
 def committed(parts: list[str]) -> tuple[set[str], int]:
@@ -300,7 +307,7 @@ def _atomic_write_table(table: pa.Table, path: str) -> None:
     The footer records how many rows are transient errors (:func:`part_footer`)."""
     import pyarrow.compute as pc
 
-    transient = pc.sum(pc.fill_null(pc.equal(table.column("error_kind"), "transient"), False)).as_py() or 0
+    transient = pc.sum(_is_transient(table)).as_py() or 0
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), TRANSIENT_ROWS_KEY: str(transient).encode()})
     if storage.is_uri(path):
         buffer = pa.BufferOutputStream()
