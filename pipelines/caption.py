@@ -3,17 +3,19 @@ Parquet, on Ray Data.
 
 :class:`CaptionJob` is what ``ep caption`` runs. Constructing it is the preflight: the input
 exists, and the model's config alone (no weights, no Ray) says that the family supports the
-method and the prune layer fits the decoder. :meth:`CaptionJob.run` then scans the inputs,
-drops the sample ids already in the output directory, streams the rest through Ray Data and
-commits the results in atomic part files as they arrive (``pipelines.sink``): a rerun after a
-crash or a kill processes only what is missing. :meth:`CaptionJob.run_tracked` does the same
+method and the prune layer fits the decoder. :meth:`CaptionJob.run` then plans work units
+(``pipelines.units``: a shard's row groups or tars from their metadata, a folder's or a
+manifest's rows by the hash of their ids, ``pipelines.listing``), leaves out the units the
+output holds whole, streams the rest through Ray Data, and the model workers commit atomic part
+files as they go (``pipelines.sink``): a rerun after a crash or a kill processes only what is
+missing, each unit's worker reading only the parts that may hold its rows. :meth:`CaptionJob.run_tracked` does the same
 inside one MLflow run.
 
 Ray is joined or started by ``pipelines.cluster.ray_session``. Model actors ask for one GPU
 each when the cluster has GPUs (waiting up to ``wait_for_gpus`` seconds for GPU workers to
 join), else run on CPU, which a model over :data:`CPU_PARAMETER_LIMIT` parameters does only
-with ``device="cpu"``. Error rows are ``input`` (kept) or ``transient`` (a rerun drops them and
-processes them again: ``pipelines.sink.drop_transient``); a device fault restarts the model
+with ``device="cpu"``. Error rows are ``input`` (kept) or ``transient`` (a rerun's unit worker
+drops them and processes them again: ``pipelines.sink.committed``); a device fault restarts the model
 actor (``pipelines.failures``).
 """
 
@@ -35,11 +37,12 @@ from pipelines.failures import AttemptLedger
 from pipelines.media import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipelines.packing import CallTally
 from pipelines.preprocess import prepare_block
-from pipelines.sink import (OutputWriteError, PartWriter, write_error, annotate_lock, check_job, done_ids,
-                            drop_transient, output_lock, parts_by_unit, remove_stale_temporaries)
-from pipelines.sources import resolve_format, scan
+from pipelines.listing import plan_listing, remove_listings
+from pipelines.sink import (OutputWriteError, PartWriter, write_error, annotate_lock, check_job, output_lock,
+                            parts_by_unit, remove_stale_temporaries)
+from pipelines.sources import EntryStream, resolve_format
 from pipelines.tracking import MetricTally
-from pipelines.units import SHARD_FORMATS, UnitTally, expand_units, plan_rows, plan_shards
+from pipelines.units import SHARD_FORMATS, UnitTally, expand_units, plan_shards
 
 log = logging.getLogger(__name__)
 PACK_WINDOW = 4  # a model actor packs generate calls from batch_size × PACK_WINDOW rows at a time
@@ -270,52 +273,57 @@ class CaptionJob:
         cfg = self.cfg
         say = log.debug if quiet else log.info
         input_format = resolve_format(cfg.input, cfg.input_format, cfg.shard_columns())
-        scanned = None
-        if input_format not in SHARD_FORMATS:  # a folder or a manifest: its rows are listed here
-            scanned = scan(cfg.input, prompt=cfg.prompt, frames=cfg.frames, follow_symlinks_outside=cfg.follow_symlinks_outside,
-                           input_format=input_format, columns=cfg.shard_columns())
+        stream = None  # a folder or a manifest: its entries, streamed into hash units (pipelines.listing)
+        if input_format not in SHARD_FORMATS:
+            stream = EntryStream(cfg.input, input_format, follow_symlinks_outside=cfg.follow_symlinks_outside)
         with output_lock(cfg.output):  # one writer per output directory
-            return self._run_locked(cfg, input_format, scanned, say, progress, quiet)
+            return self._run_locked(cfg, input_format, stream, say, progress, quiet)
 
-    def _run_locked(self, cfg: CaptionConfig, input_format: str, scanned, say, progress, quiet: bool) -> Summary:
+    def _run_locked(self, cfg: CaptionConfig, input_format: str, stream, say, progress, quiet: bool) -> Summary:
         identity = cfg.job_identity()
-        if scanned is None:
+        if stream is None:
             identity["parts"] = "per-shard"  # part files named by their input shard (pipelines.units)
         check_job(cfg.output, identity)
         run_id = cfg.run_id or uuid.uuid4().hex[:12]
         remove_stale_temporaries(cfg.output)  # a crashed run's unfinished files: before any worker writes
-        if scanned is None:
-            plan = plan_shards(cfg.input, input_format, cfg.shard_columns(), parts_by_unit(cfg.output))
-            total = plan.rows_total
-            pieces = len(plan.units) + plan.units_done
-            partly = plan.units_with_parts - plan.units_done
-            say(f"[caption] {pieces} pieces of {input_format} shards"
-                + (f", {total} inputs" if total is not None else "")
-                + (f"; {plan.units_done} done already ({plan.rows_before} rows in {cfg.output})" if plan.units_done else "")
-                + (f"; {partly} have rows in {cfg.output} already (their workers skip those)" if partly else ""))
-            if not plan.units:
-                say(f"[caption] nothing to do: every input is in {cfg.output} already")
-        else:
-            retried = drop_transient(cfg.output)  # the device failed these rows before: process them again
-            plan = plan_rows(scanned.rows, done_ids(cfg.output), rows_per_unit=cfg.batch_size, skipped_files=scanned.skipped_files,
-                             duplicates=scanned.duplicates, transient_retried=retried)
-            notes = []
-            if scanned.skipped_files:
-                notes.append(f"{scanned.skipped_files} files skipped (hidden, or neither images nor videos)")
-            if scanned.duplicates:
-                notes.append(f"{scanned.duplicates} duplicate manifest rows kept once")
-            if retried:
-                notes.append(f"{retried} transient error rows of earlier runs to retry")
-            say(
-                f"[caption] {len(scanned.rows)} inputs, {plan.rows_before} already in {cfg.output}, "
-                f"{len(scanned.rows) - plan.rows_before} to process" + (f" ({'; '.join(notes)})" if notes else "")
-            )
-        summary = Summary(rows_total=plan.rows_known, rows_before=plan.rows_before, output=cfg.output, run_id=run_id,
-                          transient_retried=plan.transient_retried)
-        if plan.units:
-            with ray_session(cfg.address, cfg.num_cpus, quiet=quiet):
-                _stream(cfg, plan, run_id, summary, say, progress)
+        try:
+            plan = self._plan(cfg, input_format, stream, run_id, say)
+            summary = Summary(rows_total=plan.rows_known, rows_before=plan.rows_before, output=cfg.output, run_id=run_id)
+            if plan.units:
+                with ray_session(cfg.address, cfg.num_cpus, quiet=quiet):
+                    _stream(cfg, plan, run_id, summary, say, progress)
+        finally:
+            if stream is not None:
+                remove_listings(cfg.output)  # the listing served this run only
         return summary
+
+    @staticmethod
+    def _plan(cfg: CaptionConfig, input_format: str, stream, run_id: str, say):
+        """The work units (``pipelines.units``), from the shards' metadata or from the folder's or
+        manifest's streamed listing, less those the output holds whole; one line says what it found."""
+        parts = parts_by_unit(cfg.output)
+        if stream is None:
+            plan = plan_shards(cfg.input, input_format, cfg.shard_columns(), parts)
+            what = f"pieces of {input_format} shards"
+        else:
+            plan = plan_listing(stream, prompt=cfg.prompt, frames=cfg.frames, output=cfg.output, run_id=run_id,
+                                rows_per_unit=cfg.batch_size, parts=parts, say=say)
+            what = "units of the inputs, by the hash of their ids"
+        notes = []
+        if plan.skipped_files:
+            notes.append(f"{plan.skipped_files} files skipped (hidden, or neither images nor videos)")
+        if plan.duplicates:
+            notes.append(f"{plan.duplicates} repeated rows kept once")
+        partly = plan.units_with_parts - plan.units_done
+        total = plan.rows_total
+        say(f"[caption] {len(plan.units) + plan.units_done} {what}"
+            + (f", {total} inputs" if total is not None else "")
+            + (f"; {plan.units_done} done already ({plan.rows_before} rows in {cfg.output})" if plan.units_done else "")
+            + (f"; {partly} have rows in {cfg.output} already (their workers skip those)" if partly else "")
+            + (f" ({'; '.join(notes)})" if notes else ""))
+        if not plan.units:
+            say(f"[caption] nothing to do: every input is in {cfg.output} already")
+        return plan
 
     def run_tracked(self, *, experiment: str = "caption", tracking: bool = True):
         """:meth:`run` inside one MLflow run (``pipelines.tracking``: params from the config,
@@ -494,8 +502,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
     first_batch = None  # (seconds until the first results arrived, their rows): start-up cost
 
     def report(now: float) -> None:
-        found = _tally_totals(tally) if plan.kind == "shards" else None
-        total, before = _total_and_before(plan, found)
+        total, before = _total_and_before(plan, _tally_totals(tally))
         rate = written["rows"] / (now - start) if now > start else 0.0
         left = None if total is None else max(0, total - before - written["rows"])
         eta = f", about {_duration(left / rate)} left" if left and rate > 0 else ""
@@ -546,8 +553,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
     found = None
     try:
         summary.extra["batch_repeats"] = ray.get(ledger.repeats.remote(), timeout=30)
-        if plan.kind == "shards":
-            found = _tally_totals(tally)
+        found = _tally_totals(tally)
     except Exception:  # noqa: BLE001 - report figures only
         pass
     finally:
@@ -557,7 +563,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
     if found is not None:
         summary.rows_before, summary.transient_retried = before, found["retried"]
         summary.rows_total = total if total is not None else found["rows"]
-        summary.extra["duplicates_in_input"] = found["duplicates"]
+        summary.extra["duplicates_in_input"] = plan.duplicates + found["duplicates"]
     # rows neither there before nor written now; a unit no worker reported counts as missing
     unreported = len(plan.units) - found["units"] if found is not None else 0
     summary.missing = max(0, summary.rows_total - summary.rows_before - written["rows"]) + (
@@ -592,9 +598,9 @@ def _tally_totals(tally) -> dict:
 
 def _total_and_before(plan, found: dict | None) -> tuple[int | None, int]:
     """Input rows (None while a unit of unknown size is unread) and rows done before this run:
-    from the plan for a folder or manifest; for shards, the metadata's sizes with what the
-    workers found so far (``found``: ``UnitTally.totals``) added to the units the plan found done."""
-    if plan.kind == "rows" or found is None:
+    the plan's sizes with what the workers found so far (``found``: ``UnitTally.totals``) added
+    to the units the plan found done."""
+    if found is None:
         return plan.rows_total, plan.rows_before
     total = plan.rows_total
     if total is None and found["units"] >= len(plan.units):

@@ -163,12 +163,13 @@ def detect_format(path: str, columns: ShardColumns = ShardColumns()) -> str | No
     if not storage.is_dir(path):
         return None
     kinds = set()
-    for name in storage.list_files(path):
-        if not _visible(relative(name, path)):
-            continue
-        if media_type_of(name):
-            return None  # a folder of images / videos
-        kinds.add(os.path.splitext(name)[1].lower())
+    for directory, _, names in storage.walk(path):  # lazily: a folder of images says so at its first one
+        for name in map(functools.partial(storage.join, directory), names):
+            if not _visible(relative(name, path)):
+                continue
+            if media_type_of(name):
+                return None  # a folder of images / videos
+            kinds.add(os.path.splitext(name)[1].lower())
     if ".tar" in kinds:
         return "webdataset"
     if ".parquet" in kinds:

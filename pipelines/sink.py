@@ -75,6 +75,7 @@ OUTPUT_SCHEMA = pa.schema(
 )
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 TRANSIENT_ROWS_KEY = b"ep_transient_rows"  # a part's footer: how many of its rows are transient errors
+ID_PREFIXES_KEY = b"ep_id_prefixes"  # a part's footer: its rows by id-hash prefix (pipelines.listing.prefix_counts)
 JOB_FILE = "_job.json"
 LOCK_FILE = "_lock.json"
 
@@ -146,13 +147,18 @@ def committed(parts: list[str]) -> tuple[set[str], int]:
     return ids, dropped
 
 
-def part_footer(path: str) -> tuple[int, int | None]:
-    """``(rows, transient error rows)`` of a part, from its footer alone (one ranged read on an
-    object store); the transient count is None for a part written before footers kept it."""
+def part_footer(path: str) -> tuple[int, int | None, dict | None]:
+    """``(rows, transient error rows, rows by id-hash prefix)`` of a part, from its footer alone
+    (one ranged read on an object store); the last two are None for a part written before
+    footers kept them (the prefixes: ``pipelines.listing.prefix_counts``)."""
+    from pipelines.listing import decode_prefixes
+
     with storage.open_input(path) as f:
         meta = pq.read_metadata(f)
-    transient = (meta.metadata or {}).get(TRANSIENT_ROWS_KEY)
-    return meta.num_rows, int(transient) if transient is not None else None
+    kept = meta.metadata or {}
+    transient, prefixes = kept.get(TRANSIENT_ROWS_KEY), kept.get(ID_PREFIXES_KEY)
+    return (meta.num_rows, int(transient) if transient is not None else None,
+            decode_prefixes(prefixes) if prefixes is not None else None)
 
 
 def part_name(unit: str, ids: list[str]) -> str:
@@ -304,11 +310,16 @@ def _atomic_write_table(table: pa.Table, path: str) -> None:
     """Write ``table`` to a hidden temporary file, sync it, rename it to ``path``: a reader sees
     the old file or the new one, never a part of one. A failed write leaves no temporary file.
     On an object store: the file built in memory, then one put (``storage.write_atomic``).
-    The footer records how many rows are transient errors (:func:`part_footer`)."""
+    The footer records how many rows are transient errors, and the rows by id-hash prefix (:func:`part_footer`)."""
     import pyarrow.compute as pc
 
-    transient = pc.sum(_is_transient(table)).as_py() or 0
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), TRANSIENT_ROWS_KEY: str(transient).encode()})
+    from pipelines.listing import encode_prefixes, prefix_counts
+
+    is_transient = _is_transient(table)
+    transient = pc.sum(is_transient).as_py() or 0
+    prefixes = prefix_counts(table.column("sample_id").to_pylist(), is_transient.to_pylist())
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), TRANSIENT_ROWS_KEY: str(transient).encode(),
+                                           ID_PREFIXES_KEY: encode_prefixes(prefixes)})
     if storage.is_uri(path):
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)

@@ -20,6 +20,7 @@ request per row would make the scan of millions of rows slow).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -69,10 +70,58 @@ class SourceScan:
 INPUT_FORMATS = ("auto", "folder", "manifest", "parquet", "webdataset")
 
 
+class EntryStream:
+    """The entries of a folder or a manifest, read lazily: iterate it once (:meth:`rows` for the
+    rows). A folder is walked directory by directory (``pipelines.storage.walk``: a directory's
+    names at a time, never the whole tree); a manifest is read a line or a batch at a time.
+    ``skipped`` counts a folder's files that are hidden or neither images nor videos (known once
+    iterated); ``base`` is the folder a manifest's relative paths start from.
+
+    ``follow_symlinks_outside``: a folder's file symlinks that resolve outside it are followed
+    instead of becoming error rows."""
+
+    def __init__(self, input_path: str, input_format: str = "auto", *, follow_symlinks_outside: bool = False):
+        input_path = storage.local(input_path)
+        input_format = resolve_format(input_path, input_format)
+        is_dir = storage.is_dir(input_path)
+        if input_format == "folder" and not is_dir:
+            raise ValueError(f"--input-format folder: {input_path} is not a directory")
+        if input_format in ("parquet", "webdataset") or not (is_dir or input_path.lower().endswith(MANIFEST_EXTS)):
+            raise ValueError(
+                f"input must be a directory, a manifest ({', '.join(MANIFEST_EXTS)}), a Parquet dataset of image bytes "
+                f"or WebDataset .tar shards, got {input_path}"
+            )
+        self.input, self.folder, self.follow = input_path, is_dir, follow_symlinks_outside
+        self.where = f"{'folder' if is_dir else 'manifest'} {input_path}"  # how errors name it
+        self.skipped = 0
+        self.base = None
+        if not is_dir:
+            self.base = (input_path.rsplit("/", 1)[0] if storage.is_uri(input_path)
+                         else os.path.dirname(os.path.abspath(input_path)))
+            _check_manifest_columns(input_path)  # a missing path column: refused before any row is read
+
+    def __iter__(self):
+        if not self.folder:
+            yield from _manifest_entries(self.input)
+            return
+        found = _list_objects(self.input) if storage.is_uri(self.input) else _walk(self.input, follow_outside=self.follow)
+        for entry in found:
+            if media_type_of(entry["source"]) and not os.path.basename(entry["source"]).startswith("."):
+                yield entry
+            else:
+                self.skipped += 1
+
+    def rows(self, prompt: str | None, frames: int):
+        """Each entry's row (:func:`make_row`), with ``has_id`` when its id is the input's own."""
+        for entry in self:
+            yield {**make_row(entry, self.base, prompt, frames), "has_id": "id" in entry}
+
+
 def scan(input_path: str, *, prompt: str | None = None, frames: int = 8,
          follow_symlinks_outside: bool = False, input_format: str = "auto", columns=None) -> SourceScan:
-    """The rows of a directory, manifest or sharded dataset, sorted so that equal media types
-    sit together.
+    """Every row of a directory, manifest or sharded dataset, in one list (for inputs that fit
+    in memory: the caption job streams them instead, ``pipelines.listing``), sorted so that equal
+    media types sit together. Repeated rows are kept once, as the caption job keeps them.
 
     ``prompt`` overrides the default captioning prompt for rows that have none; ``frames`` is
     the number of uniformly spaced frames decoded per video. In a directory, a file symlink
@@ -80,6 +129,7 @@ def scan(input_path: str, *, prompt: str | None = None, frames: int = 8,
     ``input_format`` (``auto``: detected, see :func:`pipelines.shards.detect_format`) and
     ``columns`` (a :class:`pipelines.shards.ShardColumns`) say how to read a sharded dataset.
     """
+    from pipelines.listing import SortedRows
     from pipelines.shards import ShardColumns, scan_parquet_dataset, scan_webdataset
 
     if frames < 1:
@@ -87,43 +137,32 @@ def scan(input_path: str, *, prompt: str | None = None, frames: int = 8,
     input_path = storage.local(input_path)
     columns = columns or ShardColumns()
     input_format = resolve_format(input_path, input_format, columns)
-    is_dir = storage.is_dir(input_path)
+    result = SourceScan()
     if input_format in ("parquet", "webdataset"):
         entries = scan_parquet_dataset(input_path, columns) if input_format == "parquet" else scan_webdataset(input_path)
         if not entries:
             raise ValueError(f"input {input_path} holds no {input_format} samples (--input-format {input_format})")
-        skipped, base = 0, None
-    elif input_format == "folder" and not is_dir:
-        raise ValueError(f"--input-format folder: {input_path} is not a directory")
-    elif is_dir:
-        found = (_list_objects(input_path) if storage.is_uri(input_path)
-                 else _walk(input_path, follow_outside=follow_symlinks_outside))
-        entries = [e for e in found if media_type_of(e["source"]) and not os.path.basename(e["source"]).startswith(".")]
-        skipped = len(found) - len(entries)
-        base = None
-    elif input_path.lower().endswith(MANIFEST_EXTS):
-        entries, skipped = _read_manifest(input_path), 0
-        base = input_path.rsplit("/", 1)[0] if storage.is_uri(input_path) else os.path.dirname(os.path.abspath(input_path))
+        rows = [{**make_row(e, None, prompt, frames), "has_id": "id" in e} for e in entries]
+        where, stream = f"input {input_path}", None
     else:
-        raise ValueError(
-            f"input must be a directory, a manifest ({', '.join(MANIFEST_EXTS)}), a Parquet dataset of image bytes "
-            f"or WebDataset .tar shards, got {input_path}"
-        )
-
-    result = SourceScan(skipped_files=skipped)
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(entries):
-        row = make_row(entry, base, prompt, frames)
-        sid = row["sample_id"]
-        if sid in seen:
-            if "id" in entry:
-                raise ValueError(f"manifest {input_path}: id {sid!r} appears more than once (rows {seen[sid] + 1} and {i + 1})")
-            result.duplicates += 1
-            continue
-        seen[sid] = i
-        result.rows.append(row)
+        stream = EntryStream(input_path, input_format, follow_symlinks_outside=follow_symlinks_outside)
+        rows, where = stream.rows(prompt, frames), stream.where
+    listed = SortedRows(rows, where=where)
+    try:
+        names = _source_names()
+        result.rows = [{k: r[k] for k in names} for table in listed for r in table.to_pylist()]
+    finally:
+        listed.close()
+    result.duplicates = listed.duplicates
+    result.skipped_files = stream.skipped if stream is not None else 0
     result.rows.sort(key=lambda r: (r["media_type"] or "~", r["frames"] or 0, r["source"]))
     return result
+
+
+def _source_names() -> list[str]:
+    from pipelines.units import source_schema
+
+    return source_schema(unit=False).names
 
 
 def resolve_format(input_path: str, input_format: str = "auto", columns=None) -> str:
@@ -140,71 +179,109 @@ def resolve_format(input_path: str, input_format: str = "auto", columns=None) ->
     return detect_format(input_path, columns or ShardColumns()) or ("folder" if storage.is_dir(input_path) else "manifest")
 
 
-def _walk(root: str, follow_outside: bool = False) -> list[dict]:
+def _walk(root: str, follow_outside: bool = False):
     """Every file under ``root``, keyed by its path relative to ``root`` (so the same folder
-    resumes however it is spelled). A file symlink that resolves outside ``root`` is kept as
-    an error row (followed with ``follow_outside``); directory symlinks are not followed."""
+    resumes however it is spelled), a directory at a time. A file symlink that resolves outside
+    ``root`` is kept as an error row (followed with ``follow_outside``); directory symlinks are
+    not followed."""
     root = os.path.normpath(root)
     real_root = os.path.realpath(root)
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):  # hidden files too: the scan counts them as skipped
+    for dirpath, _, filenames in storage.walk(root):
+        for name in filenames:  # hidden files too: the stream counts them as skipped
             path = os.path.join(dirpath, name)
             entry = {"source": path, "key": os.path.relpath(path, root).replace(os.sep, "/")}
             if (not follow_outside and os.path.islink(path)
                     and os.path.commonpath([real_root, os.path.realpath(path)]) != real_root):
                 entry["error"] = (f"symlink pointing outside the input folder ({os.path.realpath(path)}), not followed "
                                   f"(--follow-symlinks-outside follows it): {path}")
-            out.append(entry)
-    return out
+            yield entry
 
 
-def _list_objects(root: str) -> list[dict]:
-    """Every object under an object-store prefix, keyed by its name relative to the prefix."""
+def _list_objects(root: str):
+    """Every object under an object-store prefix, keyed by its name relative to the prefix, a
+    prefix level at a time."""
     from pipelines.shards import relative
 
-    return [{"source": uri, "key": relative(uri, root)} for uri in storage.list_files(root)]
+    for prefix, _, names in storage.walk(root):
+        for name in names:
+            uri = storage.join(prefix, name)
+            yield {"source": uri, "key": relative(uri, root)}
 
 
-def _read_manifest(path: str) -> list[dict]:
+MANIFEST_COLUMNS = ("prompt", "reference", "id")
+MANIFEST_BATCH_ROWS = 10_000  # rows of a Parquet manifest read at a time
+
+
+def _check_manifest_columns(path: str) -> None:
+    """Refuse a CSV or Parquet manifest without a ``path`` column from its header alone (a JSONL
+    manifest says it line by line: :func:`_manifest_entries`)."""
+    lower = path.lower()
+    if lower.endswith(".jsonl"):
+        return
+    if lower.endswith(".csv"):
+        with _manifest_text(path) as text:
+            names = next(csv.reader(text), None)
+    else:
+        import pyarrow.parquet as pq
+
+        with storage.open_input(path) as fh:
+            names = pq.read_schema(fh).names
+    if names is not None and "path" not in names:
+        raise ValueError(f"manifest {path} needs a 'path' column (optional: prompt, reference, id)")
+
+
+@contextlib.contextmanager
+def _manifest_text(path: str):
+    """A text manifest as UTF-8 lines (a byte-order mark accepted); one line of error if it is not UTF-8."""
     import io
 
-    lower = path.lower()
-    try:
-        if lower.endswith(".jsonl"):
-            rows = []
-            text = storage.read_bytes(path).decode("utf-8-sig")  # a byte-order mark is accepted
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"manifest {path}: line {n} is not valid JSON ({exc.msg})") from None
-        elif lower.endswith(".csv"):
-            rows = list(csv.DictReader(io.StringIO(storage.read_bytes(path).decode("utf-8-sig"), newline="")))
-        else:
-            import pyarrow.parquet as pq
+    with storage.open_input(path) as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")
+        try:
+            yield text
+        except UnicodeDecodeError:
+            raise ValueError(f"manifest {path} is not UTF-8 text") from None
 
-            with storage.open_input(path) as fh:
-                rows = pq.read_table(fh).to_pylist()
-    except UnicodeDecodeError:
-        raise ValueError(f"manifest {path} is not UTF-8 text") from None
-    if rows and not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"manifest {path}: every line must be a JSON object with a 'path' key")
-    if not rows:
-        return []
-    if any("path" not in r for r in rows):
-        raise ValueError(f"manifest {path} needs a 'path' column (optional: prompt, reference, id)")
-    out = []
-    for r in rows:
-        entry = {"source": str(r["path"]) if r["path"] is not None else ""}
-        for key in ("prompt", "reference", "id"):
-            value = r.get(key)
-            if value is not None and value != "":
-                entry[key] = value
-        out.append(entry)
-    return out
+
+def _manifest_entries(path: str):
+    """The entries of a manifest, a line (JSONL, CSV) or a batch (Parquet) at a time."""
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with storage.open_input(path) as fh:
+            handle = pq.ParquetFile(fh)
+            names = [c for c in ("path", *MANIFEST_COLUMNS) if c in handle.schema_arrow.names]
+            for batch in handle.iter_batches(batch_size=MANIFEST_BATCH_ROWS, columns=names):
+                for row in batch.to_pylist():
+                    yield _manifest_entry(row, path)
+        return
+    with _manifest_text(path) as text:
+        if lower.endswith(".csv"):
+            for row in csv.DictReader(text):
+                yield _manifest_entry(row, path)
+            return
+        for n, line in enumerate(text, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"manifest {path}: line {n} is not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"manifest {path}: every line must be a JSON object with a 'path' key (line {n})")
+            if "path" not in row:
+                raise ValueError(f"manifest {path} needs a 'path' column (optional: prompt, reference, id); line {n} has none")
+            yield _manifest_entry(row, path)
+
+
+def _manifest_entry(row: dict, path: str) -> dict:
+    entry = {"source": str(row["path"]) if row.get("path") is not None else ""}
+    for key in MANIFEST_COLUMNS:
+        value = row.get(key)
+        if value is not None and value != "":
+            entry[key] = value
+    return entry
 
 
 FS_BYTES = "fs-bytes:"  # a portable path holding a file name's bytes (hex): not valid UTF-8

@@ -217,3 +217,44 @@ def check_writable(uri: str) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PermissionError(f"output {uri} cannot be written ({first}); check the bucket, the credentials "
                               "(AWS_ACCESS_KEY_ID / AWS_PROFILE …) and the endpoint (AWS_ENDPOINT_URL)") from None
+
+
+def walk(root: str):
+    """Every directory under ``root``, as ``os.walk`` gives them: ``(directory, subdirectory
+    names, file names)``, ``root`` first, then depth first, names sorted; a directory's names at
+    a time, never the whole tree (directory symlinks are not followed). On an object store the
+    directories are the prefixes of a delimiter listing: one listing per prefix."""
+    if not is_uri(root):
+        for directory, dirs, files in os.walk(local(root), followlinks=False):
+            dirs.sort()
+            files.sort()
+            yield directory, dirs, files
+        return
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(root)
+    top = root.rstrip("/")
+    stack = [(inner, top)]
+    while stack:
+        prefix, uri = stack.pop()
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=False, allow_not_found=True))
+        except FileNotFoundError:
+            continue
+        dirs = sorted(posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
+        files = sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+        yield uri, dirs, files
+        stack.extend((posixpath.join(prefix, d), f"{uri}/{d}") for d in reversed(dirs))
+
+
+def remove_tree(path: str) -> None:
+    """Delete a directory and everything under it (an object-store prefix: every object under it);
+    no error when there is none."""
+    if not is_uri(path):
+        import shutil
+
+        shutil.rmtree(local(path), ignore_errors=True)
+        return
+    fs, inner = filesystem(path)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_dir(inner)

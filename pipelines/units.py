@@ -8,10 +8,10 @@ A *unit* is one piece of the input that one task reads:
   say which unit they belong to: ``pipelines.sink.part_name``): it drops their transient error
   rows, then skips the ids they hold (``pipelines.sink.committed``). Completion is read shard
   by shard, by the workers, never as one set of every finished id;
-* a chunk of a folder's or a manifest's rows (``batch_size`` of them, so that the CPU stage
-  runs many small tasks at once): their scan lists the rows on
-  the driver anyway (a manifest is one file, and its duplicate rows are found across it), and
-  the driver drops the ids already in the output before planning (as it always did).
+* the rows of a folder or a manifest whose sample ids hash to the same prefix
+  (``pipelines.listing``): the driver streams the input into listing files, one row group per
+  unit, in O(units) memory; the unit's worker reads its row group and the parts that may hold
+  its rows, as a shard unit's does.
 
 Each unit travels as ``{"unit": key, "spec": json}``; :func:`expand_units` (a Ray Data task)
 yields its rows in blocks of at most ``block_rows``, each row tagged with its ``unit``, and
@@ -31,44 +31,34 @@ log = logging.getLogger(__name__)
 SHARD_FORMATS = ("parquet", "webdataset")
 
 
-def _source_schema() -> pa.Schema:
+def source_schema(*, unit: bool = True) -> pa.Schema:
+    """The fields of an input row (``pipelines.sources.make_row``) and, with ``unit``, of the
+    unit it belongs to: the decoded schema without the pixels."""
     from pipelines.media import DECODED_SCHEMA
 
-    return pa.schema([f for f in DECODED_SCHEMA if f.name not in ("pixels", "shape")])
+    drop = ("pixels", "shape") if unit else ("pixels", "shape", "unit")
+    return pa.schema([f for f in DECODED_SCHEMA if f.name not in drop])
 
 
 @dataclass
 class Plan:
     """What the driver knows before any row is read."""
 
-    kind: str  # "shards" (units read by the workers) or "rows" (a folder's or manifest's rows)
+    kind: str  # "shards" (row groups, tars) or "listing" (a folder's or manifest's hash units)
     units: list[dict] = field(default_factory=list)  # {"unit", "spec"}: what from_items ships
-    rows_known: int = 0  # rows of the units whose size the metadata gives
+    rows_known: int = 0  # rows of the units whose size the metadata (or the listing) gives
     unknown_units: int = 0  # units whose size only their worker learns (tar shards)
-    rows_before: int = 0  # "rows": rows already in the output (dropped here); "shards": found by the workers
-    transient_retried: int = 0  # "rows": transient error rows dropped here
-    skipped_files: int = 0
-    duplicates: int = 0
-    units_with_parts: int = 0  # "shards": units that a rerun finds partly or wholly done
-    units_done: int = 0  # "shards": units whose parts hold all their rows (left out of ``units``)
+    rows_before: int = 0  # rows of the units done already (the workers report the rest)
+    skipped_files: int = 0  # "listing": a folder's files that are hidden or neither images nor videos
+    duplicates: int = 0  # "listing": repeated rows kept once
+    units_with_parts: int = 0  # units that a rerun finds partly or wholly done
+    units_done: int = 0  # units whose parts hold all their rows (left out of ``units``)
     any_video: bool = False  # a unit may hold videos (a tar shard may, until read)
 
     @property
     def rows_total(self) -> int | None:
         """Input rows, when the metadata tells them all."""
         return self.rows_known if not self.unknown_units else None
-
-
-def plan_rows(rows: list[dict], done: set[str], *, rows_per_unit: int, skipped_files: int = 0, duplicates: int = 0,
-              transient_retried: int = 0) -> Plan:
-    """A folder's or manifest's scanned ``rows`` less those in ``done``, in units of
-    ``rows_per_unit`` rows (in scan order, so a unit holds one media type where it can)."""
-    todo = [r for r in rows if r["sample_id"] not in done]
-    units = [{"unit": "rows", "spec": json.dumps({"kind": "rows", "unit": "rows", "rows": todo[i:i + rows_per_unit]})}
-             for i in range(0, len(todo), rows_per_unit)]
-    return Plan(kind="rows", units=units, rows_known=len(rows), rows_before=len(rows) - len(todo),
-                transient_retried=transient_retried, skipped_files=skipped_files, duplicates=duplicates,
-                any_video=any(r.get("media_type") == "video" for r in todo))
 
 
 def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, list[str]]) -> Plan:
@@ -101,15 +91,16 @@ def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, li
 
 
 def unit_complete(parts: list[str], rows: int) -> bool:
-    """Whether a unit of ``rows`` input rows is done: its ``parts`` hold that many rows and no
-    transient error row, by their footers alone (``pipelines.sink.part_footer``). A part whose
+    """Whether a shard unit of ``rows`` input rows is done: its ``parts`` hold that many rows and
+    no transient error row, by their footers alone (``pipelines.sink.part_footer``). A part whose
     footer lacks the transient count (written by an older version), or fewer rows (a unit with
-    a repeated id, or one stopped midway), leaves the unit to its worker, which reads its ids."""
+    a repeated id, or one stopped midway), leaves the unit to its worker, which reads its ids.
+    (A listing unit, whose ids the driver knows, is checked by id too: ``pipelines.listing.unit_done``.)"""
     from pipelines.sink import part_footer
 
     total = 0
     for path in parts:
-        count, transient = part_footer(path)
+        count, transient, _ = part_footer(path)
         if transient is None or transient:
             return False
         total += count
@@ -134,18 +125,20 @@ class UnitTally:
 
 def unit_rows(spec: dict, *, prompt: str | None, frames: int, columns) -> tuple[list[dict], dict]:
     """The rows still to process of one unit, each tagged with ``unit``, and what was found
-    (``rows``, ``before``, ``retried``, ``duplicates``). A shard unit's rows are made here
-    (``pipelines.sources.make_row``; an id seen twice in the unit is kept once) and its part
-    files are read for what they already hold (``pipelines.sink.committed``)."""
+    (``rows``, ``before``, ``retried``, ``duplicates``). A listing unit's rows are read from its
+    row group (``pipelines.listing.listing_rows``); a shard unit's are made here
+    (``pipelines.sources.make_row``; an id seen twice in the unit is kept once). Then the part
+    files that may hold them are read for what they already hold (``pipelines.sink.committed``)."""
+    from pipelines.listing import listing_rows
     from pipelines.shards import unit_entries
     from pipelines.sink import committed
     from pipelines.sources import make_row
 
-    if spec["kind"] == "rows":
-        rows = spec["rows"]
-        found = {"rows": len(rows), "before": 0, "retried": 0, "duplicates": 0}
+    duplicates = 0
+    if spec["kind"] == "listing":
+        rows = listing_rows(spec)
     else:
-        rows, seen, duplicates = [], set(), 0
+        rows, seen = [], set()
         for entry in unit_entries(spec, columns):
             row = make_row(entry, None, prompt, frames)
             if row["sample_id"] in seen:
@@ -153,10 +146,10 @@ def unit_rows(spec: dict, *, prompt: str | None, frames: int, columns) -> tuple[
                 continue
             seen.add(row["sample_id"])
             rows.append(row)
-        done, retried = committed(spec["parts"]) if spec["parts"] else (set(), 0)
-        total = len(rows)
-        rows = [r for r in rows if r["sample_id"] not in done]
-        found = {"rows": total, "before": total - len(rows), "retried": retried, "duplicates": duplicates}
+    done, retried = committed(spec["parts"]) if spec["parts"] else (set(), 0)
+    total = len(rows)
+    rows = [r for r in rows if r["sample_id"] not in done]
+    found = {"rows": total, "before": total - len(rows), "retried": retried, "duplicates": duplicates}
     for row in rows:
         row["unit"] = spec["unit"]
     rows.sort(key=lambda r: (r["media_type"] or "~", r["frames"] or 0, r["source"]))
@@ -167,11 +160,11 @@ def expand_units(batch: pa.Table, *, prompt: str | None, frames: int, columns, b
     """The caption job's first stage (a Ray Data task): the rows of each unit in ``batch``
     (:func:`unit_rows`), yielded in blocks of at most ``block_rows`` so that the decode stage
     never holds a whole row group; each unit's findings go to ``tally`` (a :class:`UnitTally`)."""
-    schema = _source_schema()
+    schema = source_schema()
     for text in batch.column("spec").to_pylist():
         spec = json.loads(text)
         rows, found = unit_rows(spec, prompt=prompt, frames=frames, columns=columns)
-        if tally is not None and spec["kind"] != "rows":
+        if tally is not None:
             tally.report.remote(spec["unit"], found["rows"], found["before"], found["retried"], found["duplicates"])
         for i in range(0, len(rows), block_rows):
             yield pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows[i:i + block_rows]], schema=schema)

@@ -136,7 +136,7 @@ def test_bad_and_odd_corpus_end_to_end_then_resume(ray_session, tiny_model, tmp_
     # the same command again: nothing to do, nothing written
     files = part_files(out)
     assert caption(args) == 0
-    assert "0 to process" in capsys.readouterr().out
+    assert "nothing to do: every input is in" in capsys.readouterr().out
     assert part_files(out) == files
 
     # lose one part file (as if its rows were never committed): only those rows are redone
@@ -145,7 +145,7 @@ def test_bad_and_odd_corpus_end_to_end_then_resume(ray_session, tiny_model, tmp_
     missing = lost - set(read_output(out).column("sample_id").to_pylist())
     assert missing
     assert caption(args) == 0
-    assert f"{len(missing)} to process" in capsys.readouterr().out
+    assert f"({len(missing)} new, {len(lost) - len(missing)} already there)" in capsys.readouterr().out
     assert_exactly_once(out, lost)
 
 
@@ -204,13 +204,12 @@ def test_out_of_memory_in_a_job_then_a_rerun_retries_the_transient_rows(ray_sess
         os.remove(device_fault_spec)
     printed = capsys.readouterr().out
     summary = printed.strip().splitlines()[-1]
-    assert "6 transient error rows of earlier runs to retry" in printed
     assert "6 transient errors retried" in summary and "6 rows ran in calls split after running out of memory" in summary, summary
     assert _kinds(out) == {"output": 6}
     assert all(r["oom_splits"] >= 1 and r["generate_rows"] == 1 for r in read_output(out).to_pylist())
     assert sorted(_plain_reader_ids(out)) == sorted(read_output(out).column("sample_id").to_pylist())
     assert len(set(_plain_reader_ids(out))) == 6
-    assert caption(args) == 0 and "0 to process" in capsys.readouterr().out
+    assert caption(args) == 0 and "nothing to do" in capsys.readouterr().out
 
 
 def test_a_poisoned_device_restarts_the_actor_and_loses_nothing(ray_session, tiny_model, tmp_path, device_fault_spec, capsys):
@@ -459,7 +458,7 @@ def test_a_full_disk_mid_run_keeps_the_committed_rows_says_so_in_one_line_and_a_
     assert printed.out.strip().splitlines()[-1].startswith("ep caption INCOMPLETE")
     assert part_files(out) == [] and not [f for f in os.listdir(out) if f.endswith(".tmp")]
     assert caption(args) == 0
-    assert "6 to process" in capsys.readouterr().out
+    assert "(6 new, 0 already there)" in capsys.readouterr().out
     from pipelines.sources import scan
 
     assert_exactly_once(out, {r["sample_id"] for r in scan(images).rows})

@@ -16,7 +16,7 @@ from pipelines.shards import ShardColumns
 from pipelines.sink import (WRITE_STATS, PartWriter, part_files, part_name, parts_by_unit, read_output,
                             remove_stale_temporaries, to_table)
 from pipelines.sources import scan
-from pipelines.units import UnitTally, expand_units, plan_rows, plan_shards, unit_rows
+from pipelines.units import UnitTally, expand_units, plan_shards, unit_rows
 from tests.media_fixtures import png_bytes, write_hf_shards, write_tar
 
 COLUMNS = ShardColumns(prompt="question", reference="answer")
@@ -121,13 +121,6 @@ def test_expand_yields_blocks_of_at_most_block_rows_and_reports_each_unit_once(t
     assert tally.totals() == {"units": 2, "rows": 8, "before": 1, "retried": 1, "duplicates": 2}
 
 
-def test_a_folder_plan_drops_done_rows_and_cuts_units_of_the_given_size():
-    rows = [{"sample_id": str(i), "media_type": "image", "frames": None, "source": f"{i}.png"} for i in range(5)]
-    plan = plan_rows(rows, {"1"}, rows_per_unit=2)
-    assert plan.rows_total == 5 and plan.rows_before == 1 and not plan.any_video
-    assert [[r["sample_id"] for r in s["rows"]] for s in _specs(plan)] == [["0", "2"], ["3", "4"]]
-
-
 class _Echo:
     """A stand-in model stage: each row back as an output row, with its error if it has one."""
 
@@ -197,10 +190,6 @@ def test_stale_temporaries_are_removed_before_any_worker_writes(tmp_path):
     assert remove_stale_temporaries(str(tmp_path / "missing")) == 0
 
 
-@pytest.mark.parametrize("kind", ["rows", "shards"])
-def test_plan_kinds_say_whether_the_driver_knows_the_total(kind, tmp_path):
-    if kind == "rows":
-        assert plan_rows([], set(), rows_per_unit=4).rows_total == 0
-    else:
-        with pytest.raises(ValueError, match="holds no parquet shards"):
-            plan_shards(str(tmp_path), "parquet", COLUMNS, {})
+def test_a_folder_without_shards_is_refused_as_a_shard_input(tmp_path):
+    with pytest.raises(ValueError, match="holds no parquet shards"):
+        plan_shards(str(tmp_path), "parquet", COLUMNS, {})
