@@ -303,7 +303,7 @@ class CaptionJob:
         manifest's streamed listing, less those the output holds whole; one line says what it found."""
         parts = parts_by_unit(cfg.output)
         if stream is None:
-            plan = plan_shards(cfg.input, input_format, cfg.shard_columns(), parts)
+            plan = plan_shards(cfg.input, input_format, cfg.shard_columns(), parts, cfg.output)
             what = f"pieces of {input_format} shards"
         else:
             plan = plan_listing(stream, prompt=cfg.prompt, frames=cfg.frames, output=cfg.output, run_id=run_id,

@@ -133,6 +133,16 @@ def size(path: str) -> int:
     return os.path.getsize(local(path)) if not is_uri(path) else _info(path).size
 
 
+def stamp(path: str) -> list:
+    """``[size, modification time]`` of a file: what changes when it is written again (a tar
+    padded to the same size still gets a new time). The time is a string, as each store gives it."""
+    if not is_uri(path):
+        info = os.stat(local(path))
+        return [info.st_size, str(info.st_mtime_ns)]
+    info = _info(path)
+    return [info.size, str(info.mtime)]
+
+
 def read_bytes(path: str) -> bytes:
     if not is_uri(path):
         with open(local(path), "rb") as fh:

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+
+from pipelines import storage
 
 log = logging.getLogger(__name__)
 SHARD_FORMATS = ("parquet", "webdataset")
@@ -61,13 +64,18 @@ class Plan:
         return self.rows_known if not self.unknown_units else None
 
 
-def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, list[str]]) -> Plan:
+def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, list[str]],
+                output: str | None = None) -> Plan:
     """One unit per Parquet row group or tar shard of ``input_path`` (metadata only), each with
     the part files the output already holds for it (``parts``: ``pipelines.sink.parts_by_unit``).
     A unit of known size whose parts' footers hold that many rows, none a transient error
     (:func:`unit_complete`), is done: it is counted in ``rows_before`` and left out of the plan,
-    so a rerun of a finished job starts no worker."""
+    so a rerun of a finished job starts no worker. A tar's size is known once a worker has read
+    it: its worker records it in ``<output>/_units/`` (:func:`write_marker`), where a rerun's
+    driver finds it (:func:`read_marker`) and checks the tar's parts by id too."""
+    from pipelines.listing import unit_done
     from pipelines.shards import shard_units
+    from pipelines.sink import part_footer
 
     plan = Plan(kind="shards")
     found = 0
@@ -75,19 +83,49 @@ def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, li
         found += 1
         unit["parts"] = parts.get(unit["unit"], [])
         plan.units_with_parts += bool(unit["parts"])
-        if unit["rows"] is None:
+        marker = None
+        if unit["kind"] == "tar" and output is not None:
+            unit["marker"] = storage.join(output, UNITS_DIR, unit["unit"] + ".json")
+            marker = read_marker(unit) if unit["parts"] else None
+        rows = marker["rows"] if marker is not None else unit["rows"]
+        if rows is None:
             plan.unknown_units += 1
         else:
-            plan.rows_known += unit["rows"]
-        if unit["parts"] and unit["rows"] is not None and unit_complete(unit["parts"], unit["rows"]):
+            plan.rows_known += rows
+        if unit["parts"] and rows is not None and (
+                unit_done([part_footer(p)[2] for p in unit["parts"]], 0, 0, rows, marker["digest"]) if marker is not None
+                else unit_complete(unit["parts"], rows)):
             plan.units_done += 1
-            plan.rows_before += unit["rows"]
+            plan.rows_before += rows
             continue
         plan.any_video |= unit.get("media", "video") == "video"
         plan.units.append({"unit": unit["unit"], "spec": json.dumps(unit)})
     if not found:
         raise ValueError(f"input {input_path} holds no {input_format} shards (--input-format {input_format})")
     return plan
+
+
+UNITS_DIR = "_units"  # what the workers learnt of the tar units: their size and id digest
+
+
+def write_marker(spec: dict, ids: list[str]) -> None:
+    """Record what a tar unit holds, for a rerun's plan: its rows (``ids``, repeats dropped), their
+    id digest (``pipelines.listing.id_digest``) and the tar's size and time (``storage.stamp``), at ``spec["marker"]``."""
+    from pipelines.listing import id_digest
+
+    marker = {"rows": len(ids), "digest": id_digest(ids), "shard": storage.stamp(spec["shard"])}
+    storage.makedirs(os.path.dirname(spec["marker"]))
+    storage.write_atomic(spec["marker"], json.dumps(marker).encode())
+
+
+def read_marker(unit: dict) -> dict | None:
+    """What a tar unit's worker recorded (:func:`write_marker`); None when there is none, it
+    cannot be read, or the tar has been written again since (a new tar under the old name)."""
+    try:
+        marker = json.loads(storage.read_bytes(unit["marker"]))
+        return marker if marker["shard"] == storage.stamp(unit["shard"]) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def unit_complete(parts: list[str], rows: int) -> bool:
@@ -146,6 +184,8 @@ def unit_rows(spec: dict, *, prompt: str | None, frames: int, columns) -> tuple[
                 continue
             seen.add(row["sample_id"])
             rows.append(row)
+        if spec.get("marker"):
+            write_marker(spec, list(seen))
     done, retried = committed(spec["parts"]) if spec["parts"] else (set(), 0)
     total = len(rows)
     rows = [r for r in rows if r["sample_id"] not in done]

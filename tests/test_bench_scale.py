@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from jobs.cli import main as ep_main
 
 
-def test_scale_bench_writes_every_row_once_through_the_stand_in(capsys, monkeypatch):
+@pytest.mark.parametrize("kind", ["parquet", "manifest"])
+def test_scale_bench_writes_every_row_once_through_the_stand_in(capsys, monkeypatch, kind):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert ep_main(["bench", "scale", "--json", "--rows", "150", "--shard-rows", "100", "--batch-size", "16"]) == 0
+    assert ep_main(["bench", "scale", "--json", "--rows", "150", "--shard-rows", "100", "--batch-size", "16",
+                    "--input", kind]) == 0
     r = json.loads(capsys.readouterr().out)
     (result,) = r["results"]
-    assert result["rows"] == 150 and result["complete"] is True
-    assert result["driver_peak_rss_mb"] > 0 and result["rows_per_s"] > 0
+    assert result["rows"] == 150 and result["complete"] is True and r["input"] == kind
+    assert result["driver_peak_rss_mb"] > 0 and result["rows_per_s"] > 0 and result["plan_s"] >= 0
     assert r["rss_growth"] == 1.0 and "stand-in" in r["stand_in"]
 
 

@@ -168,6 +168,19 @@ def test_a_growing_folder_is_captioned_exactly_once_across_reruns(tmp_path):
     assert again.units == [] and again.rows_before == again.rows_total == len(ids)
 
 
+@pytest.mark.parametrize("first,then", [(2, 8), (8, 2)])
+def test_a_rerun_with_another_batch_size_writes_nothing_twice(tmp_path, first, then):
+    """The unit width follows --batch-size: a rerun with a larger one has wider units, whose
+    workers read their descendants' parts; a smaller one, narrower units reading their ancestors'."""
+    inputs, out = _folder(tmp_path / "in", [f"{i}.png" for i in range(40)]), str(tmp_path / "out")
+    plan = _plan(inputs, out, rows_per_unit=first)
+    todo = _todo(plan)
+    PartWriter(_Echo, out, "r1")(pa.Table.from_pylist([r for r in todo if r["unit"] in {s["unit"] for s in _specs(plan)[::2]}]))
+    done = set(read_output(out).column("sample_id").to_pylist())
+    plan = _plan(inputs, out, rows_per_unit=then, run_id="r2")
+    assert {r["sample_id"] for r in _todo(plan)} == {r["sample_id"] for r in todo} - done
+
+
 def test_a_unit_with_as_many_rows_but_other_ids_is_not_done(tmp_path):
     """A file removed and another added in the same unit: the parts' footers count as many rows
     as the unit has, but their id digest differs, so the unit goes to its worker, which

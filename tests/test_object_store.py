@@ -185,7 +185,7 @@ def ray_on_s3(s3):
 
 
 def test_ep_caption_from_s3_to_s3_survives_a_hard_kill_and_writes_every_row_once(s3, ray_on_s3, tiny_model, tmp_path,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, capsys):
     from jobs.caption import main
     from pipelines import storage
     from pipelines.sink import part_files, read_output
@@ -234,4 +234,19 @@ def test_ep_caption_from_s3_to_s3_survives_a_hard_kill_and_writes_every_row_once
     assert sorted(rows) == ["w-000.tar:bad.png", "w-000.tar:cut.png", "w-000.tar:good1.png", "w-000.tar:good2.png"]
     assert [s for s, r in rows.items() if r["error"]] == ["w-000.tar:bad.png", "w-000.tar:cut.png"]
     assert rows["w-000.tar:good2.png"]["reference"] == "four" and rows["w-000.tar:good1.png"]["output"]
-    assert all(k in inputs or k.startswith(("captions/hf/", "captions/wds/", "wds/")) for k in keys(s3, "corpus"))
+    capsys.readouterr()
+    assert main([*args[:2], "--input", "s3://corpus/wds", "--output", out_wds, *args[6:]]) == 0  # what its worker recorded
+    assert "nothing to do" in capsys.readouterr().out and len(read_output(out_wds)) == 4
+
+    # a manifest naming objects: its listing goes to the output prefix for the workers, then away
+    for i in range(5):
+        s3.put_object(Bucket="corpus", Key=f"imgs/{i}.png", Body=png_bytes(i))
+    s3.put_object(Bucket="corpus", Key="m.jsonl", Body="\n".join(
+        json.dumps({"path": f"imgs/{i % 5}.png", "prompt": f"q{i // 5}"}) for i in range(10)).encode())
+    out_m = "s3://corpus/captions/m"
+    assert main([*args[:2], "--input", "s3://corpus/m.jsonl", "--output", out_m, *args[6:]]) == 0
+    made = read_output(out_m).to_pylist()
+    assert len(made) == 10 and all(r["output"] and r["error"] is None for r in made)
+    assert not [k for k in keys(s3, "corpus") if "_listing" in k]
+    assert all(k in inputs or k.startswith(("captions/hf/", "captions/wds/", "captions/m/", "wds/", "imgs/", "m.jsonl"))
+               for k in keys(s3, "corpus"))

@@ -51,6 +51,36 @@ def test_a_tar_shard_is_one_unit_whose_size_its_worker_learns(tmp_path):
     assert sorted(r["source"] for r in rows) == ["a.tar:k0.png", "a.tar:k1.jpg"]
 
 
+def test_a_finished_tar_is_left_out_of_a_rerun_by_what_its_worker_recorded(tmp_path):
+    """A tar's size is unknown until read: its worker records its rows and id digest in
+    ``_units/``, so a rerun's plan leaves the finished tar out; a tar replaced under the same name,
+    or one whose parts miss a row, goes to its worker again."""
+    shard = str(tmp_path / "in" / "a.tar")
+    os.makedirs(os.path.dirname(shard))
+    write_tar(shard, {"k0": {"png": png_bytes(0)}, "k1": {"png": png_bytes(1)}, "k2": {"jpg": b"not an image"}})
+    out = str(tmp_path / "out")
+    plan = plan_shards(os.path.dirname(shard), "webdataset", ShardColumns(), {}, out)
+    (spec,) = _specs(plan)
+    rows, _ = unit_rows(spec, prompt=None, frames=4, columns=ShardColumns())
+    assert json.loads(open(spec["marker"]).read())["rows"] == 3 and spec["marker"].startswith(os.path.join(out, "_units"))
+    writer = PartWriter(_Echo, out, "r1")
+    writer(pa.Table.from_pylist([{**r, "unit": spec["unit"]} for r in rows[:2]]))
+    replan = lambda: plan_shards(os.path.dirname(shard), "webdataset", ShardColumns(), parts_by_unit(out), out)  # noqa: E731
+    plan = replan()
+    assert len(plan.units) == 1 and plan.rows_total == 3 and plan.unknown_units == 0  # a row missing: to its worker
+    writer(pa.Table.from_pylist([{**rows[2], "unit": spec["unit"]}]))
+    plan = replan()
+    assert plan.units == [] and plan.units_done == 1 and plan.rows_before == plan.rows_total == 3
+    write_tar(shard, {"k0": {"png": png_bytes(0)}, "k1": {"png": png_bytes(1)}, "k3": {"png": png_bytes(3)}, "k4": {"png": png_bytes(4)}})
+    plan = replan()  # another tar under the same name: its size differs from the record
+    assert len(plan.units) == 1 and plan.rows_total is None
+    from pipelines.shards import _open_tar
+
+    _open_tar.cache_clear()  # this process read the old tar (a worker keeps a few open)
+    again, found = unit_rows(_specs(plan)[0], prompt=None, frames=4, columns=ShardColumns())
+    assert sorted(r["source"] for r in again) == ["a.tar:k3.png", "a.tar:k4.png"] and found["before"] == 2
+
+
 def test_a_rerun_unit_skips_its_committed_rows_and_retries_its_transient_ones(tmp_path):
     """A unit's worker reads only that unit's parts: committed ids are skipped, transient error
     rows are dropped from the part (so the retried row never meets its old one) and done again."""
