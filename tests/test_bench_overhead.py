@@ -42,3 +42,32 @@ def test_overhead_bench_table_and_bad_input(capsys):
     assert "scoring_fraction_of_prefill" in out
     assert ep_main(["bench", "overhead", *TINY[:-2], "--num-heads", "5"]) == 2
     assert "divisible" in capsys.readouterr().err
+
+
+def test_overhead_bench_times_the_score_and_the_layers_it_names(capsys, monkeypatch):
+    """The bench measures what it says: token_entropy on the [visual tokens, heads, head dim]
+    queries (a score made 30 ms slower reads at least 30 ms), and real decoder layers scaled to
+    --num-layers (a layer made 10 ms slower adds at least 10 ms per layer of the estimate)."""
+    import time
+
+    import ep_core.entropy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    real_score, real_forward = ep_core.entropy.token_entropy, LlamaDecoderLayer.forward
+    shapes = []
+
+    def slow_score(q):
+        shapes.append(list(q.shape))
+        time.sleep(0.03)
+        return real_score(q)
+
+    def slow_layer(self, *args, **kwargs):
+        time.sleep(0.01)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ep_core.entropy, "token_entropy", slow_score)
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", slow_layer)
+    assert ep_main(["bench", "overhead", "--json", *TINY]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert shapes[0] == [16, 4, 16] and 30 <= r["scoring_ms"] < 30 + 1000
+    assert r["prefill_ms_per_layer"] >= 10 and r["prefill_ms_estimated"] >= 10 * 6
