@@ -304,11 +304,11 @@ class CaptionJob:
         parts = parts_by_unit(cfg.output)
         if stream is None:
             plan = plan_shards(cfg.input, input_format, cfg.shard_columns(), parts, cfg.output)
-            what = f"pieces of {input_format} shards"
+            what = "Parquet row groups" if input_format == "parquet" else "tar shards"
         else:
             plan = plan_listing(stream, prompt=cfg.prompt, frames=cfg.frames, output=cfg.output, run_id=run_id,
-                                rows_per_unit=cfg.batch_size, parts=parts, say=say)
-            what = "units of the inputs, by the hash of their ids"
+                                batch_size=cfg.batch_size, parts=parts, say=say)
+            what = "rows grouped by the hash of their ids"
         notes = []
         if plan.skipped_files:
             notes.append(f"{plan.skipped_files} files skipped (hidden, or neither images nor videos)")
@@ -316,8 +316,7 @@ class CaptionJob:
             notes.append(f"{plan.duplicates} repeated rows kept once")
         partly = plan.units_with_parts - plan.units_done
         total = plan.rows_total
-        say(f"[caption] {len(plan.units) + plan.units_done} {what}"
-            + (f", {total} inputs" if total is not None else "")
+        say(f"[caption] " + (f"{total} inputs in " if total is not None else "") + f"{len(plan.units) + plan.units_done} units ({what})"
             + (f"; {plan.units_done} done already ({plan.rows_before} rows in {cfg.output})" if plan.units_done else "")
             + (f"; {partly} have rows in {cfg.output} already (their workers skip those)" if partly else "")
             + (f" ({'; '.join(notes)})" if notes else ""))

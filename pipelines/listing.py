@@ -8,10 +8,10 @@ alone:
 
 * ``h(id)`` = the first 64 bits of sha1(id) (:func:`id_hashes`); a unit is every row whose
   ``h`` starts with the same ``bits`` bits, named ``h<bits>x<value in hex>`` (:func:`unit_name`);
-* ``bits`` grows with the input, for units of about ``rows_per_unit`` rows and at most
-  2^:data:`MAX_UNIT_BITS` units (:func:`unit_bits`). Prefixes nest, so a unit of an earlier run
+* ``bits`` grows with the input (:func:`unit_bits`: units of a batch or more, up to about
+  1,024 rows, and at most 2^:data:`MAX_UNIT_BITS` units). Prefixes nest, so a unit of an earlier run
   with another width is an ancestor or a descendant of units of this width: a unit's worker
-  reads their parts too (:func:`related_parts`), and no row is written twice however the input grew.
+  reads their parts too (:class:`RelatedParts`), and no row is written twice however the input grew.
 
 The driver holds O(units), never the rows: it streams the entries (a lazy walk, a manifest read
 in pieces: ``pipelines.sources.EntryStream``), makes each row, and past :data:`CHUNK_ROWS` rows
@@ -19,7 +19,7 @@ spills them to local temporary Parquet files, partitioned by the top :data:`PART
 of ``h`` (:class:`_Spill`). Each partition is then sorted by ``(h, sample_id, order)``, which puts
 repeated ids side by side (:func:`drop_repeats`: identical rows kept once, a manifest's own id
 given twice refused), and cut into units. A unit whose parts' footers already hold all its rows,
-by count and by id digest (``pipelines.units.unit_complete``), is done; the others are written
+by count and by id digest (:func:`unit_done`), is done; the others are written
 to listing files under ``<output>/_listing/<run>/``, one row group per unit, which the unit's
 worker reads (:func:`listing_rows`). Readers of the output ignore ``_listing`` (a ``_`` name).
 """
@@ -43,8 +43,8 @@ from pipelines import storage
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 50_000  # rows the driver holds before it spills them to local temporary files
-PARTITION_BITS = 8  # spill partitions: 2^8, each sorted alone (a hundred-millionth input: ~400 k rows each)
+CHUNK_ROWS = 20_000  # rows the driver holds before it spills them to local temporary files
+PARTITION_BITS = 8  # spill partitions: 2^8, each sorted alone (100 M inputs: ~400 k rows each)
 MAX_UNIT_BITS = 12  # at most 2^12 = 4,096 units, however large the input
 LISTING_FILE_ROWS = 100_000  # rows per listing file (an object-store listing file is built in memory, then put)
 LISTING_DIR = "_listing"
@@ -107,11 +107,18 @@ def unit_done(prefixes: Iterable[dict | None], bits: int, value: int, rows: int,
     return count == rows and total % (1 << 64) == digest
 
 
-def unit_bits(rows: int, rows_per_unit: int) -> int:
-    """The unit width: the fewest bits b ≤ :data:`MAX_UNIT_BITS` with rows ≤ rows_per_unit · 2^b,
-    i.e. b = min(max(0, ⌈log2(rows / rows_per_unit)⌉), MAX_UNIT_BITS)."""
+MIN_UNITS = 64  # an input is cut into at least this many units when it has the rows: its CPU tasks run side by side
+MAX_UNIT_ROWS = 1024  # ... of at most about this many rows (a CPU task per unit: larger ones spread its cost)
+
+
+def unit_bits(rows: int, batch_size: int) -> int:
+    """The unit width for ``rows`` rows: the fewest bits b ≤ :data:`MAX_UNIT_BITS` with
+    rows ≤ r · 2^b, where r = max(batch_size, min(MAX_UNIT_ROWS, ⌈rows / MIN_UNITS⌉)) is the
+    rows a unit should hold: a batch at least, and else enough units to keep the CPU stage busy,
+    each large enough that a task's start is a small part of its work."""
+    target = max(batch_size, min(MAX_UNIT_ROWS, -(-rows // MIN_UNITS)))
     bits = 0
-    while bits < MAX_UNIT_BITS and rows > rows_per_unit << bits:
+    while bits < MAX_UNIT_BITS and rows > target << bits:
         bits += 1
     return bits
 
@@ -178,13 +185,18 @@ def _spill_schema() -> pa.Schema:
 
 
 class _Spill:
-    """Rows spilled to local temporary Parquet files, one per partition (the top
+    """Rows spilled to local temporary Arrow IPC files, one per partition (the top
     :data:`PARTITION_BITS` bits of ``h``), each written a slice at a time: what the driver holds
-    is one chunk. :meth:`tables` reads them back one partition at a time, in ``h`` order."""
+    is one chunk (an IPC writer keeps nothing of what it wrote; a Parquet writer keeps every row
+    group's metadata until it closes: 2.4 MB a chunk, measured). :meth:`tables` reads them back
+    one partition at a time, in ``h`` order."""
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="ep-listing-")
-        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+
+    def _path(self, partition: int) -> str:
+        return f"{self.dir}/{partition:03d}.arrow"
 
     def add(self, table: pa.Table) -> None:
         table = table.sort_by("h")
@@ -194,14 +206,15 @@ class _Spill:
             end = starts[i + 1] if i + 1 < len(starts) else len(part)
             p = int(part[start])
             if p not in self.writers:
-                self.writers[p] = pq.ParquetWriter(f"{self.dir}/{p:03d}.parquet", table.schema)
+                self.writers[p] = pa.ipc.new_stream(self._path(p), table.schema)
             self.writers[p].write_table(table.slice(start, end - start))
 
     def tables(self) -> Iterator[pa.Table]:
         for p in sorted(self.writers):
             self.writers[p].close()
         for p in sorted(self.writers):
-            yield pq.read_table(f"{self.dir}/{p:03d}.parquet")
+            with pa.OSFile(self._path(p)) as fh:
+                yield pa.ipc.open_stream(fh).read_all()
 
     def close(self) -> None:
         for writer in self.writers.values():
@@ -249,20 +262,24 @@ class SortedRows:
         self._schema = _spill_schema()
         buffer: list[dict] = []
         last_said = time.monotonic()
-        for row in rows:
-            buffer.append({**row, "order": self.seen, "has_id": bool(row.get("has_id"))})
-            self.seen += 1
-            if len(buffer) >= CHUNK_ROWS:
-                self._spill = self._spill or _Spill()
-                self._spill.add(self._table(buffer))
-                buffer = []
-                if progress is not None and time.monotonic() - last_said >= 10.0:
-                    last_said = time.monotonic()
-                    progress(self.seen)
-        self._buffer = self._table(buffer)
-        if self._spill is not None:
-            self._spill.add(self._buffer)
-            self._buffer = None
+        try:
+            for row in rows:
+                buffer.append({**row, "order": self.seen, "has_id": bool(row.get("has_id"))})
+                self.seen += 1
+                if len(buffer) >= CHUNK_ROWS:
+                    self._spill = self._spill or _Spill()
+                    self._spill.add(self._table(buffer))
+                    buffer = []
+                    if progress is not None and time.monotonic() - last_said >= 10.0:
+                        last_said = time.monotonic()
+                        progress(self.seen)
+            self._buffer = self._table(buffer)
+            if self._spill is not None:
+                self._spill.add(self._buffer)
+                self._buffer = None
+        except BaseException:  # a bad manifest line, an interrupt: no spill files left behind
+            self.close()
+            raise
 
     def _table(self, rows: list[dict]) -> pa.Table:
         table = pa.Table.from_pylist([{k: r.get(k) for k in self._schema.names if k != "h"} for r in rows],
@@ -349,10 +366,10 @@ def remove_listings(output: str) -> None:
     storage.remove_tree(storage.join(output, LISTING_DIR))
 
 
-def plan_listing(stream, *, prompt: str | None, frames: int, output: str, run_id: str, rows_per_unit: int,
+def plan_listing(stream, *, prompt: str | None, frames: int, output: str, run_id: str, batch_size: int,
                  parts: dict[str, list[str]], say=None):
     """The :class:`pipelines.units.Plan` of a folder or a manifest (``stream``: a
-    ``pipelines.sources.EntryStream``): its rows in hash units of about ``rows_per_unit`` rows,
+    ``pipelines.sources.EntryStream``): its rows in hash units (:func:`unit_bits`),
     each with the parts that may hold its rows (:class:`RelatedParts`, from ``parts``:
     ``pipelines.sink.parts_by_unit``). A unit whose related parts' footers hold all its rows, by
     count and id digest, none a transient error (:func:`unit_done`), is done (counted in
@@ -376,7 +393,7 @@ def plan_listing(stream, *, prompt: str | None, frames: int, output: str, run_id
     writer = _ListingWriter(storage.join(output, LISTING_DIR, run_id))
     plan = Plan(kind="listing")
     try:
-        bits = unit_bits(rows.seen, rows_per_unit)
+        bits = unit_bits(rows.seen, batch_size)
         related = RelatedParts(bits, parts)
         for value, table in cut_units(rows, bits):
             name, count = unit_name(bits, value), table.num_rows

@@ -174,6 +174,38 @@ def test_compiled_model_is_refused(tiny):
         apply_pruning(torch.compile(tiny[0]), PruneConfig("entropyprune", budget=8))
 
 
+def test_a_model_compiled_after_the_hooks_are_on_is_refused_when_it_runs(tiny, batch, monkeypatch):
+    """torch.compile of a model that already has the hooks is caught by the first hook that runs
+    under the compiler (told apart here by patching the compiler's flag), with one line."""
+    model, _ = tiny
+    with apply_pruning(model, PruneConfig("entropyprune", budget=8)) as handle:
+        assert handle.stats == []  # nothing ran yet
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        with pytest.raises(RuntimeError, match="^EntropyPrune hooks do not support torch.compile; run the model uncompiled$"):
+            model(**batch)
+
+
+def test_a_mask_that_is_not_a_tensor_is_refused_at_the_prune_layer(tiny, batch):
+    """Flex attention hands the layers a BlockMask, which the hooks cannot cut: refused with one
+    line naming its type (flex attention is refused up front too; this is the runtime guard)."""
+    model, _ = tiny
+
+    class BlockMask:  # what flex attention passes instead of a tensor
+        pass
+
+    def flex_like(module, args, kwargs):
+        return args, {**kwargs, "attention_mask": BlockMask()}
+
+    layer = model.model.language_model.layers[K]
+    spy = layer.register_forward_pre_hook(flex_like, with_kwargs=True)
+    try:
+        with apply_pruning(model, PruneConfig("entropyprune", budget=8, prune_layer=K)):
+            with pytest.raises(RuntimeError, match=r"^cannot prune with a BlockMask attention mask \(flex attention\?\)$"):
+                model(**batch)
+    finally:
+        spy.remove()
+
+
 def test_static_cache_config_is_refused(tiny):
     model, _ = tiny
     model.generation_config.cache_implementation = "static"

@@ -197,6 +197,56 @@ def test_a_decode_step_sees_the_cache_under_either_name(tiny, batch, name):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_hidden_states_passed_by_keyword_are_pruned_the_same(tiny, batch, method):
+    """transformers passes a decoder layer its hidden states positionally; a wrapper that passes
+    them by keyword (a user's pre-hook, another version) gets the same pruned generation."""
+    model, _ = tiny
+    config = PruneConfig(method, prune_layer=2, keep_ratio=0.25)
+    with apply_pruning(model, config) as handle:
+        positional = _generate(model, batch)
+        stats = handle.stats
+
+    def by_keyword(module, args, kwargs):
+        return (), {**kwargs, "hidden_states": args[0]} if args else kwargs
+
+    moved = [layer.register_forward_pre_hook(by_keyword, with_kwargs=True) for layer in model.model.language_model.layers]
+    try:
+        with apply_pruning(model, config) as handle:  # its hooks run after the user's: they see keywords only
+            keyword = _generate(model, batch)
+            assert handle.stats == stats
+    finally:
+        for hook in moved:
+            hook.remove()
+    _assert_same_generation(keyword, positional)
+
+
+def test_a_decode_step_from_inputs_embeds_equals_the_step_from_input_ids(tiny, batch):
+    """After a pruned prefill, a one-token step given as ``inputs_embeds`` (what a caller that
+    embeds the tokens itself passes) is a decode step like the same token given as ``input_ids``;
+    two tokens of embeddings continue a filled cache, which pruning refuses."""
+    import copy
+
+    model, _ = tiny
+    inner = model.model
+    with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.3)) as handle, torch.no_grad():
+        prefill = inner(**batch, use_cache=True)
+        stats = handle.stats
+        next_ids = model.lm_head(prefill.last_hidden_state[:, -1:]).argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(next_ids)], 1)
+        expected = inner(input_ids=next_ids, attention_mask=mask, cache=copy.deepcopy(prefill.past_key_values),
+                         use_cache=True).last_hidden_state
+        embeds = inner.get_input_embeddings()(next_ids)
+        got = inner(inputs_embeds=embeds, attention_mask=mask, cache=copy.deepcopy(prefill.past_key_values),
+                    use_cache=True).last_hidden_state
+        assert handle.stats == stats
+        two = torch.cat([embeds, embeds], 1)
+        with pytest.raises(RuntimeError, match="^pruning supports one prefill followed by one-token decode steps"):
+            inner(inputs_embeds=two, attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                  cache=copy.deepcopy(prefill.past_key_values), use_cache=True)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 def test_per_layer_cache_lengths_and_stats(tiny, batch):
     model, _ = tiny
     num_layers = model.config.text_config.num_hidden_layers

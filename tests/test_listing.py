@@ -47,7 +47,7 @@ def _folder(root, names):
 
 def _plan(inputs, out, *, rows_per_unit=2, run_id="r1"):
     return plan_listing(EntryStream(inputs), prompt=None, frames=4, output=out, run_id=run_id,
-                        rows_per_unit=rows_per_unit, parts=parts_by_unit(out))
+                        batch_size=rows_per_unit, parts=parts_by_unit(out))
 
 
 def _specs(plan):
@@ -60,7 +60,8 @@ def _todo(plan):
 
 
 def test_unit_width_names_and_the_hash():
-    assert [unit_bits(n, 8) for n in (0, 8, 9, 16, 17, 40, 64, 65)] == [0, 0, 1, 1, 2, 3, 3, 4]
+    assert [unit_bits(n, 8) for n in (0, 8, 9, 16, 17, 40, 64, 65, 512, 513)] == [0, 0, 1, 1, 2, 3, 3, 4, 6, 6]
+    assert [unit_bits(n, 8) for n in (8 * 64 + 64, 64 * 1024, 64 * 1024 + 1, 1024 << 11)] == [6, 6, 7, 11]  # r = ⌈n/64⌉ up to 1,024
     assert unit_bits(10**9, 8) == listing.MAX_UNIT_BITS  # at most 4,096 units
     assert unit_name(3, 5) == "h3x5" and parse_unit("h3x5") == (3, 5) and parse_unit("h12xfff") == (12, 0xFFF)
     assert parse_unit("rows") == (0, 0)  # parts from before hash units: every unit's ancestor
@@ -220,7 +221,7 @@ def test_a_manifest_is_read_in_pieces_and_its_rows_are_the_scans(tmp_path, monke
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet", row_group_size=4)
     out = str(tmp_path / "out")
     plan = plan_listing(EntryStream(str(tmp_path / "m.parquet")), prompt=None, frames=4, output=out, run_id="r",
-                        rows_per_unit=3, parts={})
+                        batch_size=3, parts={})
     assert plan.rows_total == 12 and plan.duplicates == 1
     assert sorted((r["source"], r["prompt"]) for r in _todo(plan)) == sorted((r["path"], r["prompt"]) for r in rows[:12])
 
@@ -259,3 +260,19 @@ def test_the_walk_is_a_directory_at_a_time(tmp_path, monkeypatch):
     first = next(stream)
     assert first["key"] == "d0/0.png" and len(listed) == 2  # the root and d0, nothing more yet
     assert len(list(stream)) == 11 and len(listed) == 5
+
+
+def test_a_bad_line_after_a_spill_leaves_no_temporary_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(listing, "CHUNK_ROWS", 2)
+    made = []
+    real = listing._Spill.__init__
+
+    def spy(self):
+        real(self)
+        made.append(self.dir)
+
+    monkeypatch.setattr(listing._Spill, "__init__", spy)
+    (tmp_path / "m.jsonl").write_text("".join(f'{{"path": "{i}.png"}}\n' for i in range(5)) + "not json\n")
+    with pytest.raises(ValueError, match="line 6 is not valid JSON"):
+        SortedRows(EntryStream(str(tmp_path / "m.jsonl")).rows(None, 4), where="m")
+    assert made and not any(os.path.exists(d) for d in made)
