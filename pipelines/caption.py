@@ -8,8 +8,8 @@ method and the prune layer fits the decoder. :meth:`CaptionJob.run` then plans w
 manifest's rows by the hash of their ids, ``pipelines.listing``), leaves out the units the
 output holds whole, streams the rest through Ray Data, and the model workers commit atomic part
 files as they go (``pipelines.sink``): a rerun after a crash or a kill processes only what is
-missing, each unit's worker reading only the parts that may hold its rows. :meth:`CaptionJob.run_tracked` does the same
-inside one MLflow run.
+missing, each unit's worker reading only the parts that may hold its rows.
+:meth:`CaptionJob.run_tracked` does the same inside one MLflow run.
 
 Ray is joined or started by ``pipelines.cluster.ray_session``. Model actors ask for one GPU
 each when the cluster has GPUs (waiting up to ``wait_for_gpus`` seconds for GPU workers to
@@ -316,12 +316,14 @@ class CaptionJob:
             notes.append(f"{plan.duplicates} repeated rows kept once")
         partly = plan.units_with_parts - plan.units_done
         total = plan.rows_total
-        say(f"[caption] " + (f"{total} inputs in " if total is not None else "") + f"{len(plan.units) + plan.units_done} units ({what})"
+        inputs = f"{total} inputs in " if total is not None else ""
+        say(f"[caption] {inputs}{len(plan.units) + plan.units_done} units ({what})"
             + (f"; {plan.units_done} done already ({plan.rows_before} rows in {cfg.output})" if plan.units_done else "")
             + (f"; {partly} have rows in {cfg.output} already (their workers skip those)" if partly else "")
             + (f" ({'; '.join(notes)})" if notes else ""))
         if not plan.units:
-            say(f"[caption] nothing to do: every input is in {cfg.output} already")
+            say("[caption] nothing to do: " + (f"every input is in {cfg.output} already" if plan.rows_known
+                                               else f"{cfg.input} holds nothing to caption"))
         return plan
 
     def run_tracked(self, *, experiment: str = "caption", tracking: bool = True):
@@ -560,7 +562,7 @@ def _stream(cfg: CaptionConfig, plan, run_id: str, summary: Summary, say, progre
         ray.kill(tally)
     total, before = _total_and_before(plan, found)
     if found is not None:
-        summary.rows_before, summary.transient_retried = before, found["retried"]
+        summary.rows_before, summary.transient_retried = before, plan.transient_retried + found["retried"]
         summary.rows_total = total if total is not None else found["rows"]
         summary.extra["duplicates_in_input"] = plan.duplicates + found["duplicates"]
     # rows neither there before nor written now; a unit no worker reported counts as missing

@@ -15,8 +15,8 @@ alone:
 
 The driver holds O(units), never the rows: it streams the entries (a lazy walk, a manifest read
 in pieces: ``pipelines.sources.EntryStream``), makes each row, and past :data:`CHUNK_ROWS` rows
-spills them to local temporary Parquet files, partitioned by the top :data:`PARTITION_BITS` bits
-of ``h`` (:class:`_Spill`). Each partition is then sorted by ``(h, sample_id, order)``, which puts
+spills them to local temporary Arrow IPC files, partitioned by the top :data:`PARTITION_BITS`
+bits of ``h`` (:class:`_Spill`): it holds one chunk, then one partition (rows / 256). Each partition is then sorted by ``(h, sample_id, order)``, which puts
 repeated ids side by side (:func:`drop_repeats`: identical rows kept once, a manifest's own id
 given twice refused), and cut into units. A unit whose parts' footers already hold all its rows,
 by count and by id digest (:func:`unit_done`), is done; the others are written
@@ -27,9 +27,11 @@ worker reads (:func:`listing_rows`). Readers of the output ignore ``_listing`` (
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -40,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.sink import NO_UNIT
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,10 @@ PARTITION_BITS = 8  # spill partitions: 2^8, each sorted alone (100 M inputs: ~4
 MAX_UNIT_BITS = 12  # at most 2^12 = 4,096 units, however large the input
 LISTING_FILE_ROWS = 100_000  # rows per listing file (an object-store listing file is built in memory, then put)
 LISTING_DIR = "_listing"
-LEGACY_UNIT = "rows"  # parts written before hash units: the ancestor of every unit
+LEGACY_UNIT = NO_UNIT  # parts written before hash units (or rows naming no unit): the ancestor of every unit
+PREFIX_BITS = MAX_UNIT_BITS  # a part's footer counts its rows by this many top bits of h: any unit width is a sum of them
+MIN_UNITS = 64  # an input is cut into at least this many units when it has the rows: its CPU tasks run side by side
+MAX_UNIT_ROWS = 1024  # ... of at most about this many rows (a CPU task per unit: larger ones spread its cost)
 
 
 def id_hashes(ids: Iterable[str]) -> np.ndarray:
@@ -62,9 +68,6 @@ def id_digest(ids: Iterable[str]) -> int:
     """Σ h(id) mod 2^64 over ``ids``: the same for the same set of distinct ids in any order or
     split into any parts (the digests of the parts add up, mod 2^64, to the unit's)."""
     return int(np.sum(id_hashes(ids), dtype=np.uint64))
-
-
-PREFIX_BITS = MAX_UNIT_BITS  # a part's footer counts its rows by this many top bits of h: any unit width is a sum of them
 
 
 def prefix_counts(ids: list[str], transient: list[bool]) -> dict[int, tuple[int, int, int]]:
@@ -90,15 +93,13 @@ def decode_prefixes(data: bytes) -> dict[int, tuple[int, int, int]]:
     return {int(p, 16): tuple(v) for p, v in json.loads(data).items()}
 
 
-def unit_done(prefixes: Iterable[dict | None], bits: int, value: int, rows: int, digest: int) -> bool:
-    """Whether the parts whose footers' prefix counts are ``prefixes`` (None: a part written
-    before footers kept them) hold every row of the unit ``value`` at width ``bits``, which has
-    ``rows`` rows of id digest ``digest``: their entries under the unit's prefix count ``rows``
-    rows, none a transient error, and their digests add up to ``digest``."""
+def unit_done(prefixes: Iterable[dict], bits: int, value: int, rows: int, digest: int) -> bool:
+    """Whether the parts whose rows by id-hash prefix are ``prefixes`` (:func:`prefix_counts`)
+    hold every row of the unit ``value`` at width ``bits``, which has ``rows`` rows of id digest
+    ``digest``: their entries under the unit's prefix (prefix >> (PREFIX_BITS − bits) = value)
+    count ``rows`` rows, none a transient error, and their digests add up to ``digest`` mod 2^64."""
     count, total = 0, 0
     for counts in prefixes:
-        if counts is None:
-            return False
         for prefix, (n, transient, part_digest) in counts.items():
             if prefix >> (PREFIX_BITS - bits) == value:
                 if transient:
@@ -107,8 +108,9 @@ def unit_done(prefixes: Iterable[dict | None], bits: int, value: int, rows: int,
     return count == rows and total % (1 << 64) == digest
 
 
-MIN_UNITS = 64  # an input is cut into at least this many units when it has the rows: its CPU tasks run side by side
-MAX_UNIT_ROWS = 1024  # ... of at most about this many rows (a CPU task per unit: larger ones spread its cost)
+def holds_unit(counts: dict, bits: int, value: int) -> bool:
+    """Whether a part with these rows by prefix (:func:`prefix_counts`) holds a row of unit ``value``."""
+    return any(prefix >> (PREFIX_BITS - bits) == value for prefix in counts)
 
 
 def unit_bits(rows: int, batch_size: int) -> int:
@@ -189,10 +191,15 @@ class _Spill:
     :data:`PARTITION_BITS` bits of ``h``), each written a slice at a time: what the driver holds
     is one chunk (an IPC writer keeps nothing of what it wrote; a Parquet writer keeps every row
     group's metadata until it closes: 2.4 MB a chunk, measured). :meth:`tables` reads them back
-    one partition at a time, in ``h`` order."""
+    one partition at a time, in ``h`` order. The folder is ``ep-listing-<pid>-…`` in the
+    temporary directory (``TMPDIR``); one that a killed driver left is removed by the next."""
+
+    PREFIX = "ep-listing-"
 
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="ep-listing-")
+        _remove_stale_spills(self.PREFIX)
+        _allow_open_files(2 ** PARTITION_BITS + 64)
+        self.dir = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-")
         self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
 
     def _path(self, partition: int) -> str:
@@ -223,6 +230,30 @@ class _Spill:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _remove_stale_spills(prefix: str) -> None:
+    """Delete the spill folders (``<prefix><pid>-…``) whose driver process is gone."""
+    import glob
+
+    from pipelines.sink import process_alive
+
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}*-*")):
+        pid = os.path.basename(folder)[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _allow_open_files(count: int) -> None:
+    """Raise this process's soft limit of open files to at least ``count`` where the hard limit
+    allows (the spill holds one file per partition open; macOS's default soft limit is 256)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+        target = count if hard == resource.RLIM_INFINITY else min(count, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _sorted(table: pa.Table) -> pa.Table:
     return table.sort_by([("h", "ascending"), ("sample_id", "ascending"), ("order", "ascending")])
 
@@ -231,27 +262,29 @@ def drop_repeats(table: pa.Table, where: str) -> tuple[pa.Table, int]:
     """A table sorted by (h, sample_id, order) without its repeated ids, and how many were
     dropped: the first row of each id in input order is kept. An id that the input gave itself
     (a manifest's ``id``) twice is an error that names ``where`` (``manifest <path>``) and both rows."""
-    ids = table.column("sample_id").to_pylist()
-    repeat = [i for i in range(1, len(ids)) if ids[i] == ids[i - 1]]
-    if not repeat:
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    ids = table.column("sample_id")
+    if n < 2:
         return table, 0
-    has_id = table.column("has_id").to_pylist()
-    order = table.column("order").to_pylist()
-    for i in repeat:
-        if has_id[i] or has_id[i - 1]:
-            first = i - 1
-            while first > 0 and ids[first - 1] == ids[i]:
-                first -= 1
-            raise ValueError(f"{where}: id {ids[i]!r} appears more than once "
-                             f"(rows {order[first] + 1} and {order[i] + 1})")
-    keep = np.ones(len(ids), dtype=bool)
-    keep[repeat] = False
-    return table.filter(pa.array(keep)), len(repeat)
+    repeat = pc.equal(ids.slice(1), ids.slice(0, n - 1)).combine_chunks()  # row i + 1 repeats row i
+    if not pc.any(repeat).as_py():
+        return table, 0
+    second = pa.concat_arrays([pa.array([False]), repeat])  # a repeat: dropped
+    first = pa.concat_arrays([repeat, pa.array([False])])  # the row a repeat repeats
+    given = pc.and_(pc.or_(first, second), table.column("has_id").combine_chunks())
+    if pc.any(given).as_py():
+        sid = table.filter(given).column("sample_id")[0].as_py()
+        orders = table.filter(pc.equal(ids, sid)).column("order").to_pylist()  # in input order: the sort's last key
+        raise ValueError(f"{where}: id {sid!r} appears more than once (rows {orders[0] + 1} and {orders[1] + 1})")
+    return table.filter(pc.invert(second)), pc.sum(second).as_py()
 
 
 class SortedRows:
     """Rows (dicts from ``pipelines.sources.make_row``), sorted by ``(h, sample_id, order)`` and
-    without repeats, in O(:data:`CHUNK_ROWS`) memory: iterate it once for the tables of
+    without repeats, holding one chunk of :data:`CHUNK_ROWS` rows while they come in and one
+    partition (rows / 2^:data:`PARTITION_BITS`) while they go out: iterate it once for the tables of
     consecutive rows (a partition each, or one table when the input fits in a chunk); ``seen`` is
     how many rows came in, ``duplicates`` how many repeats were dropped (known once iterated). A
     row's ``has_id`` says that its id is the input's own (a repeat of it is an error)."""
@@ -353,12 +386,20 @@ class _ListingWriter:
         return self.path, self.groups - 1
 
     def close(self) -> None:
+        """Finish the current file (an object-store one: put it)."""
         if self.writer is None:
             return
         self.writer.close()
         if self.buffer is not None:
             storage.write_atomic(self.path, self.buffer.getvalue())
         self.writer = self.buffer = None
+
+    def abort(self) -> None:
+        """Close the current file without putting it (the plan failed: nothing will read it)."""
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            self.writer = self.buffer = None
 
 
 def remove_listings(output: str) -> None:
@@ -369,20 +410,20 @@ def remove_listings(output: str) -> None:
 def plan_listing(stream, *, prompt: str | None, frames: int, output: str, run_id: str, batch_size: int,
                  parts: dict[str, list[str]], say=None):
     """The :class:`pipelines.units.Plan` of a folder or a manifest (``stream``: a
-    ``pipelines.sources.EntryStream``): its rows in hash units (:func:`unit_bits`),
-    each with the parts that may hold its rows (:class:`RelatedParts`, from ``parts``:
-    ``pipelines.sink.parts_by_unit``). A unit whose related parts' footers hold all its rows, by
-    count and id digest, none a transient error (:func:`unit_done`), is done (counted in
-    ``rows_before``, left out); the others' rows go to listing files under
-    ``<output>/_listing/<run_id>/`` for their workers. ``say(text)`` gets a line every 10 s
-    while a long input is listed."""
-    import functools
-
-    from pipelines.sink import part_footer
+    ``pipelines.sources.EntryStream``): its rows in hash units (:func:`unit_bits`), each with
+    the existing parts that hold rows of it (:class:`RelatedParts` from ``parts``, the output's
+    ``pipelines.sink.parts_by_unit``, kept where their rows by prefix say so: :func:`holds_unit`).
+    A unit whose parts hold all its rows, by count and id digest, none a transient error
+    (:func:`unit_done`), is done (counted in ``rows_before``, left out); the others' rows go to
+    listing files under ``<output>/_listing/<run_id>/`` for their workers. Parts of ancestor
+    units serve several units: their transient rows are dropped here, before any worker runs,
+    so that no two workers rewrite one part. ``say(text)`` gets a line every 10 s while a long
+    input is listed."""
+    from pipelines.sink import drop_transient, part_prefixes
     from pipelines.units import Plan, source_schema
 
     remove_listings(output)
-    footer = functools.lru_cache(maxsize=None)(lambda path: part_footer(path)[2])  # a part may serve several units
+    prefixes = functools.lru_cache(maxsize=None)(part_prefixes)  # O(parts): a part may serve several units
     names = source_schema(unit=False).names
 
     def listed(count: int) -> None:
@@ -391,16 +432,20 @@ def plan_listing(stream, *, prompt: str | None, frames: int, output: str, run_id
 
     rows = SortedRows(stream.rows(prompt, frames), where=stream.where, progress=listed)
     writer = _ListingWriter(storage.join(output, LISTING_DIR, run_id))
-    plan = Plan(kind="listing")
+    plan = Plan(kind="listing", skipped_files=stream.skipped)
     try:
         bits = unit_bits(rows.seen, batch_size)
         related = RelatedParts(bits, parts)
+        shared = [p for paths in related.above.values() for p in paths if any(v[1] for v in prefixes(p).values())]
+        if shared:
+            plan.transient_retried = drop_transient(shared)
+            prefixes.cache_clear()
         for value, table in cut_units(rows, bits):
             name, count = unit_name(bits, value), table.num_rows
             plan.rows_known += count
-            found = related.of(value)
+            found = [p for p in related.of(value) if holds_unit(prefixes(p), bits, value)]
             plan.units_with_parts += bool(found)
-            if found and unit_done(map(footer, found), bits, value, count, _digest(table.column("h"))):
+            if found and unit_done(map(prefixes, found), bits, value, count, _digest(table.column("h"))):
                 plan.units_done += 1
                 plan.rows_before += count
                 continue
@@ -410,8 +455,9 @@ def plan_listing(stream, *, prompt: str | None, frames: int, output: str, run_id
                 {"kind": "listing", "unit": name, "file": path, "group": group, "rows": count, "parts": found})})
         writer.close()
     finally:
+        writer.abort()
         rows.close()
-    plan.skipped_files, plan.duplicates = stream.skipped, rows.duplicates
+    plan.duplicates = rows.duplicates
     return plan
 
 

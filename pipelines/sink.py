@@ -76,6 +76,7 @@ OUTPUT_SCHEMA = pa.schema(
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 TRANSIENT_ROWS_KEY = b"ep_transient_rows"  # a part's footer: how many of its rows are transient errors
 ID_PREFIXES_KEY = b"ep_id_prefixes"  # a part's footer: its rows by id-hash prefix (pipelines.listing.prefix_counts)
+NO_UNIT = "rows"  # the unit of rows that name none (parts written before units): every hash unit's ancestor
 JOB_FILE = "_job.json"
 LOCK_FILE = "_lock.json"
 
@@ -107,15 +108,18 @@ def done_ids(output_dir: str) -> set[str]:
     return ids
 
 
-def drop_transient(output_dir: str, parts: list[str] | None = None) -> int:
-    """Remove the ``transient`` error rows from the parts of ``output_dir`` (or the given
-    ``parts``; each part rewritten atomically, a part left empty deleted), so that a rerun
-    processes them again. Returns how many rows were dropped."""
+def drop_transient(parts: list[str]) -> int:
+    """Remove the ``transient`` error rows from ``parts`` (each part rewritten atomically, a part
+    left empty deleted, a part already gone skipped), so that a rerun processes them again.
+    Returns how many rows were dropped."""
     import pyarrow.compute as pc
 
     dropped = 0
-    for path in part_files(output_dir) if parts is None else parts:
-        table = _read_part(path, schema=OUTPUT_SCHEMA)
+    for path in parts:
+        try:
+            table = _read_part(path, schema=OUTPUT_SCHEMA)
+        except FileNotFoundError:  # deleted since it was listed (it held transient rows only)
+            continue
         transient = _is_transient(table)
         count = pc.sum(transient).as_py() or 0
         if not count:
@@ -139,11 +143,13 @@ def committed(parts: list[str]) -> tuple[set[str], int]:
     """What one unit's ``parts`` hold, read by the worker that processes the unit on a rerun:
     their transient error rows dropped first (:func:`drop_transient`), then the ids left, which
     the unit skips. Returns ``(ids, transient rows dropped)``."""
-    dropped = drop_transient("", parts)
+    dropped = drop_transient(parts)
     ids: set[str] = set()
     for path in parts:
-        if storage.exists(path):  # a part of transient rows only is gone now
+        try:
             ids.update(_read_part(path, columns=["sample_id"]).column("sample_id").to_pylist())
+        except FileNotFoundError:  # a part of transient rows only is gone now
+            continue
     return ids, dropped
 
 
@@ -159,6 +165,22 @@ def part_footer(path: str) -> tuple[int, int | None, dict | None]:
     transient, prefixes = kept.get(TRANSIENT_ROWS_KEY), kept.get(ID_PREFIXES_KEY)
     return (meta.num_rows, int(transient) if transient is not None else None,
             decode_prefixes(prefixes) if prefixes is not None else None)
+
+
+def part_prefixes(path: str) -> dict[int, tuple[int, int, int]]:
+    """A part's rows by id-hash prefix (``pipelines.listing.prefix_counts``): from its footer, or,
+    for a part written before footers kept them, counted from its ids and error kinds (one read
+    of those two columns). Empty for a part that is gone."""
+    from pipelines.listing import prefix_counts
+
+    try:
+        counts = part_footer(path)[2]
+        if counts is not None:
+            return counts
+        table = _read_part(path, schema=OUTPUT_SCHEMA, columns=["sample_id", "error_kind"])
+    except FileNotFoundError:
+        return {}
+    return prefix_counts(table.column("sample_id").to_pylist(), _is_transient(table).to_pylist())
 
 
 def part_name(unit: str, ids: list[str]) -> str:
@@ -230,7 +252,7 @@ def output_lock(output_dir: str):
             if owner is not None and (owner.get("host"), owner.get("pid")) == (me["host"], me["pid"]):
                 yield None  # this process holds it already (an outer block): nested, nothing to do
                 return
-            if owner is not None and owner.get("host") == me["host"] and not _alive(owner.get("pid")):
+            if owner is not None and owner.get("host") == me["host"] and not process_alive(owner.get("pid")):
                 storage.remove(path)  # its job ended without removing it (killed): take it over
                 stale = owner
                 continue
@@ -280,7 +302,9 @@ def _lock_owner(path: str) -> dict | None:
         return None
 
 
-def _alive(pid) -> bool:
+def process_alive(pid) -> bool:
+    """Whether a process of this host with that pid runs (one of another user, or an unreadable
+    pid, counts as running)."""
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -360,7 +384,7 @@ class ParquetSink:
         self.transient_written = 0
         self.duplicates_dropped = 0
 
-    def write(self, table: pa.Table, unit: str = "rows") -> str | None:
+    def write(self, table: pa.Table, unit: str = NO_UNIT) -> str | None:
         """Commit the rows of ``table`` not written before as one part of ``unit``; returns the
         new file (or None)."""
         table = table.select(list(OUTPUT_COLUMNS)).cast(OUTPUT_SCHEMA)
@@ -394,7 +418,7 @@ class PartWriter:
     """The model stage writing its own output (a Ray Data actor): ``stage(**kwargs)`` (the
     model, ``pipelines.infer.CaptionPredictor``) is built once per actor; each call runs it on a
     batch, commits the result as one part per unit (the ``unit`` column of the batch; rows
-    without one go to unit ``rows``), and returns one row of figures (:data:`WRITE_STATS`) for
+    without one go to :data:`NO_UNIT`), and returns one row of figures (:data:`WRITE_STATS`) for
     the driver to add up: output rows never travel to the driver. A part that cannot be written
     (a full disk, an unwritable folder) is reported in that row (``write_errno``, ``write_error``)
     rather than raised, so that the driver ends the job with one line, not a worker's traceback."""
@@ -419,7 +443,7 @@ class PartWriter:
         before = (self.sink.rows_written, self.sink.errors_written, self.sink.transient_written, self.sink.duplicates_dropped)
         groups: dict[str, list[int]] = {}
         for i, sid in enumerate(out.column("sample_id").to_pylist()):
-            groups.setdefault(unit_of.get(sid) or "rows", []).append(i)
+            groups.setdefault(unit_of.get(sid) or NO_UNIT, []).append(i)
         failure = {"write_errno": None, "write_error": None}
         calls, metrics = self._tallies = (CallTally(), MetricTally())  # of the rows committed by this call
         try:

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import posixpath
 import uuid
 from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
 
 
 def is_uri(path: str) -> bool:
@@ -259,12 +262,17 @@ def walk(root: str):
 
 def remove_tree(path: str) -> None:
     """Delete a directory and everything under it (an object-store prefix: every object under it);
-    no error when there is none."""
+    nothing when there is none, one warning when it cannot be deleted."""
     if not is_uri(path):
         import shutil
 
         shutil.rmtree(local(path), ignore_errors=True)
         return
+    if not exists(path):
+        return
     fs, inner = filesystem(path)
-    with contextlib.suppress(FileNotFoundError, OSError):
+    try:
         fs.delete_dir(inner)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning(f"could not delete {path} ({first}); delete it by hand")

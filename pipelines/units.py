@@ -52,6 +52,7 @@ class Plan:
     rows_known: int = 0  # rows of the units whose size the metadata (or the listing) gives
     unknown_units: int = 0  # units whose size only their worker learns (tar shards)
     rows_before: int = 0  # rows of the units done already (the workers report the rest)
+    transient_retried: int = 0  # "listing": transient rows the driver dropped from parts several units share
     skipped_files: int = 0  # "listing": a folder's files that are hidden or neither images nor videos
     duplicates: int = 0  # "listing": repeated rows kept once
     units_with_parts: int = 0  # units that a rerun finds partly or wholly done
@@ -73,9 +74,7 @@ def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, li
     so a rerun of a finished job starts no worker. A tar's size is known once a worker has read
     it: its worker records it in ``<output>/_units/`` (:func:`write_marker`), where a rerun's
     driver finds it (:func:`read_marker`) and checks the tar's parts by id too."""
-    from pipelines.listing import unit_done
     from pipelines.shards import shard_units
-    from pipelines.sink import part_footer
 
     plan = Plan(kind="shards")
     found = 0
@@ -92,9 +91,7 @@ def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, li
             plan.unknown_units += 1
         else:
             plan.rows_known += rows
-        if unit["parts"] and rows is not None and (
-                unit_done([part_footer(p)[2] for p in unit["parts"]], 0, 0, rows, marker["digest"]) if marker is not None
-                else unit_complete(unit["parts"], rows)):
+        if unit["parts"] and rows is not None and _shard_done(unit["parts"], rows, marker):
             plan.units_done += 1
             plan.rows_before += rows
             continue
@@ -105,15 +102,29 @@ def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, li
     return plan
 
 
+def _shard_done(parts: list[str], rows: int, marker: dict | None) -> bool:
+    """Whether a shard unit of ``rows`` rows is done: by the ids its worker recorded (``marker``,
+    a tar's: ``pipelines.listing.unit_done`` over the parts' rows by prefix), else by count
+    (:func:`unit_complete`)."""
+    from pipelines.listing import unit_done
+    from pipelines.sink import part_prefixes
+
+    if marker is not None:
+        return unit_done(map(part_prefixes, parts), 0, 0, rows, marker["digest"])
+    return unit_complete(parts, rows)
+
+
 UNITS_DIR = "_units"  # what the workers learnt of the tar units: their size and id digest
 
 
-def write_marker(spec: dict, ids: list[str]) -> None:
+def write_marker(spec: dict, ids: list[str], stamp: list) -> None:
     """Record what a tar unit holds, for a rerun's plan: its rows (``ids``, repeats dropped), their
-    id digest (``pipelines.listing.id_digest``) and the tar's size and time (``storage.stamp``), at ``spec["marker"]``."""
+    id digest (``pipelines.listing.id_digest``) and the tar's size and time (``storage.stamp``,
+    taken before the tar was read: a tar replaced while it was read is read again next time), at
+    ``spec["marker"]``."""
     from pipelines.listing import id_digest
 
-    marker = {"rows": len(ids), "digest": id_digest(ids), "shard": storage.stamp(spec["shard"])}
+    marker = {"rows": len(ids), "digest": id_digest(ids), "shard": stamp}
     storage.makedirs(os.path.dirname(spec["marker"]))
     storage.write_atomic(spec["marker"], json.dumps(marker).encode())
 
@@ -177,6 +188,7 @@ def unit_rows(spec: dict, *, prompt: str | None, frames: int, columns) -> tuple[
         rows = listing_rows(spec)
     else:
         rows, seen = [], set()
+        stamp = storage.stamp(spec["shard"]) if spec.get("marker") else None  # before the read: see write_marker
         for entry in unit_entries(spec, columns):
             row = make_row(entry, None, prompt, frames)
             if row["sample_id"] in seen:
@@ -185,7 +197,7 @@ def unit_rows(spec: dict, *, prompt: str | None, frames: int, columns) -> tuple[
             seen.add(row["sample_id"])
             rows.append(row)
         if spec.get("marker"):
-            write_marker(spec, list(seen))
+            write_marker(spec, list(seen), stamp)
     done, retried = committed(spec["parts"]) if spec["parts"] else (set(), 0)
     total = len(rows)
     rows = [r for r in rows if r["sample_id"] not in done]

@@ -221,13 +221,18 @@ def test_hidden_states_passed_by_keyword_are_pruned_the_same(tiny, batch, method
     _assert_same_generation(keyword, positional)
 
 
-def test_a_decode_step_from_inputs_embeds_equals_the_step_from_input_ids(tiny, batch):
+@pytest.mark.parametrize("rows", ["padded", "unpadded mixed counts"])
+def test_a_decode_step_from_inputs_embeds_equals_the_step_from_input_ids(tiny, batch, rows):
     """After a pruned prefill, a one-token step given as ``inputs_embeds`` (what a caller that
-    embeds the tokens itself passes) is a decode step like the same token given as ``input_ids``;
-    two tokens of embeddings continue a filled cache, which pruning refuses."""
+    embeds the tokens itself passes) is a decode step like the same token given as ``input_ids``,
+    also where sdpa passes no mask and the hooks build the step's mask from its key length (rows
+    of different visual-token counts, no padding); two tokens of embeddings continue a filled
+    cache, which pruning refuses."""
     import copy
 
-    model, _ = tiny
+    model, processor = tiny
+    if rows != "padded":
+        batch, _ = _equal_length_mixed_batch(processor)
     inner = model.model
     with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.3)) as handle, torch.no_grad():
         prefill = inner(**batch, use_cache=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipelines.failures import AttemptLedger, batch_key, is_device_fault, is_out_of_memory
-from pipelines.sink import ParquetSink, done_ids, drop_transient, read_output, to_table
+from pipelines.sink import ParquetSink, done_ids, drop_transient, part_files, read_output, to_table
 
 
 def test_device_faults_are_told_from_out_of_memory_and_from_other_errors():
@@ -55,11 +55,11 @@ def test_transient_rows_are_dropped_so_a_rerun_gives_any_reader_one_row_per_samp
     assert (sink.rows_written, sink.errors_written, sink.transient_written) == (6, 4, 3)
     files = sorted(os.listdir(out))
 
-    assert drop_transient(out) == 3
+    assert drop_transient(part_files(out)) == 3
     assert done_ids(out) == {"a", "c", "f"}  # input errors count as done; transient ones do not
     assert len(os.listdir(out)) == len(files) - 1  # the all-transient part is gone, the others rewritten
     assert not [f for f in os.listdir(out) if f.startswith(".")]
-    assert drop_transient(out) == 0
+    assert drop_transient(part_files(out)) == 0
 
     rerun = ParquetSink(out, "r2", already_done=done_ids(out))  # what the rerun writes for the retried rows
     rerun.write(to_table([_row("b", output="ok"), _row("d", output="ok"), _row("e", "transient")]))
@@ -75,7 +75,7 @@ def test_parts_written_before_error_kinds_existed_read_as_done(tmp_path):
     out.mkdir()
     old = to_table([_row("a", output="ok"), {"sample_id": "b", "error": "decoding failed: /b"}]).drop_columns(["error_kind"])
     pq.write_table(old, out / "part-old-000000.parquet")
-    assert drop_transient(str(out)) == 0 and done_ids(str(out)) == {"a", "b"}
+    assert drop_transient(part_files(str(out))) == 0 and done_ids(str(out)) == {"a", "b"}
     assert read_output(str(out)).column("error_kind").to_pylist() == [None, None]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -202,14 +203,63 @@ def test_a_unit_with_as_many_rows_but_other_ids_is_not_done(tmp_path):
     assert len(plan.units) == 1 and _todo(plan) == []
 
 
-def test_parts_of_the_version_before_hash_units_are_read_by_every_unit(tmp_path):
+def test_parts_of_the_version_before_hash_units_are_read_where_they_hold_rows(tmp_path):
+    """Parts named by no unit (``part-rows-…``, written before hash units, with no prefix
+    counts in their footers) are every unit's ancestors: their ids are hashed once on the
+    driver, and each unit lists only those that hold rows of it."""
     inputs, out = str(tmp_path / "in"), str(tmp_path / "out")
     _folder(inputs, [f"{i}.png" for i in range(10)])
     rows = scan(inputs).rows
     PartWriter(_Echo, out, "old")(pa.Table.from_pylist([{**r, "unit": None} for r in rows[:4]]))  # part-rows-…
-    assert list(parts_by_unit(out)) == ["rows"]
+    (legacy,) = parts_by_unit(out)["rows"]
+    pq.write_table(pq.read_table(legacy).replace_schema_metadata(None), legacy)  # the older footer
     plan = _plan(inputs, out, rows_per_unit=2)
     assert sorted(r["sample_id"] for r in _todo(plan)) == sorted(r["sample_id"] for r in rows[4:])
+    old_units = {unit_name(plan_bits(plan), int(h) >> (64 - plan_bits(plan))) for h in id_hashes(r["sample_id"] for r in rows[:4])}
+    assert {s["unit"] for s in _specs(plan) if s["parts"]} <= old_units
+    assert all(s["parts"] in ([], [legacy]) for s in _specs(plan))
+
+
+def plan_bits(plan) -> int:
+    return parse_unit(_specs(plan)[0]["unit"])[0]
+
+
+def test_a_shared_part_of_transient_rows_is_dropped_by_the_driver_before_any_worker(tmp_path):
+    """A part of an ancestor unit serves several units of a wider run: the driver drops its
+    transient rows before the workers start (two workers must not rewrite one part), and each
+    retried row is then processed by its own unit, once."""
+    inputs, out = str(tmp_path / "in"), str(tmp_path / "out")
+    _folder(inputs, [f"{i}.png" for i in range(6)])
+    plan = _plan(inputs, out, rows_per_unit=8)  # 6 rows: one unit, h0x0
+    todo = _todo(plan)
+    failed = [{**r, "error": "device fault", "error_kind": "transient", "output": None} for r in todo[:3]]
+    PartWriter(_Echo, out, "r1")(pa.Table.from_pylist(failed))  # one part, all transient
+    PartWriter(_Echo, out, "r1")(pa.Table.from_pylist(todo[3:4]))
+    _folder(inputs, [f"{i}.png" for i in range(6, 40)])  # the folder grows: more bits, h0x0 is every unit's ancestor
+    plan = _plan(inputs, out, rows_per_unit=8, run_id="r2")
+    assert plan.transient_retried == 3 and len(parts_by_unit(out)["h0x0"]) == 1  # the all-transient part is gone
+    again = _todo(plan)
+    assert sorted(r["sample_id"] for r in again) == sorted(r["sample_id"] for r in scan(inputs).rows if r["sample_id"] != todo[3]["sample_id"])
+
+
+def test_an_empty_folder_plans_nothing_and_counts_what_it_skipped(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    plan = _plan(str(tmp_path), str(tmp_path / "out"))
+    assert plan.units == [] and plan.rows_total == 0 and plan.skipped_files == 1
+
+
+def test_a_killed_drivers_spill_is_removed_by_the_next(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / "ep-listing-999999999-abc"
+    stale.mkdir()
+    (stale / "000.arrow").write_bytes(b"x")
+    mine = tmp_path / f"ep-listing-{os.getpid()}-def"
+    mine.mkdir()
+    spill = listing._Spill()
+    try:
+        assert not stale.exists() and mine.exists()  # a live driver's (this one's) is kept
+    finally:
+        spill.close()
 
 
 def test_a_manifest_is_read_in_pieces_and_its_rows_are_the_scans(tmp_path, monkeypatch):
