@@ -57,6 +57,7 @@ class _Prefill:
 
     phase: str  # "prefill" (select), "continue" (use_cache=False step: reuse keep), "decode"
     prompt_ids: torch.Tensor | None = None  # [B, T] the prompt that was selected on
+    media: tuple = (None, None)  # its pixel_values and pixel_values_videos (a use_cache=False step passes the same again)
     is_visual: torch.Tensor | None = None  # [B, T] bool, candidate visual tokens
     valid: torch.Tensor | None = None  # [B, T] bool, not padding
     row_seeds: list[int] = field(default_factory=list)
@@ -165,9 +166,10 @@ class PruningHandle:
                 raise ValueError("pruning needs input_ids (to find the visual tokens); inputs_embeds alone are not supported")
             self._state, self.stats = None, []
             return
-        self._start_prefill(input_ids, kwargs.get("attention_mask"), kwargs.get("pixel_values"), no_cache=cache is None)
+        media = (kwargs.get("pixel_values"), kwargs.get("pixel_values_videos"))
+        self._start_prefill(input_ids, kwargs.get("attention_mask"), media, no_cache=cache is None)
 
-    def _start_prefill(self, input_ids, attention_mask, pixel_values, no_cache: bool) -> None:
+    def _start_prefill(self, input_ids, attention_mask, media: tuple, no_cache: bool) -> None:
         batch, length = input_ids.shape
         previous = self._state
         if (
@@ -178,9 +180,10 @@ class PruningHandle:
             and previous.full_len < length
             and torch.equal(input_ids[:, : previous.full_len], previous.prompt_ids)
             and not torch.isin(input_ids[:, previous.full_len :], self.visual_ids.to(input_ids.device)).any()
+            and all(map(_same_pixels, media, previous.media))
         ):
-            # generate(use_cache=False): the same prompt plus generated tokens. Keep the first
-            # step's selection and every new position, so the result equals the cached run.
+            # generate(use_cache=False): the same prompt and images plus generated tokens. Keep the
+            # first step's selection and every new position, so the result equals the cached run.
             previous.phase = "continue"
             return
         is_visual = torch.isin(input_ids, self.visual_ids.to(input_ids.device))
@@ -192,10 +195,11 @@ class PruningHandle:
         self._state = _Prefill(
             phase="prefill",
             prompt_ids=input_ids,
+            media=media if no_cache else (None, None),  # compared by the next step without a cache only
             is_visual=is_visual,
             valid=valid,
             full_len=length,
-            row_seeds=self._row_seeds(input_ids, valid, pixel_values) if self.config.method == "random" else [],
+            row_seeds=self._row_seeds(input_ids, valid, media[0]) if self.config.method == "random" else [],
         )
         if self.rule is None:
             self.stats = self._all_row_stats(None, None)
@@ -493,6 +497,15 @@ def _uses_flash_masks(implementation: str | None) -> bool:
 
 
 # ---------------------------------------------------------------------- tensor surgery
+def _same_pixels(a, b) -> bool:
+    """Whether two forwards got the same images (or videos): the same object, both none, or equal tensors."""
+    if a is b:
+        return True
+    if a is None or b is None:
+        return a is None and b is None
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+
+
 def _right_aligned(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's True positions of ``mask [B, T]``, ascending, in the last columns of
     ``[B, width]`` (``width`` ≥ every row's count); the columns before them hold some of the

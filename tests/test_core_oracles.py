@@ -101,6 +101,40 @@ def test_remove_restores_the_unpruned_model(tiny, batch, method):
     assert any(not torch.allclose(a, b) for a, b in zip(pruned.scores, reference.scores))
 
 
+def test_the_language_model_called_alone_runs_unpruned(tiny, batch):
+    """The hooks start a prefill from the multimodal model's input; the language model called
+    on its own (text only, a user's probe) never passes there and runs exactly as without them."""
+    model, _ = tiny
+    language_model = model.model.language_model
+    ids = batch["input_ids"][:, -6:]  # text tokens only
+    with torch.no_grad():
+        reference = language_model(input_ids=ids).last_hidden_state
+        with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.25)):
+            alone = language_model(input_ids=ids).last_hidden_state
+    assert torch.equal(alone, reference)
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+@pytest.mark.parametrize("extra", ["", " please"])
+def test_a_forward_without_cache_on_another_image_is_a_new_prefill(tiny, method, extra):
+    """Two forwards without a cache, the second on another image with the same prompt (or the
+    same prompt and more text, as generate(use_cache=False) makes): the second selects for its
+    own image, as a fresh handle does, instead of reusing the first's selection."""
+    model, processor = tiny
+    first_image, second_image = random_images(2, seed=11)
+    prompt = "USER: <image> describe the picture"
+    first = processor(images=[first_image], text=[prompt], return_tensors="pt")
+    second = processor(images=[second_image], text=[prompt + extra], return_tensors="pt")
+    config = PruneConfig(method, keep_ratio=0.25)
+    with apply_pruning(model, config) as fresh, torch.no_grad():
+        model(**second, use_cache=False)
+        expected = fresh.stats[0]["kept_positions"]
+    with apply_pruning(model, config) as handle, torch.no_grad():
+        model(**first, use_cache=False)
+        model(**second, use_cache=False)
+        assert handle.stats[0]["kept_positions"] == expected
+
+
 @pytest.mark.parametrize("method", PRUNING_METHODS)
 @pytest.mark.parametrize("keep", [dict(keep_ratio=0.25), dict(budget=6)])
 def test_masked_reference(model, batch, method, keep):

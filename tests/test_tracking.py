@@ -330,6 +330,7 @@ def test_store_dir_of_an_object_store_output_is_a_local_folder_named_after_it(tm
 
     monkeypatch.chdir(tmp_path)
     assert store_dir("s3://bucket/a/b/") == tmp_path / LOCAL_STORES / "s3" / "bucket" / "a" / "b"
+    assert store_dir("s3://Xbucket/runX/") == tmp_path / LOCAL_STORES / "s3" / "Xbucket" / "runX"  # only "/" stripped
     assert store_dir("gs://b://odd") == tmp_path / LOCAL_STORES / "gs" / "b://odd"  # split at the first ://
     assert store_dir("out/x") == (tmp_path / "out" / "x").resolve()
 
@@ -390,6 +391,7 @@ def test_health_check_under_a_path_prefix_wants_200_and_gives_up_in_time():
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         assert _server_reachable(f"{base}/mlflow/") is None and seen[-1] == "/mlflow/health"
+        assert "404" in _server_reachable(f"{base}/mlflowX/") and seen[-1] == "/mlflowX/health"  # only "/" stripped
         assert _server_reachable(f"{base}/empty") == "HTTP 204"
         assert "404" in _server_reachable(base)
         start = time.monotonic()
@@ -441,6 +443,10 @@ def test_metric_tally_merged_call_by_call_equals_output_metrics_of_all_rows():
     for start, stop in ((0, 3), (3, 4), (4, 11)):
         merged.merge(MetricTally().add(to_table(rows[start:stop]).to_pylist()).state())
     assert merged.metrics() == pytest.approx(output_metrics(to_table(rows)))
+    one_call = MetricTally()  # a call that commits several units' parts adds each part's rows
+    for start, stop in ((0, 5), (5, 11)):
+        one_call.add(to_table(rows[start:stop]).to_pylist())
+    assert one_call.metrics() == pytest.approx(output_metrics(to_table(rows)))
     assert merged.metrics()["errors"] == 2 and merged.metrics()["rows"] == 11
     assert MetricTally().metrics()["prefill_ms_per_item"] is None  # nothing written: no mean
 
