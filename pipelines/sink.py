@@ -444,13 +444,13 @@ class PartWriter:
         groups: dict[str, list[int]] = {}
         for i, sid in enumerate(out.column("sample_id").to_pylist()):
             groups.setdefault(unit_of.get(sid) or NO_UNIT, []).append(i)
-        failure = {"write_errno": None, "write_error": None}
+        failure = {}  # write_errno, write_error: null (WRITE_STATS) unless a part could not be written
         calls, metrics = self._tallies = (CallTally(), MetricTally())  # of the rows committed by this call
         try:
             for unit, index in groups.items():
                 self.sink.write(out if len(index) == out.num_rows else out.take(index), unit=unit)
         except OutputWriteError as exc:  # the driver ends the job with one line (pipelines.caption)
-            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            cause = exc.__cause__  # the OSError that ParquetSink.write raised it from
             failure = {"write_errno": cause.errno, "write_error": cause.strerror or str(cause)}
         after = (self.sink.rows_written, self.sink.errors_written, self.sink.transient_written, self.sink.duplicates_dropped)
         figures = dict(zip(("rows", "errors", "transient", "duplicates"), (a - b for a, b in zip(after, before))))

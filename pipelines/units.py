@@ -77,9 +77,7 @@ def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, li
     from pipelines.shards import shard_units
 
     plan = Plan(kind="shards")
-    found = 0
     for unit in shard_units(input_path, input_format, columns):
-        found += 1
         unit["parts"] = parts.get(unit["unit"], [])
         plan.units_with_parts += bool(unit["parts"])
         marker = None
@@ -97,7 +95,7 @@ def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, li
             continue
         plan.any_video |= unit.get("media", "video") == "video"
         plan.units.append({"unit": unit["unit"], "spec": json.dumps(unit)})
-    if not found:
+    if not plan.units and not plan.units_done:  # every unit is in one or the other
         raise ValueError(f"input {input_path} holds no {input_format} shards (--input-format {input_format})")
     return plan
 
@@ -198,7 +196,7 @@ def unit_rows(spec: dict, *, prompt: str | None, frames: int, columns) -> tuple[
             rows.append(row)
         if spec.get("marker"):
             write_marker(spec, list(seen), stamp)
-    done, retried = committed(spec["parts"]) if spec["parts"] else (set(), 0)
+    done, retried = committed(spec["parts"])  # no parts: nothing read
     total = len(rows)
     rows = [r for r in rows if r["sample_id"] not in done]
     found = {"rows": total, "before": total - len(rows), "retried": retried, "duplicates": duplicates}
