@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -274,6 +275,48 @@ def test_drop_transient_by_hand_over_clean_mixed_all_transient_and_old_parts(tmp
     assert drop_transient(part_files(out)) == 0
 
 
+def test_a_part_gone_since_it_was_listed_does_not_hide_the_parts_after_it(tmp_path):
+    """A unit's parts are listed before they are read, and one may be gone by then (it held
+    transient rows only and was deleted): the rerun reads past it, so it still drops the
+    transient rows and skips the committed ids of the parts listed after it."""
+    from pipelines.sink import committed
+
+    out = str(tmp_path)
+    ok = lambda sid: {"sample_id": sid, "output": "x"}  # noqa: E731
+    err = lambda sid: {"sample_id": sid, "error": f"device: /{sid}", "error_kind": "transient"}  # noqa: E731
+    _part(out, "part-u-1.parquet", [err("a")])  # transient only: deleted by the rerun's first step
+    _part(out, "part-u-2.parquet", [ok("b"), err("c")])
+    _part(out, "part-u-3.parquet", [ok("d")])
+    gone = os.path.join(out, "part-u-0.parquet")  # listed, then deleted before it was read
+    assert committed([gone, *part_files(out)]) == ({"b", "d"}, 2)
+    assert sorted(read_output(out).column("sample_id").to_pylist()) == ["b", "d"]
+
+
+def test_a_parts_rows_by_prefix_come_from_its_footer_else_from_its_ids(tmp_path, monkeypatch):
+    """pipelines.sink.part_prefixes, which a listing rerun's driver asks of every part: a part
+    written now answers from its footer alone (no column read); a part written before footers
+    held the counts, even one from before error kinds, gives what its ids and kinds make."""
+    import pipelines.sink as sink_module
+    from pipelines.listing import prefix_counts
+    from pipelines.sink import part_prefixes
+
+    out = str(tmp_path)
+    rows = [{"sample_id": "a", "output": "x"}, {"sample_id": "b", "error": "device: /b", "error_kind": "transient"}]
+    path = ParquetSink(out, "r").write(to_table(rows))
+    expected = prefix_counts(["a", "b"], [False, True])
+    old, older = os.path.join(out, "part-o-1.parquet"), os.path.join(out, "part-o-2.parquet")
+    table = pq.read_table(path).replace_schema_metadata(None)
+    pq.write_table(table, old)  # before the footers kept the counts
+    pq.write_table(table.drop_columns(["error_kind"]), older)  # and before error kinds
+    assert part_prefixes(old) == expected and part_prefixes(older) == prefix_counts(["a", "b"], [False, False])
+
+    def no_read(*a, **kw):
+        raise AssertionError("a column read")
+
+    monkeypatch.setattr(sink_module, "_read_part", no_read)
+    assert part_prefixes(path) == expected
+
+
 def test_read_output_reads_parts_of_old_and_new_schemas_together(tmp_path):
     out = str(tmp_path)
     _part(out, "part-a-000000.parquet", [{"sample_id": "a", "output": "x", "error_kind": None}], drop_error_kind=True)
@@ -439,6 +482,25 @@ def test_sink_on_an_object_store_lists_only_its_own_parts_and_reads_them_back(me
     assert done_ids(out) == {"a", "b"}
     assert read_output(out).column("output").to_pylist() == ["x", None]
     assert (sink.rows_written, sink.errors_written, sink.transient_written) == (2, 1, 1)
+
+
+def test_parts_of_old_and_new_schemas_on_an_object_store_are_read_as_on_a_disk(memory_store):
+    """An object store's parts are read through their filesystem with the same arguments as local
+    ones: a part from before error kinds reads as done next to a new one, by read_output and by a
+    unit's rerun (pipelines.sink.committed); no temporary file exists there to remove."""
+    from pipelines import storage
+    from pipelines.sink import committed
+
+    out = "memory://bucket/mixed"
+    for name, rows, old in (("part-a-0.parquet", [{"sample_id": "a", "output": "x"}], True),
+                            ("part-b-0.parquet", [{"sample_id": "b", "error": "e", "error_kind": "input"}], False)):
+        table = to_table(rows).drop_columns(["error_kind"]) if old else to_table(rows)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        storage.write_atomic(f"{out}/{name}", buffer.getvalue())
+    table = read_output(out)
+    assert table.schema == OUTPUT_SCHEMA and table.column("error_kind").to_pylist() == [None, "input"]
+    assert committed(part_files(out)) == ({"a", "b"}, 0) and remove_stale_temporaries(out) == 0
 
 
 def test_lock_on_an_object_store_is_a_put_read_back(memory_store, monkeypatch):
