@@ -142,9 +142,9 @@ def parse_unit(name: str) -> tuple[int, int] | None:
     other name (a shard's unit)."""
     if name == LEGACY_UNIT:
         return 0, 0
-    if not name.startswith("h") or "x" not in name:
+    if not name.startswith("h"):
         return None
-    bits, _, value = name[1:].partition("x")
+    bits, _, value = name[1:].partition("x")  # no "x": value "" is not a number
     try:
         return int(bits), int(value, 16)
     except ValueError:
@@ -315,8 +315,8 @@ class SortedRows:
             raise
 
     def _table(self, rows: list[dict]) -> pa.Table:
-        table = pa.Table.from_pylist([{k: r.get(k) for k in self._schema.names if k != "h"} for r in rows],
-                                     schema=self._schema.remove(self._schema.get_field_index("h")))
+        # from_pylist takes each schema field's value from each row (None when it has none)
+        table = pa.Table.from_pylist(rows, schema=self._schema.remove(self._schema.get_field_index("h")))
         return table.append_column("h", pa.array(id_hashes(table.column("sample_id").to_pylist()), pa.uint64()))
 
     def __iter__(self) -> Iterator[pa.Table]:
