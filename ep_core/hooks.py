@@ -35,6 +35,7 @@ positions of the shortened sequence and those tokens' rows of the features.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,12 @@ from ep_core.config import PruneConfig
 from ep_core.families import Family, check_supported
 from ep_core.methods import RULES, Candidates, Row
 
+# The multimodal model's inputs that carry images or videos: a forward without a cache continues
+# the last selection only when each is the same (``mm_encoder_outputs``: what generate passes
+# in transformers 5.2x, pre-encoded, with pixel_values None).
+MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")  # pixel_values first: the random rule hashes it
+NO_MEDIA = (None,) * len(MEDIA_INPUTS)
+
 UNSUPPORTED_ATTENTION = {"flex_attention": "its BlockMask cannot be cut to the kept tokens"}
 
 
@@ -57,7 +64,7 @@ class _Prefill:
 
     phase: str  # "prefill" (select), "continue" (use_cache=False step: reuse keep), "decode"
     prompt_ids: torch.Tensor | None = None  # [B, T] the prompt that was selected on
-    media: tuple = (None, None)  # its pixel_values and pixel_values_videos (a use_cache=False step passes the same again)
+    media: tuple = NO_MEDIA  # its MEDIA_INPUTS (a use_cache=False step passes the same again)
     is_visual: torch.Tensor | None = None  # [B, T] bool, candidate visual tokens
     valid: torch.Tensor | None = None  # [B, T] bool, not padding
     row_seeds: list[int] = field(default_factory=list)
@@ -166,7 +173,7 @@ class PruningHandle:
                 raise ValueError("pruning needs input_ids (to find the visual tokens); inputs_embeds alone are not supported")
             self._state, self.stats = None, []
             return
-        media = (kwargs.get("pixel_values"), kwargs.get("pixel_values_videos"))
+        media = tuple(kwargs.get(name) for name in MEDIA_INPUTS)
         self._start_prefill(input_ids, kwargs.get("attention_mask"), media, no_cache=cache is None)
 
     def _start_prefill(self, input_ids, attention_mask, media: tuple, no_cache: bool) -> None:
@@ -180,7 +187,7 @@ class PruningHandle:
             and previous.full_len < length
             and torch.equal(input_ids[:, : previous.full_len], previous.prompt_ids)
             and not torch.isin(input_ids[:, previous.full_len :], self.visual_ids.to(input_ids.device)).any()
-            and all(map(_same_pixels, media, previous.media))
+            and all(map(_same_media, media, previous.media))
         ):
             # generate(use_cache=False): the same prompt and images plus generated tokens. Keep the
             # first step's selection and every new position, so the result equals the cached run.
@@ -195,7 +202,7 @@ class PruningHandle:
         self._state = _Prefill(
             phase="prefill",
             prompt_ids=input_ids,
-            media=media if no_cache else (None, None),  # compared by the next step without a cache only
+            media=media if no_cache else NO_MEDIA,  # compared by the next step without a cache only
             is_visual=is_visual,
             valid=valid,
             full_len=length,
@@ -497,13 +504,19 @@ def _uses_flash_masks(implementation: str | None) -> bool:
 
 
 # ---------------------------------------------------------------------- tensor surgery
-def _same_pixels(a, b) -> bool:
-    """Whether two forwards got the same images (or videos): the same object, both none, or equal tensors."""
+def _same_media(a, b) -> bool:
+    """Whether two forwards got the same value of one of MEDIA_INPUTS: the same object (both
+    none), equal tensors, or mappings and sequences of the same media (transformers'
+    ``mm_encoder_outputs``: a ``ModelOutput`` per modality, its ``pooler_output`` a list)."""
     if a is b:
         return True
-    if a is None or b is None:
-        return a is None and b is None
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.equal(a, b)  # False for other shapes
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_media(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(_same_media, a, b))
+    return False
 
 
 def _right_aligned(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -235,7 +235,7 @@ def test_sliding_window_layers_and_a_config_that_is_not_a_prune_config_are_refus
 
 def test_continuing_from_a_filled_cache_and_inputs_embeds_alone_are_refused(tiny, batch):
     """Pruning takes one prefill, then one-token decode steps, from ``input_ids``: two tokens
-    after a filled cache (assisted decoding, chunked prefill) and a prefill of ``inputs_embeds``
+    after a filled cache (assisted decoding, chunked prefill; a cache of one token too) and a prefill of ``inputs_embeds``
     alone raise; unpruned (method none) the embeddings run and there are no stats."""
     model, _ = tiny
     with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.5)), torch.no_grad():
@@ -245,6 +245,10 @@ def test_continuing_from_a_filled_cache_and_inputs_embeds_alone_are_refused(tiny
         with pytest.raises(RuntimeError, match=r"^pruning supports one prefill followed by one-token decode steps; continuing "
                            r"from a filled cache \(assisted decoding, chunked prefill, multi-turn reuse\) is not supported$"):
             model(input_ids=two, attention_mask=mask, cache=cache, use_cache=True)
+        one = model(input_ids=two[:, :1], attention_mask=torch.ones_like(two[:, :1]), use_cache=True).past_key_values
+        assert one.get_seq_length() == 1  # a cache of one token is a filled cache too
+        with pytest.raises(RuntimeError, match="^pruning supports one prefill"):
+            model(input_ids=two, attention_mask=torch.ones(two.shape[0], 3, dtype=mask.dtype), cache=one, use_cache=True)
         embeds = model.get_input_embeddings()(batch["input_ids"][:, -3:])
         with pytest.raises(RuntimeError, match="^pruning supports one prefill"):  # the same step as embeddings
             model(inputs_embeds=embeds[:, -2:], attention_mask=mask, cache=cache, use_cache=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_core.hooks import _build_mask, _cut_key_columns, _cut_mask, _strip_zero_patches, _uses_flash_masks
+from ep_core.hooks import _build_mask, _cut_key_columns, _cut_mask, _same_media, _strip_zero_patches, _uses_flash_masks
 
 
 def test_trailing_zero_patches_are_stripped_and_nothing_else():
@@ -74,3 +74,24 @@ def test_flash_backends_are_told_by_their_name_or_their_mask_function():
     assert _uses_flash_masks("flash_attention_2") and _uses_flash_masks("kernels-community/flash-attn3")
     assert _uses_flash_masks(FLASH_LIKE)  # no "flash" in its name: its mask function says it
     assert not any(_uses_flash_masks(name) for name in ("sdpa", "eager", None))
+
+
+def test_same_media_compares_tensors_mappings_and_lists_by_value():
+    """What a forward without a cache compares with the last one before continuing its selection:
+    none with none, tensors by value (an equal copy is the same image), and transformers'
+    ``mm_encoder_outputs`` (a ``ModelOutput`` per modality, ``pooler_output`` a per-image list)
+    key by key and item by item."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    x = torch.arange(6.0).reshape(2, 3)
+    assert _same_media(None, None) and _same_media(x, x.clone())
+    assert not any([_same_media(x, x + 1), _same_media(x, x[:1]), _same_media(x, None), _same_media(None, x)])
+
+    def encoded(*features, modality="image"):
+        return {modality: BaseModelOutputWithPooling(pooler_output=list(features))}
+
+    assert _same_media(encoded(x, x + 1), encoded(x.clone(), x + 1))
+    assert not _same_media(encoded(x, x), encoded(x, x + 1))  # the second image differs
+    assert not _same_media(encoded(x), encoded(x, x))  # another image count
+    assert not _same_media(encoded(x), encoded(x, modality="video"))
+    assert not _same_media(encoded(x), x)

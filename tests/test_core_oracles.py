@@ -114,12 +114,26 @@ def test_the_language_model_called_alone_runs_unpruned(tiny, batch):
     assert torch.equal(alone, reference)
 
 
+def _uncached(model, inputs, how: str) -> torch.Tensor:
+    """One forward without a cache, its last logits: called directly (``pixel_values`` reach the
+    hooks) or through generate, which in transformers 5.2x encodes the images first and passes
+    ``mm_encoder_outputs`` with ``pixel_values`` None."""
+    if how == "forward":
+        return model(**inputs, use_cache=False).logits[:, -1]
+    out = model.generate(**inputs, use_cache=False, max_new_tokens=1, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.logits[0]
+
+
 @pytest.mark.parametrize("method", PRUNING_METHODS)
 @pytest.mark.parametrize("extra", ["", " please"])
-def test_a_forward_without_cache_on_another_image_is_a_new_prefill(tiny, method, extra):
+@pytest.mark.parametrize("first_how,second_how", [("forward", "forward"), ("generate", "generate"),
+                                                  ("forward", "generate"), ("generate", "forward")])
+def test_a_forward_without_cache_on_another_image_is_a_new_prefill(tiny, method, extra, first_how, second_how):
     """Two forwards without a cache, the second on another image with the same prompt (or the
-    same prompt and more text, as generate(use_cache=False) makes): the second selects for its
-    own image, as a fresh handle does, instead of reusing the first's selection."""
+    same prompt and more text, as generate(use_cache=False) makes), each called directly or
+    through generate: the second selects for its own image, as a fresh handle does, instead of
+    reusing the first's selection."""
     model, processor = tiny
     first_image, second_image = random_images(2, seed=11)
     prompt = "USER: <image> describe the picture"
@@ -127,12 +141,33 @@ def test_a_forward_without_cache_on_another_image_is_a_new_prefill(tiny, method,
     second = processor(images=[second_image], text=[prompt + extra], return_tensors="pt")
     config = PruneConfig(method, keep_ratio=0.25)
     with apply_pruning(model, config) as fresh, torch.no_grad():
-        model(**second, use_cache=False)
+        _uncached(model, second, second_how)
         expected = fresh.stats[0]["kept_positions"]
     with apply_pruning(model, config) as handle, torch.no_grad():
-        model(**first, use_cache=False)
-        model(**second, use_cache=False)
+        _uncached(model, first, first_how)
+        _uncached(model, second, second_how)
         assert handle.stats[0]["kept_positions"] == expected
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_a_forward_without_cache_on_an_equal_copy_of_the_images_continues(tiny, method):
+    """The same prompt plus text with an equal copy of its image (the processor run again: other
+    tensors, the same values) is the next step of the same uncached generation: it continues
+    the first forward's selection, exactly as when it gets the very same pixel tensor."""
+    model, processor = tiny
+    (image,) = random_images(1, seed=11)
+    prompt = "USER: <image> describe the picture"
+    first = processor(images=[image], text=[prompt], return_tensors="pt")
+    second = processor(images=[image], text=[prompt + " please"], return_tensors="pt")
+    assert second["pixel_values"] is not first["pixel_values"]
+    results = []
+    for pixels in (first["pixel_values"], second["pixel_values"]):
+        with apply_pruning(model, PruneConfig(method, keep_ratio=0.25)) as handle, torch.no_grad():
+            model(**first, use_cache=False)
+            logits = model(**{**second, "pixel_values": pixels}, use_cache=False).logits
+            results.append((handle.stats[0]["kept_positions"], logits))
+    assert results[1][0] == results[0][0]
+    assert torch.equal(results[1][1], results[0][1])
 
 
 @pytest.mark.parametrize("method", PRUNING_METHODS)

@@ -187,3 +187,22 @@ def test_qwen_inputs_carry_three_dimensional_positions():
     visual = batch["mm_token_type_ids"] > 0
     assert not torch.equal(positions[1][visual], positions[2][visual])  # height and width differ
     assert (positions[0][visual] != positions[1][visual]).any()
+
+
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_a_forward_without_cache_on_another_video_is_a_new_prefill(tiny, method):
+    """Two forwards without a cache, the second on another video (other pixels) with the same
+    prompt and one token more: the second selects for its own video, as a fresh handle does,
+    instead of continuing the first's selection (tests/test_core_oracles.py: the same for images)."""
+    video = next(row for row in tiny.mixed if "video" in row)
+    first = tiny.inputs([video], 1)
+    second = tiny.inputs([{**video, "prompt": [*video["prompt"], 44]}], 2)
+    assert not torch.equal(first["pixel_values_videos"], second["pixel_values_videos"])
+    config = PruneConfig(method, keep_ratio=0.5, prune_layer=tiny.k)
+    with apply_pruning(tiny.model, config) as fresh, torch.no_grad():
+        tiny.model(**second, use_cache=False)
+        expected = fresh.stats[0]["kept_positions"]
+    with apply_pruning(tiny.model, config) as handle, torch.no_grad():
+        tiny.model(**first, use_cache=False)
+        tiny.model(**second, use_cache=False)
+        assert handle.stats[0]["kept_positions"] == expected

@@ -525,6 +525,16 @@ def test_the_spill_raises_the_open_file_limit_only_as_far_as_it_needs_and_may(mo
         listing._allow_open_files(2 ** listing.PARTITION_BITS + 64)
 
 
+def test_a_spill_asks_for_a_file_per_partition_and_64_more(tmp_path, monkeypatch):
+    """A spill holds one file per partition (2^PARTITION_BITS) open at once, beside the process's
+    own: it asks for that many plus 64, no more."""
+    asked = []
+    monkeypatch.setattr(listing, "_allow_open_files", asked.append)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    listing._Spill().close()
+    assert asked == [2 ** listing.PARTITION_BITS + 64]
+
+
 def test_the_spill_works_under_a_soft_limit_lower_than_its_partitions(tmp_path, monkeypatch):
     """Every one of the 256 partitions spilled at once (3,000 ids) with the soft limit of open
     files at 200: the spill raises it first, and each partition comes back as one table of the

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -604,3 +606,20 @@ def test_annotate_lock_adds_fields_to_this_processs_lock_only(tmp_path):
     assert json.loads((out / LOCK_FILE).read_text()) == other
     annotate_lock(str(tmp_path / "none"), mlflow_run="x")  # no lock at all: nothing, no error
     assert not (tmp_path / "none").exists()
+
+
+def test_process_alive_asks_without_signalling_the_process():
+    """``process_alive(pid)`` sends signal 0, which only asks: a running process is alive and goes
+    on running; once it has exited and been reaped it is not; an unreadable pid counts as alive."""
+    from pipelines.sink import process_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert process_alive(child.pid) and process_alive(str(child.pid))
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=1)  # still running: nothing was sent to it
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_alive(child.pid)
+    assert process_alive(None) and process_alive("not a pid")
