@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -142,13 +143,11 @@ def parse_unit(name: str) -> tuple[int, int] | None:
     other name (a shard's unit)."""
     if name == LEGACY_UNIT:
         return 0, 0
-    if not name.startswith("h"):
-        return None
-    bits, _, value = name[1:].partition("x")  # no "x": value "" is not a number
-    try:
-        return int(bits), int(value, 16)
-    except ValueError:
-        return None
+    match = _UNIT_NAME.fullmatch(name)
+    return (int(match[1]), int(match[2], 16)) if match else None
+
+
+_UNIT_NAME = re.compile(r"h([0-9]+)x([0-9a-f]+)")  # as unit_name writes them
 
 
 class RelatedParts:
@@ -432,7 +431,7 @@ def plan_listing(stream, *, prompt: str | None, frames: int, output: str, run_id
 
     rows = SortedRows(stream.rows(prompt, frames), where=stream.where, progress=listed)
     writer = _ListingWriter(storage.join(output, LISTING_DIR, run_id))
-    plan = Plan(kind="listing", skipped_files=stream.skipped)
+    plan = Plan(skipped_files=stream.skipped)
     try:
         bits = unit_bits(rows.seen, batch_size)
         related = RelatedParts(bits, parts)
@@ -451,7 +450,7 @@ def plan_listing(stream, *, prompt: str | None, frames: int, output: str, run_id
                 continue
             plan.any_video |= "video" in table.column("media_type").to_pylist()
             path, group = writer.add(table.select(names))
-            plan.units.append({"unit": name, "spec": json.dumps(
+            plan.units.append({"spec": json.dumps(
                 {"kind": "listing", "unit": name, "file": path, "group": group, "rows": count, "parts": found})})
         writer.close()
     finally:

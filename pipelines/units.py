@@ -47,8 +47,7 @@ def source_schema(*, unit: bool = True) -> pa.Schema:
 class Plan:
     """What the driver knows before any row is read."""
 
-    kind: str  # "shards" (row groups, tars) or "listing" (a folder's or manifest's hash units)
-    units: list[dict] = field(default_factory=list)  # {"unit", "spec"}: what from_items ships
+    units: list[dict] = field(default_factory=list)  # {"spec": a unit's JSON}: what from_items ships
     rows_known: int = 0  # rows of the units whose size the metadata (or the listing) gives
     unknown_units: int = 0  # units whose size only their worker learns (tar shards)
     rows_before: int = 0  # rows of the units done already (the workers report the rest)
@@ -76,7 +75,7 @@ def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, li
     driver finds it (:func:`read_marker`) and checks the tar's parts by id too."""
     from pipelines.shards import shard_units
 
-    plan = Plan(kind="shards")
+    plan = Plan()
     for unit in shard_units(input_path, input_format, columns):
         unit["parts"] = parts.get(unit["unit"], [])
         plan.units_with_parts += bool(unit["parts"])
@@ -94,7 +93,7 @@ def plan_shards(input_path: str, input_format: str, columns, parts: dict[str, li
             plan.rows_before += rows
             continue
         plan.any_video |= unit.get("media", "video") == "video"
-        plan.units.append({"unit": unit["unit"], "spec": json.dumps(unit)})
+        plan.units.append({"spec": json.dumps(unit)})
     if not plan.units and not plan.units_done:  # every unit is in one or the other
         raise ValueError(f"input {input_path} holds no {input_format} shards (--input-format {input_format})")
     return plan

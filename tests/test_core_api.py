@@ -260,6 +260,29 @@ def test_continuing_from_a_filled_cache_and_inputs_embeds_alone_are_refused(tiny
         assert handle.stats == []
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_only_a_run_without_a_cache_keeps_its_images(tiny, batch, use_cache):
+    """The hooks keep a forward's images only to compare them with the next forward of a run
+    without a cache (is it that run's next step?): after a cached generate they hold none, so a
+    batch's images are freed with the batch, on a GPU too. The images go in pre-encoded, as
+    generate passes them to the model in transformers 5.2x."""
+    import gc
+    import weakref
+
+    model, _ = tiny
+    with torch.no_grad():
+        encoded = model.model.get_image_features(pixel_values=batch["pixel_values"])
+    features = encoded.pooler_output[0] if isinstance(encoded.pooler_output, (list, tuple)) else encoded.pooler_output
+    alive = weakref.ref(features)
+    text = {k: v for k, v in batch.items() if k != "pixel_values"}
+    with apply_pruning(model, PruneConfig("entropyprune", keep_ratio=0.5)), torch.no_grad():
+        model.generate(**text, mm_encoder_outputs={"image": encoded}, max_new_tokens=2, do_sample=False,
+                       use_cache=use_cache)
+        del encoded, features
+        gc.collect()
+        assert (alive() is not None) == (not use_cache)
+
+
 class _CountCalls:
     def __init__(self, module):
         self.calls = 0
