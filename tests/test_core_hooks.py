@@ -94,4 +94,4 @@ def test_same_media_compares_tensors_mappings_and_lists_by_value():
     assert not _same_media(encoded(x, x), encoded(x, x + 1))  # the second image differs
     assert not _same_media(encoded(x), encoded(x, x))  # another image count
     assert not _same_media(encoded(x), encoded(x, modality="video"))
-    assert not _same_media(encoded(x), x)
+    assert not _same_media(encoded(x), x) and not _same_media([x], x[None])  # another layout: compared no further
