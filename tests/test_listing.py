@@ -418,18 +418,6 @@ def test_a_rerun_counts_the_units_done_and_those_with_parts(tmp_path):
     assert len(again.units) == len(specs) - len(whole) and again.rows_total == 40
 
 
-@pytest.fixture
-def memory_store():
-    import fsspec
-
-    from pipelines import storage
-
-    storage._filesystem.cache_clear()
-    yield
-    fsspec.filesystem("memory").store.clear()
-    storage._filesystem.cache_clear()
-
-
 @pytest.mark.parametrize("store", ["local", "object store"])
 def test_listing_files_hold_a_row_group_per_unit_and_a_new_file_past_the_file_rows(tmp_path, monkeypatch, store, request):
     """Listing files 00000.parquet, 00001.parquet, …: each unit one row group, a file closed once

@@ -458,18 +458,6 @@ def test_lock_left_by_an_unreadable_owner_is_refused_and_a_live_owner_is_not_sig
 # runs them against a real S3-compatible one.
 
 
-@pytest.fixture
-def memory_store():
-    import fsspec
-
-    from pipelines import storage
-
-    storage._filesystem.cache_clear()
-    yield
-    fsspec.filesystem("memory").store.clear()
-    storage._filesystem.cache_clear()
-
-
 def test_sink_on_an_object_store_lists_only_its_own_parts_and_reads_them_back(memory_store):
     from pipelines import storage
     from pipelines.sink import part_files
