@@ -530,9 +530,7 @@ def test_the_spill_works_under_a_soft_limit_lower_than_its_partitions(tmp_path, 
     rows of its top byte of h."""
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 1024:
-        pytest.skip(f"hard limit of open files {hard}")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the hard limit must allow the spill its 320
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(listing, "CHUNK_ROWS", 1000)
     resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
