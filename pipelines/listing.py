@@ -138,6 +138,9 @@ def unit_name(bits: int, value: int) -> str:
     return f"h{bits}x{value:x}"
 
 
+_UNIT_NAME = re.compile(r"h([0-9]+)x([0-9a-f]+)")  # as unit_name writes them
+
+
 def parse_unit(name: str) -> tuple[int, int] | None:
     """``(bits, value)`` of a hash unit's name (:data:`LEGACY_UNIT` is ``(0, 0)``); None for any
     other name (a shard's unit)."""
@@ -145,9 +148,6 @@ def parse_unit(name: str) -> tuple[int, int] | None:
         return 0, 0
     match = _UNIT_NAME.fullmatch(name)
     return (int(match[1]), int(match[2], 16)) if match else None
-
-
-_UNIT_NAME = re.compile(r"h([0-9]+)x([0-9a-f]+)")  # as unit_name writes them
 
 
 class RelatedParts:
